@@ -1,0 +1,125 @@
+"""build_ingest_assets(spec): one Dagster asset per ingest.yml resource, plus its jobs.
+
+The asset runs the engine's batch loop and turns its events into log lines and
+materialization metadata.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+from dagster import (
+    AssetExecutionContext,
+    AssetsDefinition,
+    AssetSelection,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    define_asset_job,
+)
+
+from conduit_dagster.engine.errors import ConduitError
+from conduit_dagster.engine.runner import BatchCommitted, RunFinished, RunStarted, RunWarning, run_pipeline
+from conduit_dagster.engine.spec import IngestSpec, ResourceSpec
+from conduit_dagster.resources import CheckpointStoreResource
+
+_SOURCE_KINDS = {"postgresql": "postgres", "sqlite": "sqlite"}
+_FORMAT_KINDS = {"parquet": "parquet", "csv": "csv", "jsonl": "json"}
+
+
+def asset_description(resource: ResourceSpec) -> str:
+    head = f"{resource.description}\n\n" if resource.description else ""
+    return f"{head}```sql\n{resource.query.strip()}\n```"
+
+
+def asset_kinds(resource: ResourceSpec) -> set[str]:
+    return {_SOURCE_KINDS[resource.source.type], _FORMAT_KINDS[resource.destination.format]}
+
+
+def job_name(resource: ResourceSpec) -> str:
+    return f"ingest_{resource.name}"
+
+
+def _show(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def finished_metadata(event: RunFinished, column: str | None) -> dict[str, Any]:
+    return {
+        "dagster/row_count": event.records_processed,
+        "conduit/rows_this_run": event.rows_this_run,
+        "conduit/records_processed": event.records_processed,
+        "conduit/resumed": event.resumed,
+        "conduit/resumed_from": _show(event.resumed_from),
+        "conduit/last_value": _show(event.last_value),
+        "conduit/checkpoint_column": column or "",
+        "conduit/batches": event.batches,
+        "conduit/duration_s": round(event.duration_s, 3),
+        "conduit/rows_per_second": round(event.rows_per_second, 1),
+        "conduit/checkpoint_s": round(event.checkpoint_s, 4),
+        "conduit/path": MetadataValue.path(event.destination),
+    }
+
+
+def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefinition:
+    @asset(
+        name=resource.name,
+        group_name=resource.source.name,
+        kinds=asset_kinds(resource),
+        description=asset_description(resource),
+        metadata={
+            "conduit/source": resource.source.name,
+            "conduit/destination": resource.destination.name,
+            "conduit/checkpoint_column": resource.checkpoint_column or "",
+            "conduit/resume": resource.resume,
+            "conduit/batch_size": resource.batch_size,
+        },
+    )
+    def _ingest(context: AssetExecutionContext, checkpoints: CheckpointStoreResource) -> MaterializeResult:
+        store = checkpoints.open_store(spec.base_dir)
+        name = resource.name
+        finished: RunFinished | None = None
+        try:
+            for event in run_pipeline(resource, store, run_id=context.run.run_id):
+                if isinstance(event, RunStarted):
+                    if event.resumed:
+                        context.log.info(
+                            f"{name}: resuming after {resource.checkpoint_column} = {event.resumed_from!r} "
+                            f"({event.records_before:,} rows already written) from {store.describe(name)}"
+                        )
+                    else:
+                        context.log.info(f"{name}: full load from {event.source} into {event.destination}")
+                elif isinstance(event, BatchCommitted):
+                    context.log.info(
+                        f"{name}: batch {event.index} committed, {event.rows:,} rows; {event.rows_this_run:,} this run, "
+                        f"{event.records_processed:,} in total, {event.rows_per_second:,.0f} rows/s; "
+                        f"last {resource.checkpoint_column or 'row'} = {event.last_value!r}"
+                    )
+                elif isinstance(event, RunWarning):
+                    context.log.warning(f"{name}: {event.message}")
+                elif isinstance(event, RunFinished):
+                    finished = event
+        except ConduitError as exc:
+            raise Failure(description=str(exc)) from None
+        assert finished is not None
+        context.log.info(
+            f"{name}: done, {finished.rows_this_run:,} rows this run ({finished.records_processed:,} in total) in "
+            f"{finished.duration_s:.1f} s, {finished.rows_per_second:,.0f} rows/s; output in {finished.destination}"
+        )
+        return MaterializeResult(metadata=finished_metadata(finished, resource.checkpoint_column))
+
+    return _ingest
+
+
+def build_ingest_assets(spec: IngestSpec) -> list[AssetsDefinition]:
+    return [build_ingest_asset(spec, r) for r in spec.resources]
+
+
+def build_ingest_jobs(spec: IngestSpec) -> Sequence[Any]:
+    jobs = [
+        define_asset_job(job_name(r), selection=AssetSelection.assets(r.name), description=f"Ingest {r.name}")
+        for r in spec.resources
+    ]
+    jobs.append(define_asset_job("ingest_all", selection=AssetSelection.assets(*[r.name for r in spec.resources]),
+                                 description="Ingest every resource of ingest.yml"))
+    return jobs

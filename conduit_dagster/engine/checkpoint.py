@@ -1,0 +1,247 @@
+"""Checkpoints: a typed, versioned JSON document per pipeline, and the stores that keep them.
+
+A checkpoint says "every source row whose checkpoint column is <= last_value is durably in the
+destination, in parts 0..batches_committed-1 of the output generation named in
+``destination``". It is written only after the batch it describes is durable, atomically, and
+deleted when the pipeline finishes.
+
+Values keep their exact type through JSON: ints as decimal strings (beyond 2**53), floats by
+``repr`` (shortest exact round trip, incl. nan/inf/-0.0), datetimes by ISO 8601 with
+microseconds and offset, dates, Decimals by ``str``, bytes as hex.
+"""
+
+import datetime as dt
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Protocol
+
+from conduit_dagster.engine.errors import CheckpointError
+
+FORMAT_VERSION = 1
+CLEAR_HINT = "conduit clear-checkpoints --pipeline-name {name}"
+
+
+def encode_value(value: Any) -> dict[str, str]:
+    """A checkpoint value as ``{"type": ..., "value": ...}`` with an exact string form."""
+    if isinstance(value, bool):
+        return {"type": "bool", "value": "true" if value else "false"}
+    if isinstance(value, int):
+        return {"type": "int", "value": str(value)}
+    if isinstance(value, float):
+        return {"type": "float", "value": repr(value)}
+    if isinstance(value, Decimal):
+        return {"type": "decimal", "value": str(value)}
+    if isinstance(value, dt.datetime):
+        return {"type": "datetime", "value": value.isoformat(timespec="microseconds")}
+    if isinstance(value, dt.date):
+        return {"type": "date", "value": value.isoformat()}
+    if isinstance(value, str):
+        return {"type": "str", "value": value}
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"type": "bytes", "value": bytes(value).hex()}
+    raise CheckpointError(f"cannot checkpoint a value of type {type(value).__name__}; use an int, text, date or timestamp column")
+
+
+def decode_value(data: Any) -> Any:
+    if not isinstance(data, dict) or set(data) != {"type", "value"} or not isinstance(data["value"], str):
+        raise ValueError("last_value must be {'type': ..., 'value': '...'}")
+    kind, text = data["type"], data["value"]
+    if kind == "int":
+        return int(text)
+    if kind == "float":
+        return float(text)
+    if kind == "decimal":
+        return Decimal(text)
+    if kind == "datetime":
+        return dt.datetime.fromisoformat(text)
+    if kind == "date":
+        return dt.date.fromisoformat(text)
+    if kind == "str":
+        return text
+    if kind == "bytes":
+        return bytes.fromhex(text)
+    if kind == "bool":
+        if text not in ("true", "false"):
+            raise ValueError(f"bad bool {text!r}")
+        return text == "true"
+    raise ValueError(f"unknown value type {kind!r}")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    pipeline: str
+    checkpoint_column: str
+    last_value: Any
+    records_processed: int
+    batches_committed: int
+    run_id: str | None
+    query_sha256: str
+    destination: dict[str, Any] = field(default_factory=dict)
+    updated_at: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        doc = asdict(self)
+        doc["last_value"] = encode_value(self.last_value)
+        doc["updated_at"] = self.updated_at or dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+        ordered = {"format_version": doc.pop("format_version"), "pipeline": doc.pop("pipeline"), **doc}
+        return json.dumps(ordered, indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str, pipeline: str) -> "Checkpoint":
+        hint = CLEAR_HINT.format(name=pipeline)
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: checkpoint is not valid JSON ({exc}); it may be truncated. "
+                                  f"Inspect it, or start over with `{hint}`") from None
+        if not isinstance(doc, dict):
+            raise CheckpointError(f"{where}: checkpoint is not a JSON object; start over with `{hint}`")
+        version = doc.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"{where}: checkpoint format_version {version!r} is not {FORMAT_VERSION}, "
+                                  f"the one this conduit-dagster reads; start over with `{hint}`")
+        try:
+            value = decode_value(doc["last_value"])
+            cp = cls(
+                pipeline=_typed(doc, "pipeline", str),
+                checkpoint_column=_typed(doc, "checkpoint_column", str),
+                last_value=value,
+                records_processed=_typed(doc, "records_processed", int),
+                batches_committed=_typed(doc, "batches_committed", int),
+                run_id=doc.get("run_id"),
+                query_sha256=_typed(doc, "query_sha256", str),
+                destination=_typed(doc, "destination", dict),
+                updated_at=_typed(doc, "updated_at", str),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{where}: checkpoint is damaged or hand-edited ({exc.__class__.__name__}: {exc}); "
+                                  f"start over with `{hint}`") from None
+        if cp.pipeline != pipeline:
+            raise CheckpointError(f"{where}: checkpoint belongs to pipeline {cp.pipeline!r}, not {pipeline!r}; "
+                                  f"start over with `{hint}`")
+        if cp.records_processed < 0 or cp.batches_committed < 0:
+            raise CheckpointError(f"{where}: checkpoint has negative counters; start over with `{hint}`")
+        return cp
+
+
+def _typed(doc: dict[str, Any], key: str, kind: type) -> Any:
+    value = doc[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{key} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+class CheckpointStore(Protocol):
+    """Where checkpoints live. ``describe`` names the location for messages (never secrets)."""
+
+    def load(self, pipeline: str) -> Checkpoint | None: ...
+
+    def save(self, checkpoint: Checkpoint) -> None: ...
+
+    def delete(self, pipeline: str) -> None: ...
+
+    def list(self) -> list[str]: ...
+
+    def describe(self, pipeline: str) -> str: ...
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old or the new file, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+class LocalCheckpointStore:
+    """One ``<pipeline>.json`` file per pipeline in a directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def _path(self, pipeline: str) -> Path:
+        if not pipeline or "/" in pipeline or "\\" in pipeline or "\x00" in pipeline or pipeline.startswith("."):
+            raise CheckpointError(f"invalid pipeline name {pipeline!r} for a checkpoint file")
+        return self.directory / f"{pipeline}.json"
+
+    def describe(self, pipeline: str) -> str:
+        return str(self._path(pipeline))
+
+    def load(self, pipeline: str) -> Checkpoint | None:
+        path = self._path(pipeline)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: cannot read checkpoint ({exc}); fix it or start over with "
+                                  f"`{CLEAR_HINT.format(name=pipeline)}`") from None
+        return Checkpoint.from_json(text, where=str(path), pipeline=pipeline)
+
+    def save(self, checkpoint: Checkpoint) -> None:
+        path = self._path(checkpoint.pipeline)
+        try:
+            write_atomic(path, checkpoint.to_json().encode("utf-8"))
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot write checkpoint ({exc.strerror or exc}); "
+                                  "the previous checkpoint is unchanged") from None
+
+    def delete(self, pipeline: str) -> None:
+        path = self._path(pipeline)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(path.parent)
+
+    def list(self) -> list[str]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.stem for p in self.directory.glob("*.json") if not p.name.startswith("."))
+
+
+class MemoryCheckpointStore:
+    """An in-memory store for unit tests: keeps the JSON text so every save round-trips."""
+
+    def __init__(self) -> None:
+        self.docs: dict[str, str] = {}
+
+    def describe(self, pipeline: str) -> str:
+        return f"memory:{pipeline}"
+
+    def load(self, pipeline: str) -> Checkpoint | None:
+        text = self.docs.get(pipeline)
+        return None if text is None else Checkpoint.from_json(text, where=self.describe(pipeline), pipeline=pipeline)
+
+    def save(self, checkpoint: Checkpoint) -> None:
+        self.docs[checkpoint.pipeline] = checkpoint.to_json()
+
+    def delete(self, pipeline: str) -> None:
+        self.docs.pop(pipeline, None)
+
+    def list(self) -> list[str]:
+        return sorted(self.docs)

@@ -1,0 +1,35 @@
+"""The protocol every destination implements.
+
+The runner drives a destination through one output *generation*:
+
+    start(None)                 a fresh run: open a new, invisible generation
+    start(state, committed)     a resumed run: reopen the generation named in the checkpoint,
+                                dropping any part at index >= committed (written, never checkpointed)
+    write(index, table)         durable when it returns; writing an index again replaces it
+    publish()                   make the generation the visible output, atomically, replacing the old
+
+``state`` is a small JSON-able dict the checkpoint carries for the destination.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class Resumption:
+    state: dict[str, Any]
+    already_published: bool = False
+
+
+class Destination(Protocol):
+    def start(self, state: dict[str, Any] | None, committed: int = 0) -> Resumption: ...
+
+    def write(self, index: int, table: pa.Table) -> None: ...
+
+    def publish(self) -> None: ...
+
+    def describe(self) -> str:
+        """Where the output is visible (a path or URI), for logs and metadata."""
+        ...

@@ -1,0 +1,241 @@
+"""The batch loop: read ordered batches, write each durably, then checkpoint it; yield events.
+
+Exactness rests on four rules:
+
+1. Batches are cut only between *different* checkpoint values: a run of equal values (ties)
+   always lands whole in one batch, so ``WHERE col > last_value`` on resume can skip no row and
+   repeat none.
+2. A checkpoint is saved only after its batch is durable at the destination.
+3. Part names come from the batch's index, so a batch replayed after a crash between its write
+   and its checkpoint overwrites itself; parts beyond the checkpoint are dropped on resume.
+4. A run's output becomes visible only when the run finishes, as a whole, replacing the previous
+   output; the checkpoint is deleted after that.
+"""
+
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from conduit_dagster.engine.checkpoint import CLEAR_HINT, Checkpoint, CheckpointStore
+from conduit_dagster.engine.destinations import Destination, open_destination
+from conduit_dagster.engine.errors import CheckpointError, OrderingError
+from conduit_dagster.engine.sources import Chunk, Source, open_source
+from conduit_dagster.engine.spec import ResourceSpec
+from conduit_dagster.engine.sql import clean_query
+
+# A tie group larger than this many batches is reported: it has to sit in memory whole.
+TIE_WARNING_FACTOR = 10
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    pipeline: str
+    resumed: bool
+    resumed_from: Any
+    records_before: int
+    source: str
+    destination: str
+
+
+@dataclass(frozen=True)
+class BatchCommitted:
+    index: int
+    rows: int
+    rows_this_run: int
+    records_processed: int
+    last_value: Any
+    elapsed_s: float
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_this_run / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class RunWarning:
+    message: str
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    pipeline: str
+    resumed: bool
+    resumed_from: Any
+    last_value: Any
+    rows_this_run: int
+    records_processed: int
+    batches: int
+    duration_s: float
+    destination: str
+    checkpoint_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_this_run / self.duration_s if self.duration_s > 0 else 0.0
+
+
+Event = RunStarted | BatchCommitted | RunWarning | RunFinished
+
+
+def query_fingerprint(resource: ResourceSpec) -> str:
+    text = f"{clean_query(resource.query).strip()}\n--conduit checkpoint_column={resource.checkpoint_column}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_keys(keys: list[Any], previous: Any, column: str) -> None:
+    """Every value present, and none smaller than the one before it."""
+    prev = previous
+    for value in keys:
+        if value is None:
+            raise OrderingError(
+                f"checkpoint column {column!r} holds a NULL after value {prev!r}; NULLs cannot be ordered "
+                f"for resume: filter them out (WHERE {column} IS NOT NULL) or COALESCE them in the query"
+            )
+        try:
+            backwards = prev is not None and value < prev
+        except TypeError:
+            raise OrderingError(
+                f"checkpoint column {column!r} mixes types ({prev!r} then {value!r}); CAST it to one type in the query"
+            ) from None
+        if backwards:
+            raise OrderingError(
+                f"checkpoint column {column!r} went backwards: {value!r} came after {prev!r}; the column must be "
+                "sortable by the source in the same order Python compares it (cast it, or pick another column)"
+            )
+        prev = value
+
+
+def cut_batches(chunks: Iterator[Chunk], batch_size: int, column: str | None, after: Any) -> Iterator[tuple[pa.Table, Any]]:
+    """Regroup source chunks into batches of about ``batch_size`` rows that never split a tie.
+
+    Yields (table, last checkpoint value). A batch grows past ``batch_size`` only to keep a run of
+    equal checkpoint values together.
+    """
+    pending: list[pa.RecordBatch] = []
+    keys: list[Any] = []
+    count = 0
+    last_seen = after
+    for chunk in chunks:
+        if chunk.data.num_rows == 0:
+            continue
+        if column is not None:
+            assert chunk.keys is not None
+            _check_keys(chunk.keys, last_seen, column)
+            last_seen = chunk.keys[-1]
+            keys.extend(chunk.keys)
+        pending.append(chunk.data)
+        count += chunk.data.num_rows
+        while count >= batch_size:
+            cut = batch_size
+            if column is not None:
+                while cut < count and keys[cut] == keys[cut - 1]:
+                    cut += 1
+                if cut == count:
+                    break  # the tie may continue in the next chunk
+            table = pa.Table.from_batches(pending)
+            head, tail = table.slice(0, cut), table.slice(cut)
+            yield head, (keys[cut - 1] if column is not None else None)
+            pending = tail.to_batches()
+            keys = keys[cut:]
+            count -= cut
+    if count:
+        yield pa.Table.from_batches(pending), (keys[-1] if column is not None else None)
+
+
+def run_pipeline(
+    resource: ResourceSpec,
+    store: CheckpointStore,
+    *,
+    run_id: str | None = None,
+    source: Source | None = None,
+    destination: Destination | None = None,
+) -> Iterator[Event]:
+    """Run one pipeline to the end, resuming from its checkpoint if it has one."""
+    started = time.monotonic()
+    name = resource.name
+    column = resource.checkpoint_column
+    fingerprint = query_fingerprint(resource)
+    checkpoint = store.load(name) if resource.resume else None
+    if checkpoint is not None:
+        where = store.describe(name)
+        hint = CLEAR_HINT.format(name=name)
+        if checkpoint.checkpoint_column != column:
+            raise CheckpointError(
+                f"{where}: checkpoint was written for checkpoint_column {checkpoint.checkpoint_column!r}, "
+                f"but ingest.yml now says {column!r}; resuming would lose or repeat rows. Start over with `{hint}`"
+            )
+        if checkpoint.query_sha256 != fingerprint:
+            raise CheckpointError(
+                f"{where}: checkpoint was written for a different query of pipeline {name!r}; resuming would "
+                f"mix two queries' rows. Restore the query, or start over with `{hint}`"
+            )
+
+    dest = destination or open_destination(resource.destination, name)
+    if checkpoint is not None:
+        resumption = dest.start(checkpoint.destination, checkpoint.batches_committed)
+    else:
+        resumption = dest.start(None)
+    resumed = checkpoint is not None
+    after = checkpoint.last_value if checkpoint else None
+    index = checkpoint.batches_committed if checkpoint else 0
+    records = checkpoint.records_processed if checkpoint else 0
+    src = source or (None if resumption.already_published else open_source(resource.source))
+    yield RunStarted(name, resumed, after, records, src.describe() if src else "", dest.describe())
+
+    rows_this_run = 0
+    last_value = after
+    checkpoint_s = 0.0
+    try:
+        if src is not None and not resumption.already_published:
+            chunks = src.read(resource.query, column, after, resume=resumed, fetch_size=resource.batch_size)
+            for table, batch_last in cut_batches(chunks, resource.batch_size, column, after):
+                if table.num_rows > TIE_WARNING_FACTOR * resource.batch_size:
+                    yield RunWarning(
+                        f"batch {index} holds {table.num_rows} rows sharing checkpoint value {batch_last!r}; "
+                        "a column with fewer repeats keeps batches (and memory) near batch_size"
+                    )
+                dest.write(index, table)
+                index += 1
+                rows_this_run += table.num_rows
+                records += table.num_rows
+                last_value = batch_last
+                if resource.resume:
+                    assert column is not None
+                    t0 = time.monotonic()
+                    store.save(
+                        Checkpoint(
+                            pipeline=name,
+                            checkpoint_column=column,
+                            last_value=last_value,
+                            records_processed=records,
+                            batches_committed=index,
+                            run_id=run_id,
+                            query_sha256=fingerprint,
+                            destination=resumption.state,
+                        )
+                    )
+                    checkpoint_s += time.monotonic() - t0
+                yield BatchCommitted(index - 1, table.num_rows, rows_this_run, records, last_value, time.monotonic() - started)
+            dest.publish()
+    finally:
+        if src is not None and source is None:
+            src.close()
+    if resource.resume:
+        store.delete(name)
+    yield RunFinished(
+        pipeline=name,
+        resumed=resumed,
+        resumed_from=after,
+        last_value=last_value,
+        rows_this_run=rows_this_run,
+        records_processed=records,
+        batches=index,
+        duration_s=time.monotonic() - started,
+        destination=dest.describe(),
+        checkpoint_s=checkpoint_s,
+    )

@@ -1,0 +1,434 @@
+"""ingest.yml -> frozen IngestSpec / SourceSpec / DestinationSpec / ResourceSpec.
+
+The file is validated once, here. Every error names the file, the line, the key path and the
+fix; no secret is ever echoed back. ``${VAR}`` and ``${VAR:-default}`` are substituted inside
+scalar values after YAML parsing, so an environment value can never change the document's
+structure.
+"""
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from conduit_dagster.engine.errors import SpecError
+
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+DEFAULT_BATCH_SIZE = 10_000
+INGEST_FILE_ENV = "CONDUIT_INGEST_FILE"
+SOURCE_TYPES = ("postgresql", "sqlite")
+DESTINATION_TYPES = ("local",)
+FORMATS = ("parquet", "csv", "jsonl")
+
+
+class Secret:
+    """A string that never shows itself in repr, str, logs or error text."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class PostgresSourceSpec:
+    name: str
+    resume: bool = False
+    checkpoint_column: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 5432
+    database: str | None = None
+    user: str | None = None
+    password: Secret | None = None
+    schema: str | None = None
+    url: Secret | None = None
+    type: str = "postgresql"
+
+
+@dataclass(frozen=True)
+class SqliteSourceSpec:
+    name: str
+    path: Path
+    resume: bool = False
+    checkpoint_column: str | None = None
+    type: str = "sqlite"
+
+
+SourceSpec = PostgresSourceSpec | SqliteSourceSpec
+
+
+@dataclass(frozen=True)
+class LocalDestinationSpec:
+    name: str
+    path: Path
+    format: str = "parquet"
+    type: str = "local"
+
+
+DestinationSpec = LocalDestinationSpec
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    """One pipeline: a query on a source, landed in a destination, in checkpointed batches."""
+
+    name: str
+    source: SourceSpec
+    destination: DestinationSpec
+    query: str
+    batch_size: int = DEFAULT_BATCH_SIZE
+    description: str | None = None
+    resume: bool = False
+    checkpoint_column: str | None = None
+
+
+@dataclass(frozen=True)
+class IngestSpec:
+    path: Path
+    sources: tuple[SourceSpec, ...]
+    destinations: tuple[DestinationSpec, ...]
+    resources: tuple[ResourceSpec, ...] = field(default_factory=tuple)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def resource(self, name: str) -> ResourceSpec:
+        for r in self.resources:
+            if r.name == name:
+                return r
+        raise SpecError(f"{self.path}: no resource named {name!r} (have: {', '.join(r.name for r in self.resources)})")
+
+
+# --- YAML with line numbers -------------------------------------------------------------
+
+
+class _LineDict(dict[str, Any]):
+    lines: dict[str, int]
+    line: int
+
+
+class _LineList(list[Any]):
+    lines: list[int]
+    line: int
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LineDict:
+    result = _LineDict()
+    result.lines = {}
+    result.line = node.start_mark.line + 1
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str):
+            raise SpecError(f"{key_node.start_mark.line + 1}: keys must be strings, got {key!r}")
+        if key in result:
+            raise SpecError(f"{key_node.start_mark.line + 1}: key {key!r} appears twice; keep one")
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.lines[key] = key_node.start_mark.line + 1
+    return result
+
+
+def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> _LineList:
+    result = _LineList(loader.construct_object(child, deep=True) for child in node.value)
+    result.lines = [child.start_mark.line + 1 for child in node.value]
+    result.line = node.start_mark.line + 1
+    return result
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)  # type: ignore[arg-type]
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)  # type: ignore[arg-type]
+
+
+class _Entry:
+    """Typed, line-aware access to one mapping of ingest.yml; tracks which keys were used."""
+
+    def __init__(self, file: Path, data: Mapping[str, Any], path: str, line: int) -> None:
+        self.file = file
+        self.data = data
+        self.path = path
+        self.line = line
+        self.used: set[str] = set()
+
+    def where(self, key: str | None = None) -> str:
+        lines = getattr(self.data, "lines", {})
+        line = lines.get(key, self.line) if key else self.line
+        key_path = f"{self.path}.{key}" if key else self.path
+        return f"{self.file}:{line}: {key_path}"
+
+    def fail(self, key: str | None, message: str) -> SpecError:
+        return SpecError(f"{self.where(key)}: {message}")
+
+    def raw(self, key: str) -> Any:
+        self.used.add(key)
+        return self.data.get(key)
+
+    def _sub(self, key: str, value: Any) -> Any:
+        if isinstance(value, str):
+            return substitute_env(value, lambda msg: self.fail(key, msg))
+        return value
+
+    def text(self, key: str, *, required: bool = False, default: str | None = None) -> str | None:
+        value = self._sub(key, self.raw(key))
+        if value is None:
+            if required:
+                raise self.fail(None, f"missing required key {key!r}; add `{key}: ...`")
+            return default
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise self.fail(key, f"expected a string, got {type(value).__name__}; write a plain value")
+        return str(value)
+
+    def integer(self, key: str, *, default: int, minimum: int = 1) -> int:
+        value = self._sub(key, self.raw(key))
+        if value is None:
+            return default
+        if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"expected a whole number, got {_show(value)}; write e.g. `{key}: {default}`")
+        if value < minimum:
+            raise self.fail(key, f"must be at least {minimum}, got {value}")
+        return value
+
+    def boolean(self, key: str) -> bool | None:
+        value = self._sub(key, self.raw(key))
+        if value is None:
+            return None
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
+            value = value.strip().lower() in ("true", "yes")
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, got {_show(value)}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], *, default: str | None = None) -> str:
+        value = self.text(key, required=default is None, default=default)
+        assert value is not None
+        if value not in choices:
+            raise self.fail(key, f"unknown value {value!r}; use one of: {', '.join(choices)}")
+        return value
+
+    def name(self, key: str = "name") -> str:
+        value = self.text(key, required=True)
+        assert value is not None
+        if not NAME_RE.match(value):
+            raise self.fail(
+                key, f"{value!r} is not a valid name; use letters, digits and _ and start with a letter or _"
+            )
+        return value
+
+    def finish(self, allowed: set[str]) -> None:
+        for key in self.data:
+            if key not in allowed:
+                hint = f"allowed keys: {', '.join(sorted(allowed))}"
+                raise self.fail(key, f"unknown key {key!r}; remove it or fix its spelling ({hint})")
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str | int | float | bool) else type(value).__name__
+
+
+def substitute_env(value: str, fail: Any = None, env: Mapping[str, str] | None = None) -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in one scalar value."""
+    env = os.environ if env is None else env
+
+    def repl(m: re.Match[str]) -> str:
+        var, default = m.group(1), m.group(2)
+        if var in env:
+            return env[var]
+        if default is not None:
+            return default
+        message = f"environment variable {var} is not set; export it or write ${{{var}:-default}}"
+        raise fail(message) if fail else SpecError(message)
+
+    return _VAR_RE.sub(repl, value)
+
+
+# --- building the spec -----------------------------------------------------------------
+
+_PG_KEYS = {"name", "type", "resume", "checkpoint_column", "host", "port", "database", "user", "password", "schema", "url"}
+_SQLITE_KEYS = {"name", "type", "resume", "checkpoint_column", "path"}
+_LOCAL_KEYS = {"name", "type", "path", "format"}
+_RESOURCE_KEYS = {"name", "source", "destination", "query", "batch_size", "description", "resume", "checkpoint_column"}
+
+
+def _resolve_path(base: Path, value: str) -> Path:
+    if "\x00" in value:
+        raise SpecError("paths must not contain NUL bytes")
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _source(file: Path, e: _Entry) -> SourceSpec:
+    name = e.name()
+    kind = e.choice("type", SOURCE_TYPES)
+    resume = bool(e.boolean("resume"))
+    column = e.text("checkpoint_column")
+    if kind == "sqlite":
+        e.finish(_SQLITE_KEYS)
+        raw_path = e.text("path", required=True)
+        assert raw_path is not None
+        return SqliteSourceSpec(name=name, path=_resolve_path(file.parent, raw_path), resume=resume, checkpoint_column=column)
+    e.finish(_PG_KEYS)
+    url = e.text("url")
+    password = e.text("password")
+    parts = {k: e.data.get(k) for k in ("host", "port", "database", "user", "password")}
+    if url is not None:
+        given = [k for k, v in parts.items() if v is not None]
+        if given:
+            raise e.fail("url", f"give either `url` or {', '.join(given)}, not both")
+        if not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg2://")):
+            raise e.fail("url", "must start with postgresql://; e.g. postgresql://user:${PG_PASSWORD}@host:5432/db")
+        return PostgresSourceSpec(name=name, resume=resume, checkpoint_column=column, url=Secret(url), schema=e.text("schema"))
+    database = e.text("database", required=True)
+    return PostgresSourceSpec(
+        name=name,
+        resume=resume,
+        checkpoint_column=column,
+        host=e.text("host", default="127.0.0.1") or "127.0.0.1",
+        port=e.integer("port", default=5432),
+        database=database,
+        user=e.text("user"),
+        password=Secret(password) if password is not None else None,
+        schema=e.text("schema"),
+    )
+
+
+def _destination(file: Path, e: _Entry) -> DestinationSpec:
+    name = e.name()
+    e.choice("type", DESTINATION_TYPES)
+    e.finish(_LOCAL_KEYS)
+    raw_path = e.text("path", required=True)
+    assert raw_path is not None
+    fmt = e.choice("format", FORMATS, default="parquet")
+    return LocalDestinationSpec(name=name, path=_resolve_path(file.parent, raw_path), format=fmt)
+
+
+def _entries(file: Path, doc: _LineDict, section: str, required: bool) -> list[_Entry]:
+    value = doc.get(section)
+    line = doc.lines.get(section, 1) if isinstance(doc, _LineDict) else 1
+    if value is None:
+        if required:
+            raise SpecError(f"{file}:{line}: missing top-level `{section}:` list; add at least one entry")
+        return []
+    if not isinstance(value, list):
+        raise SpecError(f"{file}:{line}: {section}: expected a list of entries (`- name: ...`), got {type(value).__name__}")
+    entries = []
+    for i, item in enumerate(value):
+        item_line = value.lines[i] if isinstance(value, _LineList) else line
+        if not isinstance(item, dict):
+            raise SpecError(f"{file}:{item_line}: {section}[{i}]: expected a mapping with `name:`, got {_show(item)}")
+        entries.append(_Entry(file, item, f"{section}[{i}]", getattr(item, "line", item_line)))
+    return entries
+
+
+def load_spec_text(text: str, path: Path) -> IngestSpec:
+    """Parse and validate ingest.yml content; ``path`` is used for messages and relative paths."""
+    path = path.resolve()
+    try:
+        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader subclass
+    except SpecError as exc:
+        raise SpecError(f"{path}:{exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{where}: not valid YAML ({problem}); check indentation and quoting") from None
+    if doc is None:
+        raise SpecError(f"{path}: the file is empty; declare `sources:`, `destinations:` and `resources:`")
+    if not isinstance(doc, dict):
+        raise SpecError(f"{path}:1: expected a mapping with `sources:`, `destinations:` and `resources:`")
+    for key in doc:
+        if key not in ("sources", "destinations", "resources"):
+            line = doc.lines.get(key, 1) if isinstance(doc, _LineDict) else 1
+            raise SpecError(f"{path}:{line}: unknown top-level key {key!r}; use sources, destinations, resources")
+    if not isinstance(doc, _LineDict):  # pragma: no cover - the loader always builds _LineDict
+        raise SpecError(f"{path}: could not read the document")
+
+    sources: dict[str, SourceSpec] = {}
+    for e in _entries(path, doc, "sources", True):
+        s = _source(path, e)
+        if s.name in sources:
+            raise e.fail("name", f"duplicate source name {s.name!r}; names must be unique")
+        sources[s.name] = s
+    destinations: dict[str, DestinationSpec] = {}
+    for e in _entries(path, doc, "destinations", True):
+        d = _destination(path, e)
+        if d.name in destinations:
+            raise e.fail("name", f"duplicate destination name {d.name!r}; names must be unique")
+        destinations[d.name] = d
+    resources: dict[str, ResourceSpec] = {}
+    for e in _entries(path, doc, "resources", True):
+        name = e.name()
+        e.finish(_RESOURCE_KEYS)
+        if name in resources:
+            raise e.fail("name", f"duplicate resource name {name!r}; names must be unique")
+        source_name = e.text("source", required=True)
+        if source_name not in sources:
+            raise e.fail("source", f"unknown source {source_name!r}; declared sources: {', '.join(sources) or 'none'}")
+        dest_name = e.text("destination", required=True)
+        if dest_name not in destinations:
+            raise e.fail(
+                "destination", f"unknown destination {dest_name!r}; declared destinations: {', '.join(destinations) or 'none'}"
+            )
+        query = e.text("query", required=True)
+        assert query is not None
+        if not query.strip():
+            raise e.fail("query", "the query is empty; write the SELECT to run")
+        source = sources[source_name]
+        resume = e.boolean("resume")
+        column = e.text("checkpoint_column")
+        resume = source.resume if resume is None else resume
+        column = column or source.checkpoint_column
+        if resume and not column:
+            raise e.fail(
+                "checkpoint_column" if "resume" in e.data else None,
+                "resume is on but no checkpoint_column is set; add `checkpoint_column: <column>` to the resource or its source",
+            )
+        resources[name] = ResourceSpec(
+            name=name,
+            source=source,
+            destination=destinations[dest_name],  # type: ignore[index]
+            query=query,
+            batch_size=e.integer("batch_size", default=DEFAULT_BATCH_SIZE),
+            description=e.text("description"),
+            resume=resume,
+            checkpoint_column=column,
+        )
+    return IngestSpec(
+        path=path, sources=tuple(sources.values()), destinations=tuple(destinations.values()), resources=tuple(resources.values())
+    )
+
+
+def load_spec(path: str | os.PathLike[str]) -> IngestSpec:
+    """Read and validate an ingest.yml file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{p}: file not found; create it or set {INGEST_FILE_ENV} to the right path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{p}: cannot be read ({exc.__class__.__name__}: {exc})") from None
+    return load_spec_text(text, p)

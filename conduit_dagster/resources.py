@@ -1,0 +1,45 @@
+"""Dagster ConfigurableResources that hand back engine objects.
+
+``CheckpointStoreResource`` is the base type assets ask for; any subclass bound under the
+``checkpoints`` key works (the local one today, an S3 one next to it).
+"""
+
+import os
+from pathlib import Path
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from conduit_dagster.engine.checkpoint import CheckpointStore, LocalCheckpointStore
+
+CHECKPOINT_DIR_ENV = "CONDUIT_CHECKPOINT_DIR"
+
+
+class CheckpointStoreResource(ConfigurableResource):
+    """Where pipeline checkpoints are kept."""
+
+    def open_store(self, base_dir: Path) -> CheckpointStore:
+        """The store to use; ``base_dir`` is ingest.yml's folder, for relative locations."""
+        raise NotImplementedError
+
+
+class LocalCheckpointStoreResource(CheckpointStoreResource):
+    """Checkpoints as JSON files in a local directory.
+
+    The directory is, first found: this resource's ``directory`` config (set it from the
+    launchpad), $CONDUIT_CHECKPOINT_DIR, then ``.checkpoints/`` beside ingest.yml. Relative
+    paths are taken from ingest.yml's folder. Read at run time, never at import.
+    """
+
+    directory: str | None = Field(
+        default=None,
+        description="Checkpoint directory; default $CONDUIT_CHECKPOINT_DIR, else .checkpoints/ beside ingest.yml",
+    )
+
+    def resolve_directory(self, base_dir: Path) -> Path:
+        chosen = self.directory or os.environ.get(CHECKPOINT_DIR_ENV) or ".checkpoints"
+        path = Path(chosen).expanduser()
+        return path if path.is_absolute() else (base_dir / path)
+
+    def open_store(self, base_dir: Path) -> CheckpointStore:
+        return LocalCheckpointStore(self.resolve_directory(base_dir))
