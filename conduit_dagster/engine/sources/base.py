@@ -37,7 +37,7 @@ def rows_to_batch(rows: Sequence[tuple[Any, ...]], names: list[str], types: list
     arrays = []
     for values, t in zip(columns, types, strict=True):
         if t is not None and pa.types.is_string(t):
-            values = tuple(None if v is None or isinstance(v, str) else str(v) for v in values)
+            values = tuple(v if v is None or isinstance(v, str) else str(v) for v in values)
         arrays.append(pa.array(values, type=t))
     return pa.RecordBatch.from_arrays(arrays, names=names)
 
