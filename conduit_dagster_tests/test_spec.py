@@ -1,0 +1,182 @@
+"""ingest.yml parsing: the happy path and every error, each naming file, line/key and fix."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conduit_dagster.engine.errors import SpecError
+from conduit_dagster.engine.spec import LocalDestinationSpec, PostgresSourceSpec, Secret, SqliteSourceSpec, load_spec
+
+GOOD = """
+sources:
+  - name: pg
+    type: postgresql
+    host: db.internal
+    port: ${PGPORT:-6543}
+    database: prod
+    user: etl
+    password: ${PG_PASSWORD}
+    schema: sales
+    resume: true
+    checkpoint_column: updated_at
+  - name: lite
+    type: sqlite
+    path: data/shop.db
+destinations:
+  - name: lake
+    type: local
+    path: out
+    format: csv
+resources:
+  - name: orders
+    source: pg
+    destination: lake
+    query: SELECT * FROM orders
+  - name: customers
+    source: pg
+    destination: lake
+    checkpoint_column: id
+    batch_size: 500
+    description: all customers
+    query: SELECT * FROM customers
+  - name: items
+    source: lite
+    destination: lake
+    query: SELECT * FROM items
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "ingest.yml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_spec_parses_sources_destinations_resources(tmp_path, monkeypatch):
+    monkeypatch.setenv("PG_PASSWORD", "s3cr3t-pw")
+    monkeypatch.delenv("PGPORT", raising=False)
+    spec = load_spec(write(tmp_path, GOOD))
+    pg, lite = spec.sources
+    assert isinstance(pg, PostgresSourceSpec) and pg.port == 6543 and pg.schema == "sales"
+    assert pg.password == Secret("s3cr3t-pw")
+    assert "s3cr3t-pw" not in repr(spec)
+    assert isinstance(lite, SqliteSourceSpec) and lite.path == (tmp_path / "data" / "shop.db").resolve()
+    (lake,) = spec.destinations
+    assert isinstance(lake, LocalDestinationSpec) and lake.path == (tmp_path / "out").resolve() and lake.format == "csv"
+    orders, customers, items = spec.resources
+    assert (orders.resume, orders.checkpoint_column, orders.batch_size) == (True, "updated_at", 10_000)
+    # the resource's own checkpoint_column wins over the source's
+    assert (customers.resume, customers.checkpoint_column, customers.batch_size) == (True, "id", 500)
+    assert customers.description == "all customers"
+    assert (items.resume, items.checkpoint_column) == (False, None)
+
+
+def test_spec_resource_can_turn_resume_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("PG_PASSWORD", "x")
+    text = GOOD.replace("    query: SELECT * FROM orders", "    resume: false\n    query: SELECT * FROM orders")
+    assert load_spec(write(tmp_path, text)).resource("orders").resume is False
+
+
+def test_spec_env_default_used_and_env_value_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("PG_PASSWORD", "x")
+    monkeypatch.setenv("PGPORT", "7000")
+    assert load_spec(write(tmp_path, GOOD)).sources[0].port == 7000
+
+
+def test_spec_env_value_cannot_change_structure(tmp_path, monkeypatch):
+    monkeypatch.setenv("PG_PASSWORD", "a\nresume: false\n")
+    spec = load_spec(write(tmp_path, GOOD))
+    assert spec.sources[0].resume is True
+    assert spec.sources[0].password == Secret("a\nresume: false\n")
+
+
+MINIMAL = """
+sources:
+  - name: s
+    type: sqlite
+    path: x.db
+destinations:
+  - name: d
+    type: local
+    path: out
+resources:
+  - name: r
+    source: s
+    destination: d
+    query: SELECT 1
+"""
+
+ERRORS = [
+    # (change, expected fragments of the message)
+    (("path: x.db", "path: ${NOPE_VAR}"), [":5:", "sources[0].path", "NOPE_VAR is not set", "export it"]),
+    (("    query: SELECT 1", "    query: SELECT 1\n    bacth_size: 5"), [":15:", "resources[0].bacth_size", "unknown key", "batch_size"]),
+    (("    query: SELECT 1", "    query: SELECT 1\n    batch_size: lots"), [":15:", "resources[0].batch_size", "whole number"]),
+    (("    query: SELECT 1", "    query: SELECT 1\n    batch_size: 0"), ["resources[0].batch_size", "at least 1"]),
+    (("    query: SELECT 1", "    query: SELECT 1\n    resume: maybe"), ["resources[0].resume", "true or false"]),
+    (("    source: s", "    source: nope"), [":12:", "resources[0].source", "unknown source 'nope'", "declared sources: s"]),
+    (("    destination: d\n    query", "    destination: dd\n    query"), ["resources[0].destination", "unknown destination 'dd'"]),
+    (("  - name: r", "  - name: 9lives"), [":11:", "resources[0].name", "not a valid name"]),
+    (("  - name: r", "  - name: ../etc"), ["resources[0].name", "not a valid name"]),
+    (("  - name: r", "  - name: a-b"), ["resources[0].name", "not a valid name"]),
+    (("    type: sqlite", "    type: oracle"), ["sources[0].type", "unknown value 'oracle'", "postgresql, sqlite"]),
+    (("    type: local", "    type: local\n    format: xlsx"), ["destinations[0].format", "parquet, csv, jsonl"]),
+    (("    query: SELECT 1", "    query: SELECT 1\n    resume: true"), ["resources[0]", "checkpoint_column"]),
+    (("    query: SELECT 1", "    query: ''"), ["resources[0].query", "empty"]),
+    (("    query: SELECT 1", ""), ["resources[0]", "missing required key 'query'"]),
+    (("sources:", "sauces:"), ["unknown top-level key 'sauces'"]),
+    (("  - name: s\n", "  - name: s\n    name: t\n"), [":4:", "appears twice"]),
+    (("    path: out", "    path: out\n    path: out2"), ["appears twice"]),
+    (("resources:\n  - name: r\n    source: s\n    destination: d\n    query: SELECT 1\n", "resources: 5\n"), [":10:", "resources: expected a list"]),
+    (("    type: sqlite\n", "    type: sqlite\n   bad: [\n"), ["not valid YAML"]),
+]
+
+
+@pytest.mark.parametrize("change,fragments", ERRORS, ids=[f[0] for _, f in ERRORS])
+def test_spec_errors_name_file_key_and_fix(tmp_path, change, fragments):
+    old, new = change
+    assert old in MINIMAL
+    path = write(tmp_path, MINIMAL.replace(old, new, 1))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert str(path.resolve()) in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_spec_duplicate_names_are_errors(tmp_path):
+    text = MINIMAL + "  - name: r\n    source: s\n    destination: d\n    query: SELECT 2\n"
+    with pytest.raises(SpecError, match=r":15: resources\[1\].name: duplicate resource name 'r'"):
+        load_spec(write(tmp_path, text))
+    text = MINIMAL.replace("destinations:", "  - name: s\n    type: sqlite\n    path: y.db\ndestinations:")
+    with pytest.raises(SpecError, match=r"sources\[1\].name: duplicate source name 's'"):
+        load_spec(write(tmp_path, text))
+
+
+def test_spec_missing_file_and_empty_file(tmp_path):
+    with pytest.raises(SpecError, match="file not found.*CONDUIT_INGEST_FILE"):
+        load_spec(tmp_path / "nope.yml")
+    with pytest.raises(SpecError, match="empty"):
+        load_spec(write(tmp_path, ""))
+
+
+def test_spec_postgres_url_or_parts_not_both(tmp_path):
+    text = MINIMAL.replace("    type: sqlite\n    path: x.db", "    type: postgresql\n    url: postgresql://u:pw@h/db\n    host: h")
+    with pytest.raises(SpecError, match=r"sources\[0\].url: give either `url` or host, not both") as info:
+        load_spec(write(tmp_path, text))
+    assert "pw" not in str(info.value).replace("postgresql", "")
+
+
+def test_spec_missing_secret_variable_message_has_no_value(tmp_path, monkeypatch):
+    monkeypatch.delenv("PG_PASSWORD", raising=False)
+    with pytest.raises(SpecError, match=r"sources\[0\].password: environment variable PG_PASSWORD is not set"):
+        load_spec(write(tmp_path, GOOD))
+
+
+def test_engine_never_imports_dagster():
+    code = "import sys, conduit_dagster.engine, conduit_dagster.engine.runner; print('dagster' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
