@@ -1,0 +1,227 @@
+"""The batch loop without Dagster: tie handling, ordering errors, and a crash at every step."""
+
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from conduit_dagster.engine.checkpoint import MemoryCheckpointStore
+from conduit_dagster.engine.destinations import open_destination
+from conduit_dagster.engine.errors import CheckpointError, OrderingError
+from conduit_dagster.engine.runner import BatchCommitted, RunFinished, cut_batches, run_pipeline
+from conduit_dagster.engine.sources.base import Chunk
+from conduit_dagster.engine.sources.memory import MemorySource
+from conduit_dagster.engine.spec import LocalDestinationSpec, ResourceSpec, SqliteSourceSpec
+from conduit_dagster_tests.helpers import assert_same_rows, output_rows
+
+SCHEMA = pa.schema([("id", pa.int64()), ("k", pa.int64()), ("note", pa.string())])
+
+
+def tie_rows(n: int, seed: int = 1) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    rows, k = [], 0
+    long_run = range(n // 2, n // 2 + 40)  # one run of equal values longer than a batch
+    for i in range(n):
+        if i == long_run.start or (i not in long_run and rng.random() < 0.2):
+            k += 1
+        rows.append({"id": i, "k": k, "note": f"row {i}"})
+    return rows
+
+
+def resource(tmp_path: Path, column: str | None = "k", batch: int = 7, resume: bool = True, query: str = "q") -> ResourceSpec:
+    return ResourceSpec(
+        name="things",
+        source=SqliteSourceSpec(name="mem", path=tmp_path / "unused.db"),
+        destination=LocalDestinationSpec(name="out", path=tmp_path / "out"),
+        query=query,
+        batch_size=batch,
+        resume=resume,
+        checkpoint_column=column,
+    )
+
+
+def chunks_of(rows: list[dict[str, Any]], size: int, column: str = "k"):
+    for i in range(0, len(rows), size):
+        part = rows[i : i + size]
+        yield Chunk(pa.RecordBatch.from_pylist(part, schema=SCHEMA), [r[column] for r in part])
+
+
+@pytest.mark.parametrize("fetch", [1, 3, 7, 50])
+def test_cut_batches_never_splits_ties(fetch):
+    rows = tie_rows(200)
+    batches = list(cut_batches(chunks_of(rows, fetch), 7, "k", None))
+    assert sum(t.num_rows for t, _ in batches) == 200
+    seen_last: list[int] = []
+    for table, last in batches:
+        ks = table.column("k").to_pylist()
+        assert ks[-1] == last
+        assert len(ks) >= 7 or table is batches[-1][0]
+        seen_last.append(last)
+    assert len(set(seen_last)) == len(seen_last), "each tie group ends in exactly one batch"
+    for (a, _), (b, _) in zip(batches, batches[1:], strict=False):
+        assert a.column("k").to_pylist()[-1] < b.column("k").to_pylist()[0]
+
+
+def test_cut_batches_exact_sizes_without_ties():
+    rows = [{"id": i, "k": i, "note": None} for i in range(25)]
+    sizes = [t.num_rows for t, _ in cut_batches(chunks_of(rows, 4), 10, "k", None)]
+    assert sizes == [10, 10, 5]
+
+
+def test_cut_batches_group_bigger_than_batch_stays_whole():
+    rows = [{"id": i, "k": 1 if i < 30 else 2, "note": None} for i in range(35)]
+    sizes = [t.num_rows for t, _ in cut_batches(chunks_of(rows, 4), 10, "k", None)]
+    assert sizes == [30, 5]
+
+
+@pytest.mark.parametrize(
+    "keys,fragment",
+    [
+        ([1, 2, 3, 2], "went backwards: 2 came after 3"),
+        ([1, None, 3], "NULL after value 1"),
+        ([1, "2"], "mixes types"),
+    ],
+)
+def test_ordering_errors_name_column_and_value(keys, fragment):
+    rows = [{"id": i, "k": k, "note": None} for i, k in enumerate(keys)]
+    chunk = Chunk(pa.RecordBatch.from_pylist([{"id": r["id"], "k": None, "note": None} for r in rows], schema=SCHEMA), keys)
+    with pytest.raises(OrderingError, match=fragment) as info:
+        list(cut_batches(iter([chunk]), 10, "k", None))
+    assert "'k'" in str(info.value)
+
+
+def test_ordering_error_when_first_value_not_past_checkpoint():
+    chunk = Chunk(pa.RecordBatch.from_pylist([{"id": 1, "k": 3, "note": None}], schema=SCHEMA), [3])
+    with pytest.raises(OrderingError, match="3 came after 5"):
+        list(cut_batches(iter([chunk]), 10, "k", 5))
+
+
+def run(res: ResourceSpec, store, source, destination=None) -> list:
+    return list(run_pipeline(res, store, run_id="r", source=source, destination=destination))
+
+
+def test_run_full_then_refresh_replaces_output(tmp_path):
+    rows = tie_rows(100)
+    store = MemoryCheckpointStore()
+    events = run(resource(tmp_path), store, MemorySource(rows, SCHEMA))
+    done = events[-1]
+    assert isinstance(done, RunFinished) and done.rows_this_run == 100 and not done.resumed
+    assert_same_rows([tuple(r.values()) for r in rows], output_rows(tmp_path / "out" / "things"))
+    assert store.docs == {}
+    fewer = rows[:40]
+    run(resource(tmp_path), store, MemorySource(fewer, SCHEMA))
+    assert_same_rows([tuple(r.values()) for r in fewer], output_rows(tmp_path / "out" / "things"))
+    assert not list((tmp_path / "out" / "_conduit_staging").iterdir()), "no staging left behind"
+
+
+class Crash(Exception):
+    pass
+
+
+class Tripwire:
+    """Counts side-effecting calls on the destination and the store; raises at call number N."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.calls = 0
+
+    def tick(self, what: str) -> None:
+        self.calls += 1
+        if self.calls == self.at:
+            raise Crash(f"crash at step {self.at}: {what}")
+
+
+class Wrapped:
+    def __init__(self, inner, trip: Tripwire, methods: set[str]) -> None:
+        self._inner, self._trip, self._methods = inner, trip, methods
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._inner, name)
+        if name not in self._methods:
+            return attr
+
+        def call(*args, **kwargs):
+            self._trip.tick(name)
+            result = attr(*args, **kwargs)
+            self._trip.tick(name + " (after)")
+            return result
+
+        return call
+
+
+@pytest.mark.parametrize("column,batch", [("k", 7), ("id", 9)])
+def test_crash_at_every_step_then_rerun_is_exact(tmp_path, column, batch):
+    """Crash before and after every write, checkpoint save, publish and delete; the rerun is exact."""
+    rows = tie_rows(120)
+    previous = [{"id": -1, "k": -1, "note": "old output"}]
+    expected = [tuple(r.values()) for r in rows]
+    res = resource(tmp_path, column=column, batch=batch)
+    step = 1
+    while True:
+        out = tmp_path / f"case{step}"
+        res_case = ResourceSpec(**{**res.__dict__, "destination": LocalDestinationSpec(name="out", path=out)})
+        store = MemoryCheckpointStore()
+        run(res_case, store, MemorySource(previous, SCHEMA, seed=step))  # the previous complete output
+        trip = Tripwire(step)
+        dest = Wrapped(open_destination(res_case.destination, "things"), trip, {"write", "publish"})
+        wrapped_store = Wrapped(store, trip, {"save", "delete"})
+        try:
+            run(res_case, wrapped_store, MemorySource(rows, SCHEMA, seed=step + 1000), dest)
+        except Crash:
+            visible = Counter(output_rows(out / "things"))
+            assert visible in (Counter([tuple(previous[0].values())]), Counter(expected)), "old or new output, never a mix"
+            events = run(res_case, store, MemorySource(rows, SCHEMA, seed=step + 2000))
+            assert_same_rows(expected, output_rows(out / "things"))
+            assert store.docs == {}
+            assert isinstance(events[-1], RunFinished)
+            step += 1
+            continue
+        assert step > 2 * (120 // batch), "every step was crashed at least once"
+        break
+
+
+def test_resume_drops_parts_written_after_checkpoint(tmp_path):
+    rows = [{"id": i, "k": i, "note": None} for i in range(50)]
+    res = resource(tmp_path, column="id", batch=10)
+    store = MemoryCheckpointStore()
+    trip = Tripwire(10)  # calls: write0, after, save0, after, write1, after, save1, after, write2, after -> crash once part 2 exists
+    with pytest.raises(Crash):
+        run(res, Wrapped(store, trip, {"save"}), MemorySource(rows, SCHEMA), Wrapped(open_destination(res.destination, "things"), trip, {"write"}))
+    # the source lost rows meanwhile: a stale part beyond the checkpoint must not survive
+    remaining = [r for r in rows if r["id"] < 20]
+    run(res, store, MemorySource(remaining, SCHEMA))
+    assert_same_rows([tuple(r.values()) for r in remaining], output_rows(tmp_path / "out" / "things"))
+
+
+def test_checkpoint_for_other_column_or_query_refused(tmp_path):
+    rows = [{"id": i, "k": i, "note": None} for i in range(30)]
+    store = MemoryCheckpointStore()
+    res = resource(tmp_path, column="id", batch=10)
+    trip = Tripwire(5)
+    with pytest.raises(Crash):
+        run(res, Wrapped(store, trip, {"save"}), MemorySource(rows, SCHEMA), Wrapped(open_destination(res.destination, "things"), trip, {"write"}))
+    with pytest.raises(CheckpointError, match="checkpoint_column 'id', but ingest.yml now says 'k'.*clear-checkpoints --pipeline-name things"):
+        run(resource(tmp_path, column="k", batch=10), store, MemorySource(rows, SCHEMA))
+    with pytest.raises(CheckpointError, match="different query"):
+        run(resource(tmp_path, column="id", batch=10, query="other"), store, MemorySource(rows, SCHEMA))
+    assert "things" in store.docs, "a refused checkpoint is kept"
+    events = run(res, store, MemorySource(rows, SCHEMA))
+    assert events[0].resumed and events[-1].records_processed == 30
+
+
+def test_without_resume_no_checkpoint_and_full_output(tmp_path):
+    rows = tie_rows(60)
+    store = MemoryCheckpointStore()
+    events = run(resource(tmp_path, resume=False), store, MemorySource(rows, SCHEMA))
+    assert store.docs == {}
+    assert [e.index for e in events if isinstance(e, BatchCommitted)] == list(range(len([e for e in events if isinstance(e, BatchCommitted)])))
+    assert Counter(output_rows(tmp_path / "out" / "things")) == Counter(tuple(r.values()) for r in rows)
+
+
+def test_no_checkpoint_column_reads_as_is(tmp_path):
+    rows = [{"id": i, "k": 0, "note": None} for i in range(23)]
+    events = run(resource(tmp_path, column=None, resume=False, batch=10), MemoryCheckpointStore(), MemorySource(rows, SCHEMA))
+    assert [e.rows for e in events if isinstance(e, BatchCommitted)] == [10, 10, 3]
