@@ -120,6 +120,11 @@ def build_ingest_jobs(spec: IngestSpec) -> Sequence[Any]:
         define_asset_job(job_name(r), selection=AssetSelection.assets(r.name), description=f"Ingest {r.name}")
         for r in spec.resources
     ]
-    jobs.append(define_asset_job("ingest_all", selection=AssetSelection.assets(*[r.name for r in spec.resources]),
-                                 description="Ingest every resource of ingest.yml"))
+    jobs.append(
+        define_asset_job(
+            "ingest_all",
+            selection=AssetSelection.assets(*[r.name for r in spec.resources]),
+            description="Ingest every resource of ingest.yml",
+        )
+    )
     return jobs

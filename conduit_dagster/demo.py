@@ -1,7 +1,7 @@
 """The demo: build a realistic SQLite shop database, and summarise the demo's Parquet output.
 
-    python -m conduit_dagster.demo build [--rows 300000] [--path demo/shop.db]
-    python -m conduit_dagster.demo summary [--file ingest.yml]
+python -m conduit_dagster.demo build [--rows 300000] [--path demo/shop.db]
+python -m conduit_dagster.demo summary [--file ingest.yml]
 """
 
 import argparse
@@ -41,8 +41,15 @@ def build(path: Path, orders: int, seed: int = 7) -> None:
     for i in range(1, n_customers + 1):
         first, last = rng.choice(FIRST), rng.choice(LAST)
         signed = start + dt.timedelta(seconds=rng.randrange(0, 300 * 86400))
-        customers.append((i, f"{first} {last}", f"{first.lower()}.{last.lower().replace(' ', '')}{i}@example.com",
-                          rng.choice(COUNTRIES), signed.isoformat(sep=" ")))
+        customers.append(
+            (
+                i,
+                f"{first} {last}",
+                f"{first.lower()}.{last.lower().replace(' ', '')}{i}@example.com",
+                rng.choice(COUNTRIES),
+                signed.isoformat(sep=" "),
+            )
+        )
     conn.executemany("INSERT INTO customers VALUES (?, ?, ?, ?, ?)", customers)
     # Orders arrive a few per second: created_at repeats, as real event timestamps do.
     t = start
@@ -52,8 +59,19 @@ def build(path: Path, orders: int, seed: int = 7) -> None:
             t += dt.timedelta(seconds=rng.randrange(1, 4))
         qty = rng.randint(1, 5)
         note = rng.choice([None, None, None, "gift wrap", 'leave at door, "back" entrance', "call first\nthen ring"])
-        rows.append((i, rng.randint(1, n_customers), rng.choice(PRODUCTS), qty, round(qty * rng.uniform(5, 400), 2),
-                     "EUR", rng.choice(STATUSES), note, t.isoformat(sep=" ")))
+        rows.append(
+            (
+                i,
+                rng.randint(1, n_customers),
+                rng.choice(PRODUCTS),
+                qty,
+                round(qty * rng.uniform(5, 400), 2),
+                "EUR",
+                rng.choice(STATUSES),
+                note,
+                t.isoformat(sep=" "),
+            )
+        )
         if len(rows) == 50_000:
             conn.executemany("INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             rows.clear()

@@ -21,7 +21,12 @@ def output_rows(directory: Path, fmt: str = "parquet") -> list[tuple[Any, ...]]:
     if fmt == "csv":
         rows = []
         for part in sorted(directory.glob("part-*.csv")):
-            rows.extend(tuple(r.values()) for r in pacsv.read_csv(part).to_pylist())
+            table = pacsv.read_csv(
+                part,
+                parse_options=pacsv.ParseOptions(newlines_in_values=True, ignore_empty_lines=False),
+                convert_options=pacsv.ConvertOptions(strings_can_be_null=True, quoted_strings_can_be_null=False),
+            )
+            rows.extend(tuple(r.values()) for r in table.to_pylist())
         return rows
     table = ds.dataset(directory, format="parquet").to_table()
     return [tuple(r.values()) for r in table.to_pylist()]

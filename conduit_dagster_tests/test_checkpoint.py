@@ -45,7 +45,7 @@ VALUES = [
     10**40 + 7,
     "",
     "x' OR '1'='1",
-    "ünïcode ✓ \n\t\"quoted\"",
+    'ünïcode ✓ \n\t"quoted"',
     0.1,
     -0.0,
     1e308,
@@ -83,8 +83,14 @@ def test_checkpoint_nan_roundtrip():
     assert math.isnan(roundtrip(float("nan")))
 
 
-@given(st.integers() | st.floats(allow_nan=False) | st.text() | st.datetimes(timezones=st.none() | st.timezones()) | st.dates()
-       | st.decimals(allow_nan=False, allow_infinity=False))
+@given(
+    st.integers()
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.datetimes(timezones=st.none() | st.timezones())
+    | st.dates()
+    | st.decimals(allow_nan=False, allow_infinity=False)
+)
 def test_checkpoint_roundtrip_property(value):
     back = roundtrip(value)
     assert back == value and type(back) is type(value)

@@ -187,9 +187,16 @@ def test_resume_drops_parts_written_after_checkpoint(tmp_path):
     rows = [{"id": i, "k": i, "note": None} for i in range(50)]
     res = resource(tmp_path, column="id", batch=10)
     store = MemoryCheckpointStore()
-    trip = Tripwire(10)  # calls: write0, after, save0, after, write1, after, save1, after, write2, after -> crash once part 2 exists
+    trip = Tripwire(
+        10
+    )  # calls: write0, after, save0, after, write1, after, save1, after, write2, after -> crash once part 2 exists
     with pytest.raises(Crash):
-        run(res, Wrapped(store, trip, {"save"}), MemorySource(rows, SCHEMA), Wrapped(open_destination(res.destination, "things"), trip, {"write"}))
+        run(
+            res,
+            Wrapped(store, trip, {"save"}),
+            MemorySource(rows, SCHEMA),
+            Wrapped(open_destination(res.destination, "things"), trip, {"write"}),
+        )
     # the source lost rows meanwhile: a stale part beyond the checkpoint must not survive
     remaining = [r for r in rows if r["id"] < 20]
     run(res, store, MemorySource(remaining, SCHEMA))
@@ -202,8 +209,15 @@ def test_checkpoint_for_other_column_or_query_refused(tmp_path):
     res = resource(tmp_path, column="id", batch=10)
     trip = Tripwire(5)
     with pytest.raises(Crash):
-        run(res, Wrapped(store, trip, {"save"}), MemorySource(rows, SCHEMA), Wrapped(open_destination(res.destination, "things"), trip, {"write"}))
-    with pytest.raises(CheckpointError, match="checkpoint_column 'id', but ingest.yml now says 'k'.*clear-checkpoints --pipeline-name things"):
+        run(
+            res,
+            Wrapped(store, trip, {"save"}),
+            MemorySource(rows, SCHEMA),
+            Wrapped(open_destination(res.destination, "things"), trip, {"write"}),
+        )
+    with pytest.raises(
+        CheckpointError, match="checkpoint_column 'id', but ingest.yml now says 'k'.*clear-checkpoints --pipeline-name things"
+    ):
         run(resource(tmp_path, column="k", batch=10), store, MemorySource(rows, SCHEMA))
     with pytest.raises(CheckpointError, match="different query"):
         run(resource(tmp_path, column="id", batch=10, query="other"), store, MemorySource(rows, SCHEMA))
@@ -217,7 +231,9 @@ def test_without_resume_no_checkpoint_and_full_output(tmp_path):
     store = MemoryCheckpointStore()
     events = run(resource(tmp_path, resume=False), store, MemorySource(rows, SCHEMA))
     assert store.docs == {}
-    assert [e.index for e in events if isinstance(e, BatchCommitted)] == list(range(len([e for e in events if isinstance(e, BatchCommitted)])))
+    assert [e.index for e in events if isinstance(e, BatchCommitted)] == list(
+        range(len([e for e in events if isinstance(e, BatchCommitted)]))
+    )
     assert Counter(output_rows(tmp_path / "out" / "things")) == Counter(tuple(r.values()) for r in rows)
 
 

@@ -112,12 +112,18 @@ resources:
 ERRORS = [
     # (change, expected fragments of the message)
     (("path: x.db", "path: ${NOPE_VAR}"), [":5:", "sources[0].path", "NOPE_VAR is not set", "export it"]),
-    (("    query: SELECT 1", "    query: SELECT 1\n    bacth_size: 5"), [":15:", "resources[0].bacth_size", "unknown key", "batch_size"]),
+    (
+        ("    query: SELECT 1", "    query: SELECT 1\n    bacth_size: 5"),
+        [":15:", "resources[0].bacth_size", "unknown key", "batch_size"],
+    ),
     (("    query: SELECT 1", "    query: SELECT 1\n    batch_size: lots"), [":15:", "resources[0].batch_size", "whole number"]),
     (("    query: SELECT 1", "    query: SELECT 1\n    batch_size: 0"), ["resources[0].batch_size", "at least 1"]),
     (("    query: SELECT 1", "    query: SELECT 1\n    resume: maybe"), ["resources[0].resume", "true or false"]),
     (("    source: s", "    source: nope"), [":12:", "resources[0].source", "unknown source 'nope'", "declared sources: s"]),
-    (("    destination: d\n    query", "    destination: dd\n    query"), ["resources[0].destination", "unknown destination 'dd'"]),
+    (
+        ("    destination: d\n    query", "    destination: dd\n    query"),
+        ["resources[0].destination", "unknown destination 'dd'"],
+    ),
     (("  - name: r", "  - name: 9lives"), [":11:", "resources[0].name", "not a valid name"]),
     (("  - name: r", "  - name: ../etc"), ["resources[0].name", "not a valid name"]),
     (("  - name: r", "  - name: a-b"), ["resources[0].name", "not a valid name"]),
@@ -129,7 +135,10 @@ ERRORS = [
     (("sources:", "sauces:"), ["unknown top-level key 'sauces'"]),
     (("  - name: s\n", "  - name: s\n    name: t\n"), [":4:", "appears twice"]),
     (("    path: out", "    path: out\n    path: out2"), ["appears twice"]),
-    (("resources:\n  - name: r\n    source: s\n    destination: d\n    query: SELECT 1\n", "resources: 5\n"), [":10:", "resources: expected a list"]),
+    (
+        ("resources:\n  - name: r\n    source: s\n    destination: d\n    query: SELECT 1\n", "resources: 5\n"),
+        [":10:", "resources: expected a list"],
+    ),
     (("    type: sqlite\n", "    type: sqlite\n   bad: [\n"), ["not valid YAML"]),
 ]
 
@@ -164,7 +173,9 @@ def test_spec_missing_file_and_empty_file(tmp_path):
 
 
 def test_spec_postgres_url_or_parts_not_both(tmp_path):
-    text = MINIMAL.replace("    type: sqlite\n    path: x.db", "    type: postgresql\n    url: postgresql://u:pw@h/db\n    host: h")
+    text = MINIMAL.replace(
+        "    type: sqlite\n    path: x.db", "    type: postgresql\n    url: postgresql://u:pw@h/db\n    host: h"
+    )
     with pytest.raises(SpecError, match=r"sources\[0\].url: give either `url` or host, not both") as info:
         load_spec(write(tmp_path, text))
     assert "pw" not in str(info.value).replace("postgresql", "")

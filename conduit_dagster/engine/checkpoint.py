@@ -97,14 +97,17 @@ class Checkpoint:
         try:
             doc = json.loads(text)
         except ValueError as exc:
-            raise CheckpointError(f"{where}: checkpoint is not valid JSON ({exc}); it may be truncated. "
-                                  f"Inspect it, or start over with `{hint}`") from None
+            raise CheckpointError(
+                f"{where}: checkpoint is not valid JSON ({exc}); it may be truncated. Inspect it, or start over with `{hint}`"
+            ) from None
         if not isinstance(doc, dict):
             raise CheckpointError(f"{where}: checkpoint is not a JSON object; start over with `{hint}`")
         version = doc.get("format_version")
         if version != FORMAT_VERSION:
-            raise CheckpointError(f"{where}: checkpoint format_version {version!r} is not {FORMAT_VERSION}, "
-                                  f"the one this conduit-dagster reads; start over with `{hint}`")
+            raise CheckpointError(
+                f"{where}: checkpoint format_version {version!r} is not {FORMAT_VERSION}, "
+                f"the one this conduit-dagster reads; start over with `{hint}`"
+            )
         try:
             value = decode_value(doc["last_value"])
             cp = cls(
@@ -119,11 +122,13 @@ class Checkpoint:
                 updated_at=_typed(doc, "updated_at", str),
             )
         except (KeyError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"{where}: checkpoint is damaged or hand-edited ({exc.__class__.__name__}: {exc}); "
-                                  f"start over with `{hint}`") from None
+            raise CheckpointError(
+                f"{where}: checkpoint is damaged or hand-edited ({exc.__class__.__name__}: {exc}); start over with `{hint}`"
+            ) from None
         if cp.pipeline != pipeline:
-            raise CheckpointError(f"{where}: checkpoint belongs to pipeline {cp.pipeline!r}, not {pipeline!r}; "
-                                  f"start over with `{hint}`")
+            raise CheckpointError(
+                f"{where}: checkpoint belongs to pipeline {cp.pipeline!r}, not {pipeline!r}; start over with `{hint}`"
+            )
         if cp.records_processed < 0 or cp.batches_committed < 0:
             raise CheckpointError(f"{where}: checkpoint has negative counters; start over with `{hint}`")
         return cp
@@ -198,8 +203,9 @@ class LocalCheckpointStore:
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: cannot read checkpoint ({exc}); fix it or start over with "
-                                  f"`{CLEAR_HINT.format(name=pipeline)}`") from None
+            raise CheckpointError(
+                f"{path}: cannot read checkpoint ({exc}); fix it or start over with `{CLEAR_HINT.format(name=pipeline)}`"
+            ) from None
         return Checkpoint.from_json(text, where=str(path), pipeline=pipeline)
 
     def save(self, checkpoint: Checkpoint) -> None:
@@ -207,8 +213,9 @@ class LocalCheckpointStore:
         try:
             write_atomic(path, checkpoint.to_json().encode("utf-8"))
         except OSError as exc:
-            raise CheckpointError(f"{path}: cannot write checkpoint ({exc.strerror or exc}); "
-                                  "the previous checkpoint is unchanged") from None
+            raise CheckpointError(
+                f"{path}: cannot write checkpoint ({exc.strerror or exc}); the previous checkpoint is unchanged"
+            ) from None
 
     def delete(self, pipeline: str) -> None:
         path = self._path(pipeline)

@@ -159,8 +159,8 @@ def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> _LineList:
     return result
 
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)  # type: ignore[arg-type]
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)  # type: ignore[arg-type]
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 
 
 class _Entry:
@@ -234,9 +234,7 @@ class _Entry:
         value = self.text(key, required=True)
         assert value is not None
         if not NAME_RE.match(value):
-            raise self.fail(
-                key, f"{value!r} is not a valid name; use letters, digits and _ and start with a letter or _"
-            )
+            raise self.fail(key, f"{value!r} is not a valid name; use letters, digits and _ and start with a letter or _")
         return value
 
     def finish(self, allowed: set[str]) -> None:
@@ -410,7 +408,7 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
         resources[name] = ResourceSpec(
             name=name,
             source=source,
-            destination=destinations[dest_name],  # type: ignore[index]
+            destination=destinations[dest_name],
             query=query,
             batch_size=e.integer("batch_size", default=DEFAULT_BATCH_SIZE),
             description=e.text("description"),

@@ -91,7 +91,7 @@ def clean_query(query: str) -> str:
             last_code = idx
     if last_code < 0:
         raise SpecError("the query is empty (only comments or ';'); write the SELECT to run")
-    for s, _e, kind in spans[:last_code]:
+    for _s, _e, kind in spans[:last_code]:
         if kind == "semicolon":
             raise SpecError("the query holds more than one statement (a ';' before the end); keep one SELECT")
     end = spans[last_code][1]

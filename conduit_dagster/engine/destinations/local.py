@@ -175,7 +175,9 @@ class LocalDestination:
     def publish(self) -> None:
         try:
             if self.visible.exists() and not self.visible.is_dir():
-                raise DestinationError(f"destination {self.spec.name!r}: {self.visible} exists and is not a directory; move it away")
+                raise DestinationError(
+                    f"destination {self.spec.name!r}: {self.visible} exists and is not a directory; move it away"
+                )
             if not self.visible.exists():
                 os.rename(self._gen_dir, self.visible)
             elif _exchange(self._gen_dir, self.visible):

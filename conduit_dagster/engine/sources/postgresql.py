@@ -93,8 +93,9 @@ class PostgresSource:
         try:
             self.conn = psycopg2.connect(application_name="conduit-dagster", connect_timeout=15, **connect_kwargs(spec))
         except psycopg2.Error as exc:
-            raise SourceError(f"source {spec.name!r}: cannot connect to PostgreSQL at {self.describe()}: "
-                              f"{redact(str(exc).strip(), spec)}") from None
+            raise SourceError(
+                f"source {spec.name!r}: cannot connect to PostgreSQL at {self.describe()}: {redact(str(exc).strip(), spec)}"
+            ) from None
         psycopg2.extras.register_default_json(self.conn, loads=lambda s: s)
         psycopg2.extras.register_default_jsonb(self.conn, loads=lambda s: s)
         with self.conn.cursor() as cur:
@@ -163,8 +164,9 @@ class PostgresSource:
         except psycopg2.Error as exc:
             raise self._fail("read failed", exc) from None
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise SourceError(f"source {self.spec.name!r}: a value does not fit its column type ({exc}); "
-                              "CAST the column in the query") from None
+            raise SourceError(
+                f"source {self.spec.name!r}: a value does not fit its column type ({exc}); CAST the column in the query"
+            ) from None
         finally:
             try:
                 cur.close()

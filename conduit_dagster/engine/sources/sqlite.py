@@ -47,8 +47,7 @@ class SqliteSource:
                 batch = rows_to_batch(rows, names, types)
             except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
                 raise SourceError(
-                    f"source {self.spec.name!r}: a column changes type between rows ({exc}); "
-                    "CAST it to one type in the query"
+                    f"source {self.spec.name!r}: a column changes type between rows ({exc}); CAST it to one type in the query"
                 ) from None
             for i, field in enumerate(batch.schema):
                 if types[i] is None and not pa.types.is_null(field.type):

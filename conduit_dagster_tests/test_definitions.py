@@ -1,0 +1,144 @@
+"""The Dagster side: one asset per resource with its jobs, run through dagster.materialize."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey, DagsterInstance, materialize
+
+from conduit_dagster.assets import build_ingest_assets
+from conduit_dagster.definitions import build_definitions, find_spec_path
+from conduit_dagster.engine.spec import load_spec
+from conduit_dagster.resources import LocalCheckpointStoreResource
+from conduit_dagster_tests.conftest import write_ingest
+from conduit_dagster_tests.helpers import assert_same_rows, output_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+INGEST = """
+sources:
+  - name: shop
+    type: sqlite
+    path: shop.db
+    resume: true
+    checkpoint_column: id
+destinations:
+  - name: lake
+    type: local
+    path: lake
+  - name: text
+    type: local
+    path: text
+    format: csv
+resources:
+  - name: orders
+    source: shop
+    destination: lake
+    batch_size: 100
+    description: All orders.
+    query: SELECT id, amount, note FROM orders ORDER BY id
+  - name: orders_csv
+    source: shop
+    destination: text
+    resume: false
+    query: SELECT id, amount, note FROM orders
+"""
+
+
+@pytest.fixture
+def shop(tmp_path: Path) -> Path:
+    db = tmp_path / "shop.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, amount REAL, note TEXT)")
+    conn.executemany(
+        "INSERT INTO orders VALUES (?, ?, ?)", [(i, i * 1.5, f'n,"{i}"\nx' if i % 3 else None) for i in range(1, 1001)]
+    )
+    conn.commit()
+    conn.close()
+    return write_ingest(tmp_path, INGEST)
+
+
+def test_definitions_assets_and_jobs(shop):
+    defs = build_definitions(shop)
+    graph = defs.resolve_asset_graph()
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {"orders", "orders_csv"}
+    node = graph.get(AssetKey("orders"))
+    assert node.group_name == "shop"
+    assert "SELECT id, amount, note FROM orders" in (node.description or "")
+    assert node.description.startswith("All orders.")
+    assert {t.split("/")[-1] for t in node.tags if t.startswith("dagster/kind/")} == {"sqlite", "parquet"}
+    csv_node = graph.get(AssetKey("orders_csv"))
+    assert {t.split("/")[-1] for t in csv_node.tags if t.startswith("dagster/kind/")} == {"sqlite", "csv"}
+    for job in ("ingest_orders", "ingest_orders_csv", "ingest_all"):
+        assert defs.resolve_job_def(job) is not None
+
+
+def test_materialize_reports_metadata_and_writes_rows(shop, tmp_path):
+    spec = load_spec(shop)
+    with DagsterInstance.ephemeral() as instance:
+        result = materialize(
+            build_ingest_assets(spec),
+            resources={"checkpoints": LocalCheckpointStoreResource(directory=str(tmp_path / "cps"))},
+            instance=instance,
+        )
+    assert result.success
+    mats = {m.asset_key.to_user_string(): m.metadata for m in result.asset_materializations_for_node("orders")}
+    meta = {k: v.value for k, v in mats["orders"].items()}
+    assert meta["dagster/row_count"] == 1000
+    assert meta["conduit/rows_this_run"] == 1000
+    assert meta["conduit/records_processed"] == 1000
+    assert meta["conduit/resumed"] is False
+    assert meta["conduit/last_value"] == "1000"
+    assert meta["conduit/batches"] == 10
+    assert meta["conduit/rows_per_second"] > 0
+    assert meta["conduit/path"] == str(tmp_path / "lake" / "orders")
+    conn = sqlite3.connect(tmp_path / "shop.db")
+    source = list(conn.execute("SELECT id, amount, note FROM orders"))
+    assert_same_rows(source, output_rows(tmp_path / "lake" / "orders"))
+    assert_same_rows(source, output_rows(tmp_path / "text" / "orders_csv", "csv"))
+    logs = [e.message for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"]
+    assert logs
+    assert not list((tmp_path / "cps").glob("*.json"))
+
+
+def test_checkpoint_directory_precedence(tmp_path, monkeypatch):
+    base = tmp_path / "project"
+    monkeypatch.delenv("CONDUIT_CHECKPOINT_DIR", raising=False)
+    assert LocalCheckpointStoreResource().resolve_directory(base) == base / ".checkpoints"
+    monkeypatch.setenv("CONDUIT_CHECKPOINT_DIR", str(tmp_path / "env"))
+    assert LocalCheckpointStoreResource().resolve_directory(base) == tmp_path / "env"
+    assert LocalCheckpointStoreResource(directory="cfg").resolve_directory(base) == base / "cfg"
+
+
+def test_launchpad_config_overrides_checkpoint_directory(shop, tmp_path):
+    """Run config (as the launchpad sends it) picks the checkpoint directory, checked while a run is cut short."""
+    defs = build_definitions(shop)
+    job = defs.resolve_job_def("ingest_orders")
+    with DagsterInstance.ephemeral() as instance:
+        result = job.execute_in_process(
+            run_config={"resources": {"checkpoints": {"config": {"directory": str(tmp_path / "from_launchpad")}}}},
+            instance=instance,
+        )
+    assert result.success
+    # the run finished so the checkpoint is gone, but the directory was created by its saves
+    assert (tmp_path / "from_launchpad").is_dir()
+
+
+def test_find_spec_path_env_and_workspace(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONDUIT_INGEST_FILE", str(tmp_path / "other.yml"))
+    assert find_spec_path() == (tmp_path / "other.yml").resolve()
+    monkeypatch.delenv("CONDUIT_INGEST_FILE")
+    (tmp_path / "workspace.yaml").write_text("load_from: []\n")
+    (tmp_path / "sub").mkdir()
+    assert find_spec_path(tmp_path / "sub") == tmp_path.resolve() / "ingest.yml"
+
+
+def test_root_ingest_yml_is_valid_and_definitions_load():
+    env = {k: v for k, v in os.environ.items() if k != "CONDUIT_INGEST_FILE"}
+    code = "from conduit_dagster.definitions import defs; print(sorted(j.name for j in defs.jobs))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().replace("'", '"')) == ["ingest_all", "ingest_customers", "ingest_orders"]
