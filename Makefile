@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-export DAGSTER_HOME := $(CURDIR)/.dagster_home
+DAGSTER_HOME := $(CURDIR)/.dagster_home
 
 .PHONY: install demo test lint ui clean
 
@@ -22,7 +22,7 @@ $(DAGSTER_HOME)/dagster.yaml:
 
 demo: install $(DAGSTER_HOME)/dagster.yaml
 	test -f demo/shop.db || $(BIN)/python -m conduit_dagster.demo build --rows 300000 --path demo/shop.db
-	$(BIN)/dagster job execute -m conduit_dagster.definitions -j ingest_all
+	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/dagster job execute -m conduit_dagster.definitions -j ingest_all
 	$(BIN)/python -m conduit_dagster.demo summary --file ingest.yml
 
 test: install
@@ -34,7 +34,7 @@ lint: install
 	$(BIN)/mypy
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster dev -w workspace.yaml
+	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/dagster dev -w workspace.yaml
 
 clean:
 	rm -rf demo_output .checkpoints demo/shop.db $(DAGSTER_HOME)
