@@ -4,15 +4,12 @@
 ``checkpoints`` key works (the local one today, an S3 one next to it).
 """
 
-import os
 from pathlib import Path
 
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from conduit_dagster.engine.checkpoint import CheckpointStore, LocalCheckpointStore
-
-CHECKPOINT_DIR_ENV = "CONDUIT_CHECKPOINT_DIR"
+from conduit_dagster.engine.checkpoint import CheckpointStore, LocalCheckpointStore, resolve_checkpoint_dir
 
 
 class CheckpointStoreResource(ConfigurableResource):
@@ -37,9 +34,7 @@ class LocalCheckpointStoreResource(CheckpointStoreResource):
     )
 
     def resolve_directory(self, base_dir: Path) -> Path:
-        chosen = self.directory or os.environ.get(CHECKPOINT_DIR_ENV) or ".checkpoints"
-        path = Path(chosen).expanduser()
-        return path if path.is_absolute() else (base_dir / path)
+        return resolve_checkpoint_dir(base_dir, self.directory)
 
     def open_store(self, base_dir: Path) -> CheckpointStore:
         return LocalCheckpointStore(self.resolve_directory(base_dir))

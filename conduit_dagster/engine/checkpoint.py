@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from conduit_dagster.engine.errors import CheckpointError
 
 FORMAT_VERSION = 1
+CHECKPOINT_DIR_ENV = "CONDUIT_CHECKPOINT_DIR"
 CLEAR_HINT = "conduit clear-checkpoints --pipeline-name {name}"
 
 
@@ -180,6 +181,14 @@ def write_atomic(path: Path, data: bytes) -> None:
             pass
         raise
     fsync_dir(path.parent)
+
+
+def resolve_checkpoint_dir(base_dir: Path, configured: str | None = None) -> Path:
+    """The local checkpoint directory: ``configured``, else $CONDUIT_CHECKPOINT_DIR, else
+    ``.checkpoints``; a relative path is taken from ``base_dir`` (ingest.yml's folder)."""
+    chosen = configured or os.environ.get(CHECKPOINT_DIR_ENV) or ".checkpoints"
+    path = Path(chosen).expanduser()
+    return path if path.is_absolute() else base_dir / path
 
 
 class LocalCheckpointStore:

@@ -1,0 +1,73 @@
+"""The way out named in checkpoint errors works: `conduit clear-checkpoints --pipeline-name X`."""
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conduit_dagster.engine.checkpoint import LocalCheckpointStore
+from conduit_dagster.engine.errors import CheckpointError
+from conduit_dagster.engine.runner import RunFinished, run_pipeline
+from conduit_dagster.engine.spec import load_spec
+from conduit_dagster_tests.conftest import write_ingest
+from conduit_dagster_tests.helpers import output_rows
+
+CONDUIT = str(Path(sys.executable).with_name("conduit"))
+
+INGEST = """
+sources:
+  - name: shop
+    type: sqlite
+    path: shop.db
+    resume: true
+    checkpoint_column: id
+destinations:
+  - name: lake
+    type: local
+    path: lake
+resources:
+  - name: orders
+    source: shop
+    destination: lake
+    batch_size: 10
+    query: SELECT id FROM orders
+"""
+
+
+def conduit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([CONDUIT, *args], cwd=cwd, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+
+
+def test_cli_lists_and_clears_a_damaged_checkpoint(tmp_path):
+    conn = sqlite3.connect(tmp_path / "shop.db")
+    conn.execute("CREATE TABLE orders (id INTEGER)")
+    conn.executemany("INSERT INTO orders VALUES (?)", [(i,) for i in range(1, 51)])
+    conn.commit()
+    conn.close()
+    spec = load_spec(write_ingest(tmp_path, INGEST))
+    store = LocalCheckpointStore(tmp_path / ".checkpoints")
+    run = run_pipeline(spec.resources[0], store, run_id="run-a")
+    for event in run:  # stop after three committed batches, as a crash would
+        if getattr(event, "index", None) == 2:
+            break
+    run.close()
+
+    listed = conduit("checkpoints", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    line = next(ln for ln in listed.stdout.splitlines() if ln.startswith("orders"))
+    assert line.split()[:5] == ["orders", "id", "30", "int", "30"] and "run-a" in line
+
+    (tmp_path / ".checkpoints" / "orders.json").write_text('{"format_version": 1, "pipe')
+    with pytest.raises(CheckpointError) as info:
+        list(run_pipeline(spec.resources[0], store, run_id="run-b"))
+    assert "conduit clear-checkpoints --pipeline-name orders" in str(info.value)
+
+    cleared = conduit("clear-checkpoints", "--pipeline-name", "orders", cwd=tmp_path)
+    assert cleared.returncode == 0 and "cleared orders" in cleared.stdout
+    assert not (tmp_path / ".checkpoints" / "orders.json").exists()
+    events = list(run_pipeline(spec.resources[0], store, run_id="run-c"))
+    assert isinstance(events[-1], RunFinished) and not events[0].resumed
+    assert sorted(r[0] for r in output_rows(tmp_path / "lake" / "orders")) == list(range(1, 51))
+    assert "no checkpoints" in conduit("checkpoints", cwd=tmp_path).stdout
