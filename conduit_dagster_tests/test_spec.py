@@ -127,6 +127,7 @@ ERRORS = [
     (("  - name: r", "  - name: 9lives"), [":11:", "resources[0].name", "not a valid name"]),
     (("  - name: r", "  - name: ../etc"), ["resources[0].name", "not a valid name"]),
     (("  - name: r", "  - name: a-b"), ["resources[0].name", "not a valid name"]),
+    (("  - name: r", "  - name: _conduit_staging"), ["resources[0].name", "reserved"]),
     (("    type: sqlite", "    type: oracle"), ["sources[0].type", "unknown value 'oracle'", "postgresql, sqlite"]),
     (("    type: local", "    type: local\n    format: xlsx"), ["destinations[0].format", "parquet, csv, jsonl"]),
     (("    query: SELECT 1", "    query: SELECT 1\n    resume: true"), ["resources[0]", "checkpoint_column"]),

@@ -119,6 +119,7 @@ def cut_batches(chunks: Iterator[Chunk], batch_size: int, column: str | None, af
     pending: list[pa.RecordBatch] = []
     keys: list[Any] = []
     count = 0
+    scanned = 0  # how far a tie at the cut point has been followed already
     last_seen = after
     for chunk in chunks:
         if chunk.data.num_rows == 0:
@@ -131,12 +132,14 @@ def cut_batches(chunks: Iterator[Chunk], batch_size: int, column: str | None, af
         pending.append(chunk.data)
         count += chunk.data.num_rows
         while count >= batch_size:
-            cut = batch_size
+            cut = max(batch_size, scanned)
             if column is not None:
                 while cut < count and keys[cut] == keys[cut - 1]:
                     cut += 1
                 if cut == count:
+                    scanned = cut
                     break  # the tie may continue in the next chunk
+            scanned = 0
             table = pa.Table.from_batches(pending)
             head, tail = table.slice(0, cut), table.slice(cut)
             yield head, (keys[cut - 1] if column is not None else None)

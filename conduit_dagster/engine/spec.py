@@ -380,6 +380,8 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
     resources: dict[str, ResourceSpec] = {}
     for e in _entries(path, doc, "resources", True):
         name = e.name()
+        if name.startswith("_conduit"):
+            raise e.fail("name", f"{name!r} is reserved for conduit's bookkeeping (names starting with _conduit); rename it")
         e.finish(_RESOURCE_KEYS)
         if name in resources:
             raise e.fail("name", f"duplicate resource name {name!r}; names must be unique")
