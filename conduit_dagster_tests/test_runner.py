@@ -10,7 +10,7 @@ import pytest
 
 from conduit_dagster.engine.checkpoint import MemoryCheckpointStore
 from conduit_dagster.engine.destinations import open_destination
-from conduit_dagster.engine.errors import CheckpointError, OrderingError
+from conduit_dagster.engine.errors import CheckpointError, DestinationError, OrderingError
 from conduit_dagster.engine.runner import BatchCommitted, RunFinished, cut_batches, run_pipeline
 from conduit_dagster.engine.sources.base import Chunk
 from conduit_dagster.engine.sources.memory import MemorySource
@@ -241,3 +241,56 @@ def test_no_checkpoint_column_reads_as_is(tmp_path):
     rows = [{"id": i, "k": 0, "note": None} for i in range(23)]
     events = run(resource(tmp_path, column=None, resume=False, batch=10), MemoryCheckpointStore(), MemorySource(rows, SCHEMA))
     assert [e.rows for e in events if isinstance(e, BatchCommitted)] == [10, 10, 3]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), __import__("decimal").Decimal("NaN")])
+def test_nan_checkpoint_value_is_an_error(bad):
+    chunk = Chunk(pa.RecordBatch.from_pylist([{"id": 1, "k": None, "note": None}] * 2, schema=SCHEMA), [1, bad])
+    with pytest.raises(OrderingError, match="'k' holds NaN after value 1"):
+        list(cut_batches(iter([chunk]), 10, "k", None))
+
+
+def test_resume_refuses_changed_destination_format(tmp_path):
+    rows = [{"id": i, "k": i, "note": None} for i in range(30)]
+    store = MemoryCheckpointStore()
+    res = resource(tmp_path, column="id", batch=10)
+    trip = Tripwire(5)
+    with pytest.raises(Crash):
+        run(
+            res,
+            Wrapped(store, trip, {"save"}),
+            MemorySource(rows, SCHEMA),
+            Wrapped(open_destination(res.destination, "things"), trip, {"write"}),
+        )
+    csv = ResourceSpec(**{**res.__dict__, "destination": LocalDestinationSpec(name="out", path=tmp_path / "out", format="csv")})
+    with pytest.raises(
+        CheckpointError, match=r"written for destination 'local:.*\?format=parquet', but ingest.yml now says .*format=csv"
+    ):
+        run(csv, store, MemorySource(rows, SCHEMA))
+
+
+def test_publish_never_replaces_a_directory_conduit_did_not_write(tmp_path):
+    foreign = tmp_path / "out" / "things"
+    foreign.mkdir(parents=True)
+    (foreign / "precious.db").write_text("keep me")
+    with pytest.raises(DestinationError, match="holds files conduit did not write.*Nothing was changed"):
+        run(resource(tmp_path), MemoryCheckpointStore(), MemorySource(tie_rows(20), SCHEMA))
+    assert (foreign / "precious.db").read_text() == "keep me"
+    assert [p.name for p in foreign.iterdir()] == ["precious.db"]
+
+
+def test_jsonl_output_is_valid_json_with_non_finite_floats(tmp_path):
+    import json
+
+    schema = pa.schema([("id", pa.int64()), ("x", pa.float64())])
+    rows = [{"id": 1, "x": float("nan")}, {"id": 2, "x": float("inf")}, {"id": 3, "x": 1.5}]
+    res = ResourceSpec(
+        **{
+            **resource(tmp_path, column="id").__dict__,
+            "destination": LocalDestinationSpec(name="out", path=tmp_path / "out", format="jsonl"),
+        }
+    )
+    run(res, MemoryCheckpointStore(), MemorySource(rows, schema))
+    lines = (tmp_path / "out" / "things" / "part-000000.jsonl").read_text().splitlines()
+    parsed = [json.loads(line, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}")) for line in lines]
+    assert parsed == [{"id": 1, "x": "NaN"}, {"id": 2, "x": "Infinity"}, {"id": 3, "x": 1.5}]

@@ -127,7 +127,16 @@ ERRORS = [
     (("  - name: r", "  - name: 9lives"), [":11:", "resources[0].name", "not a valid name"]),
     (("  - name: r", "  - name: ../etc"), ["resources[0].name", "not a valid name"]),
     (("  - name: r", "  - name: a-b"), ["resources[0].name", "not a valid name"]),
-    (("  - name: r", "  - name: _conduit_staging"), ["resources[0].name", "reserved"]),
+    (("  - name: r", "  - name: _conduit_staging"), ["resources[0].name", "starts with _"]),
+    (("  - name: r", "  - name: _hidden"), ["resources[0].name", "starts with _"]),
+    (("    query: SELECT 1", "    query: SELECT 1; DROP TABLE x"), [":14:", "resources[0].query", "more than one statement"]),
+    (("    query: SELECT 1", "    query: SELECT 1 /* open"), [":14:", "resources[0].query", "unterminated /*"]),
+    (("    query: SELECT 1", "    query: -- only a comment"), ["resources[0].query", "empty"]),
+    (
+        ("resources:\n  - name: r\n    source: s\n    destination: d\n    query: SELECT 1\n", "resources: []\n"),
+        ["resources: the list is empty"],
+    ),
+    (("  - name: s\n    type: sqlite\n    path: x.db\n", "  - [s]\n"), ["sources[0]: expected a mapping", "got a list"]),
     (("    type: sqlite", "    type: oracle"), ["sources[0].type", "unknown value 'oracle'", "postgresql, sqlite"]),
     (("    type: local", "    type: local\n    format: xlsx"), ["destinations[0].format", "parquet, csv, jsonl"]),
     (("    query: SELECT 1", "    query: SELECT 1\n    resume: true"), ["resources[0]", "checkpoint_column"]),
@@ -180,6 +189,17 @@ def test_spec_postgres_url_or_parts_not_both(tmp_path):
     with pytest.raises(SpecError, match=r"sources\[0\].url: give either `url` or host, not both") as info:
         load_spec(write(tmp_path, text))
     assert "pw" not in str(info.value).replace("postgresql", "")
+
+
+def test_spec_port_range_and_env_values_not_echoed(tmp_path, monkeypatch):
+    monkeypatch.setenv("PG_PASSWORD", "x")
+    monkeypatch.setenv("PGPORT", "S3cr3tPW")
+    with pytest.raises(SpecError, match="sources.0..port: expected a whole number, got a value from the environment") as info:
+        load_spec(write(tmp_path, GOOD))
+    assert "S3cr3tPW" not in str(info.value)
+    monkeypatch.setenv("PGPORT", "99999")
+    with pytest.raises(SpecError, match="between 1 and 65535"):
+        load_spec(write(tmp_path, GOOD))
 
 
 def test_spec_missing_secret_variable_message_has_no_value(tmp_path, monkeypatch):

@@ -81,6 +81,8 @@ class Checkpoint:
     batches_committed: int
     run_id: str | None
     query_sha256: str
+    source_id: str = ""
+    destination_id: str = ""
     destination: dict[str, Any] = field(default_factory=dict)
     updated_at: str = ""
     format_version: int = FORMAT_VERSION
@@ -119,6 +121,8 @@ class Checkpoint:
                 batches_committed=_typed(doc, "batches_committed", int),
                 run_id=doc.get("run_id"),
                 query_sha256=_typed(doc, "query_sha256", str),
+                source_id=_typed(doc, "source_id", str),
+                destination_id=_typed(doc, "destination_id", str),
                 destination=_typed(doc, "destination", dict),
                 updated_at=_typed(doc, "updated_at", str),
             )

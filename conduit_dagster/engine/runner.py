@@ -24,7 +24,7 @@ from conduit_dagster.engine.checkpoint import CLEAR_HINT, Checkpoint, Checkpoint
 from conduit_dagster.engine.destinations import Destination, open_destination
 from conduit_dagster.engine.errors import CheckpointError, OrderingError
 from conduit_dagster.engine.sources import Chunk, Source, open_source
-from conduit_dagster.engine.spec import ResourceSpec
+from conduit_dagster.engine.spec import PostgresSourceSpec, ResourceSpec
 from conduit_dagster.engine.sql import clean_query
 
 # A tie group larger than this many batches is reported: it has to sit in memory whole.
@@ -87,8 +87,27 @@ def query_fingerprint(resource: ResourceSpec) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def source_identity(resource: ResourceSpec) -> str:
+    """What the checkpoint's rows were read from (never a secret)."""
+    s = resource.source
+    if isinstance(s, PostgresSourceSpec):
+        host, port, database = s.host, s.port, s.database
+        if s.url is not None:
+            from sqlalchemy.engine import make_url
+
+            url = make_url(s.url.reveal())
+            host, port, database = url.host or "", url.port or 5432, url.database
+        return f"postgresql://{host}:{port}/{database}?schema={s.schema or ''}"
+    return f"{s.type}:{getattr(s, 'path', '')}"
+
+
+def destination_identity(resource: ResourceSpec) -> str:
+    d = resource.destination
+    return f"{d.type}:{d.path}?format={d.format}"
+
+
 def _check_keys(keys: list[Any], previous: Any, column: str) -> None:
-    """Every value present, and none smaller than the one before it."""
+    """Every value present and orderable, and none smaller than the one before it."""
     prev = previous
     for value in keys:
         if value is None:
@@ -96,9 +115,14 @@ def _check_keys(keys: list[Any], previous: Any, column: str) -> None:
                 f"checkpoint column {column!r} holds a NULL after value {prev!r}; NULLs cannot be ordered "
                 f"for resume: filter them out (WHERE {column} IS NOT NULL) or COALESCE them in the query"
             )
+        if value != value:  # NaN: equal to nothing, so no resume point can be past it exactly
+            raise OrderingError(
+                f"checkpoint column {column!r} holds NaN after value {prev!r}; NaN cannot be ordered for resume: "
+                f"filter it out (WHERE {column} <> 'NaN') or pick another column"
+            )
         try:
             backwards = prev is not None and value < prev
-        except TypeError:
+        except (TypeError, ArithmeticError):
             raise OrderingError(
                 f"checkpoint column {column!r} mixes types ({prev!r} then {value!r}); CAST it to one type in the query"
             ) from None
@@ -177,6 +201,15 @@ def run_pipeline(
                 f"{where}: checkpoint was written for a different query of pipeline {name!r}; resuming would "
                 f"mix two queries' rows. Restore the query, or start over with `{hint}`"
             )
+        for what, then, now in (
+            ("source", checkpoint.source_id, source_identity(resource)),
+            ("destination", checkpoint.destination_id, destination_identity(resource)),
+        ):
+            if then != now:
+                raise CheckpointError(
+                    f"{where}: checkpoint was written for {what} {then!r}, but ingest.yml now says {now!r}; resuming "
+                    f"would mix two {what}s' rows. Restore the {what}, or start over with `{hint}`"
+                )
 
     dest = destination or open_destination(resource.destination, name)
     if checkpoint is not None:
@@ -219,6 +252,8 @@ def run_pipeline(
                             batches_committed=index,
                             run_id=run_id,
                             query_sha256=fingerprint,
+                            source_id=source_identity(resource),
+                            destination_id=destination_identity(resource),
                             destination=resumption.state,
                         )
                     )

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from conduit_dagster.engine.errors import SpecError
+from conduit_dagster.engine.sql import clean_query
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -172,6 +173,7 @@ class _Entry:
         self.path = path
         self.line = line
         self.used: set[str] = set()
+        self.from_env: set[str] = set()
 
     def where(self, key: str | None = None) -> str:
         lines = getattr(self.data, "lines", {})
@@ -188,8 +190,15 @@ class _Entry:
 
     def _sub(self, key: str, value: Any) -> Any:
         if isinstance(value, str):
-            return substitute_env(value, lambda msg: self.fail(key, msg))
+            result = substitute_env(value, lambda msg: self.fail(key, msg))
+            if result != value:
+                self.from_env.add(key)
+            return result
         return value
+
+    def show(self, key: str, value: Any) -> str:
+        """A value for an error message; one that came from the environment is never echoed."""
+        return "a value from the environment (not shown)" if key in self.from_env else _show(value)
 
     def text(self, key: str, *, required: bool = False, default: str | None = None) -> str | None:
         value = self._sub(key, self.raw(key))
@@ -201,16 +210,17 @@ class _Entry:
             raise self.fail(key, f"expected a string, got {type(value).__name__}; write a plain value")
         return str(value)
 
-    def integer(self, key: str, *, default: int, minimum: int = 1) -> int:
+    def integer(self, key: str, *, default: int, minimum: int = 1, maximum: int | None = None) -> int:
         value = self._sub(key, self.raw(key))
         if value is None:
             return default
         if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(key, f"expected a whole number, got {_show(value)}; write e.g. `{key}: {default}`")
-        if value < minimum:
-            raise self.fail(key, f"must be at least {minimum}, got {value}")
+            raise self.fail(key, f"expected a whole number, got {self.show(key, value)}; write e.g. `{key}: {default}`")
+        if value < minimum or (maximum is not None and value > maximum):
+            limit = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise self.fail(key, f"must be {limit}, got {self.show(key, value)}")
         return value
 
     def boolean(self, key: str) -> bool | None:
@@ -220,14 +230,14 @@ class _Entry:
         if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
             value = value.strip().lower() in ("true", "yes")
         if not isinstance(value, bool):
-            raise self.fail(key, f"expected true or false, got {_show(value)}")
+            raise self.fail(key, f"expected true or false, got {self.show(key, value)}")
         return value
 
     def choice(self, key: str, choices: tuple[str, ...], *, default: str | None = None) -> str:
         value = self.text(key, required=default is None, default=default)
         assert value is not None
         if value not in choices:
-            raise self.fail(key, f"unknown value {value!r}; use one of: {', '.join(choices)}")
+            raise self.fail(key, f"unknown value {self.show(key, value)}; use one of: {', '.join(choices)}")
         return value
 
     def name(self, key: str = "name") -> str:
@@ -245,7 +255,9 @@ class _Entry:
 
 
 def _show(value: Any) -> str:
-    return repr(value) if isinstance(value, str | int | float | bool) else type(value).__name__
+    if isinstance(value, str | int | float | bool):
+        return repr(value)
+    return "a mapping" if isinstance(value, dict) else "a list" if isinstance(value, list) else type(value).__name__
 
 
 def substitute_env(value: str, fail: Any = None, env: Mapping[str, str] | None = None) -> str:
@@ -306,7 +318,7 @@ def _source(file: Path, e: _Entry) -> SourceSpec:
         resume=resume,
         checkpoint_column=column,
         host=e.text("host", default="127.0.0.1") or "127.0.0.1",
-        port=e.integer("port", default=5432),
+        port=e.integer("port", default=5432, maximum=65535),
         database=database,
         user=e.text("user"),
         password=Secret(password) if password is not None else None,
@@ -333,6 +345,8 @@ def _entries(file: Path, doc: _LineDict, section: str, required: bool) -> list[_
         return []
     if not isinstance(value, list):
         raise SpecError(f"{file}:{line}: {section}: expected a list of entries (`- name: ...`), got {type(value).__name__}")
+    if required and not value:
+        raise SpecError(f"{file}:{line}: {section}: the list is empty; add at least one entry")
     entries = []
     for i, item in enumerate(value):
         item_line = value.lines[i] if isinstance(value, _LineList) else line
@@ -380,8 +394,10 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
     resources: dict[str, ResourceSpec] = {}
     for e in _entries(path, doc, "resources", True):
         name = e.name()
-        if name.startswith("_conduit"):
-            raise e.fail("name", f"{name!r} is reserved for conduit's bookkeeping (names starting with _conduit); rename it")
+        if name.startswith("_"):
+            raise e.fail(
+                "name", f"{name!r} starts with _, which Parquet readers skip (and conduit keeps for bookkeeping); rename it"
+            )
         e.finish(_RESOURCE_KEYS)
         if name in resources:
             raise e.fail("name", f"duplicate resource name {name!r}; names must be unique")
@@ -395,8 +411,10 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
             )
         query = e.text("query", required=True)
         assert query is not None
-        if not query.strip():
-            raise e.fail("query", "the query is empty; write the SELECT to run")
+        try:
+            clean_query(query)
+        except SpecError as exc:
+            raise e.fail("query", f"{exc}") from None
         source = sources[source_name]
         resume = e.boolean("resume")
         column = e.text("checkpoint_column")

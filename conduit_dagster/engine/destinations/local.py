@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import errno
 import json
+import math
 import os
 import shutil
 import uuid
@@ -66,6 +67,20 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def _json_row(row: dict[str, Any]) -> str:
+    try:
+        return json.dumps(row, default=_json_default, ensure_ascii=False, allow_nan=False)
+    except ValueError:  # NaN or infinity, which JSON cannot hold: written as the strings NaN, Infinity, -Infinity
+        fixed = {k: _non_finite(v) for k, v in row.items()}
+        return json.dumps(fixed, default=_json_default, ensure_ascii=False, allow_nan=False)
+
+
+def _non_finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.hex()
@@ -103,7 +118,24 @@ class LocalDestination:
             "nothing was published and the checkpoint is unchanged"
         )
 
+    def _check_visible_is_ours(self) -> None:
+        """Refuse to replace anything at the output path that conduit did not publish."""
+        if not os.path.lexists(self.visible):
+            return
+        if self.visible.is_symlink() or not self.visible.is_dir():
+            raise DestinationError(
+                f"destination {self.spec.name!r}: {self.visible} exists and is not a directory conduit wrote; "
+                "move it away or point the destination's path elsewhere. Nothing was changed"
+            )
+        if self._marker(self.visible) is None and any(self.visible.iterdir()):
+            raise DestinationError(
+                f"destination {self.spec.name!r}: {self.visible} holds files conduit did not write (no {MARKER} marker), "
+                "and publishing would replace them; move them away or point the destination's path elsewhere. "
+                "Nothing was changed"
+            )
+
     def start(self, state: dict[str, Any] | None, committed: int = 0) -> Resumption:
+        self._check_visible_is_ours()
         try:
             if state is None:
                 return self._start_fresh()
@@ -163,7 +195,7 @@ class LocalDestination:
             else:
                 with open(tmp, "w", encoding="utf-8") as f:
                     for row in table.to_pylist():
-                        f.write(json.dumps(row, default=_json_default, ensure_ascii=False))
+                        f.write(_json_row(row))
                         f.write("\n")
             _fsync_file(tmp)
             os.replace(tmp, final)
@@ -173,11 +205,10 @@ class LocalDestination:
             raise self._fail(f"write part {name}", exc) from None
 
     def publish(self) -> None:
+        self._check_visible_is_ours()
         try:
-            if self.visible.exists() and not self.visible.is_dir():
-                raise DestinationError(
-                    f"destination {self.spec.name!r}: {self.visible} exists and is not a directory; move it away"
-                )
+            if self.visible.is_dir() and not any(self.visible.iterdir()):
+                self.visible.rmdir()
             if not self.visible.exists():
                 os.rename(self._gen_dir, self.visible)
             elif _exchange(self._gen_dir, self.visible):

@@ -6,6 +6,7 @@ own type and text columns are compared with COLLATE "C", so that PostgreSQL's ``
 ORDER BY agree with each other and with Python's ordering of the values we checkpoint.
 """
 
+import datetime as dt
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +16,7 @@ import psycopg2.extensions
 import psycopg2.extras
 import pyarrow as pa
 
-from conduit_dagster.engine.errors import SourceError
+from conduit_dagster.engine.errors import OrderingError, SourceError
 from conduit_dagster.engine.sources.base import Chunk, key_index, rows_to_batch
 from conduit_dagster.engine.spec import PostgresSourceSpec
 from conduit_dagster.engine.sql import wrap_query
@@ -46,7 +47,33 @@ _OID_TYPES: dict[int, pa.DataType] = {
     1114: pa.timestamp("us"),
     1184: pa.timestamp("us", tz="UTC"),
     1186: pa.duration("us"),
+    # one-dimensional arrays of simple types (a multi-dimensional one fails with a clear error)
+    1000: pa.list_(pa.bool_()),
+    1005: pa.list_(pa.int16()),
+    1007: pa.list_(pa.int32()),
+    1016: pa.list_(pa.int64()),
+    1021: pa.list_(pa.float32()),
+    1022: pa.list_(pa.float64()),
+    1009: pa.list_(pa.string()),
+    1015: pa.list_(pa.string()),
+    1182: pa.list_(pa.date32()),
+    1115: pa.list_(pa.timestamp("us")),
+    1185: pa.list_(pa.timestamp("us", tz="UTC")),
 }
+# Array types psycopg2 would turn into Python lists of objects we do not map: kept as PostgreSQL's text.
+_RAW_TEXT_OIDS = (1231, 2951, 199, 3807, 1187, 1183, 1001, 1014, 1003, 1028, 1041, 651, 1270, 1263)
+_RAW_TEXT = psycopg2.extensions.new_type(_RAW_TEXT_OIDS, "CONDUIT_RAW_TEXT", lambda value, cur: value)
+_TEMPORAL_OIDS = (1082, 1114, 1184)
+_INFINITE = {dt.date.max, dt.date.min, dt.datetime.max, dt.datetime.min}
+
+
+def _check_finite(keys: list[Any], column: str) -> None:
+    for k in keys:
+        if k is not None and (k.replace(tzinfo=None) if isinstance(k, dt.datetime) else k) in _INFINITE:
+            raise OrderingError(
+                f"checkpoint column {column!r} holds 'infinity' (or the largest/smallest date), which cannot be a "
+                f"resume point: filter it out (WHERE {column} <> 'infinity') or pick another column"
+            )
 
 
 def arrow_type(column: Any) -> pa.DataType | None:
@@ -98,6 +125,7 @@ class PostgresSource:
             ) from None
         psycopg2.extras.register_default_json(self.conn, loads=lambda s: s)
         psycopg2.extras.register_default_jsonb(self.conn, loads=lambda s: s)
+        psycopg2.extensions.register_type(_RAW_TEXT, self.conn)
         with self.conn.cursor() as cur:
             cur.execute("SET TimeZone = 'UTC'")
             if spec.schema:
@@ -110,8 +138,9 @@ class PostgresSource:
             from sqlalchemy.engine import make_url
 
             try:
-                return make_url(self.spec.url.reveal()).render_as_string(hide_password=True)
-            except Exception:  # noqa: BLE001
+                url = make_url(self.spec.url.reveal())  # only these parts: a query string may hold a password
+                return f"postgresql://{url.host or ''}:{url.port or 5432}/{url.database or ''}"
+            except Exception:  # noqa: BLE001 - an unparsable URL is described by its scheme alone
                 return "postgresql://***"
         return f"postgresql://{self.spec.host}:{self.spec.port}/{self.spec.database}"
 
@@ -152,15 +181,25 @@ class PostgresSource:
             names: list[str] | None = None
             types: list[pa.DataType | None] = []
             idx: int | None = None
+            key_oid = 0
             while True:
                 rows = cur.fetchmany(fetch_size)
                 if names is None:
                     names = [d.name for d in cur.description]
                     types = [arrow_type(d) for d in cur.description]
                     idx = names.index(column) if column else None
+                    key_oid = cur.description[idx].type_code if idx is not None else 0
                 if not rows:
                     break
-                yield Chunk(rows_to_batch(rows, names, types), [r[idx] for r in rows] if idx is not None else None)
+                keys = None
+                if idx is not None:
+                    assert column is not None
+                    keys = [r[idx] for r in rows]
+                    if key_oid == 17:  # bytea arrives as memoryview, which does not order
+                        keys = [None if k is None else bytes(k) for k in keys]
+                    elif key_oid in _TEMPORAL_OIDS:
+                        _check_finite(keys, column)
+                yield Chunk(rows_to_batch(rows, names, types), keys)
         except psycopg2.Error as exc:
             raise self._fail("read failed", exc) from None
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:

@@ -1,4 +1,10 @@
-"""SQLite source: a read-only connection streaming with fetchmany."""
+"""SQLite source: a read-only connection streaming with fetchmany.
+
+SQLite is dynamically typed, so each column's Arrow type is fixed once per run: from its first
+non-NULL value, or, for a column that is all NULL in the rows read so far, from a probe of the
+whole query (``typeof`` of its first non-NULL value). Every part file then has one schema, and a
+resumed run derives the same one.
+"""
 
 import sqlite3
 from collections.abc import Iterator
@@ -9,7 +15,9 @@ import pyarrow as pa
 from conduit_dagster.engine.errors import SourceError
 from conduit_dagster.engine.sources.base import Chunk, key_index, rows_to_batch
 from conduit_dagster.engine.spec import SqliteSourceSpec
-from conduit_dagster.engine.sql import wrap_query
+from conduit_dagster.engine.sql import clean_query, quote_ident, wrap_query
+
+_TYPEOF = {"integer": pa.int64(), "real": pa.float64(), "text": pa.string(), "blob": pa.binary()}
 
 
 class SqliteSource:
@@ -25,34 +33,43 @@ class SqliteSource:
     def describe(self) -> str:
         return f"sqlite:///{self.spec.path}"
 
+    def _fail(self, what: str, exc: Exception) -> SourceError:
+        return SourceError(f"source {self.spec.name!r} ({self.spec.path}): {what}: {exc}")
+
+    def _probe_type(self, query: str, column: str) -> pa.DataType:
+        sql = (
+            f"SELECT typeof(conduit_src.{quote_ident(column)}) FROM (\n{clean_query(query)}\n) AS conduit_src "
+            f"WHERE conduit_src.{quote_ident(column)} IS NOT NULL LIMIT 1"
+        )
+        row = self.conn.execute(sql).fetchone()
+        return _TYPEOF.get(row[0], pa.string()) if row else pa.string()
+
     def read(self, query: str, column: str | None, after: Any, *, resume: bool, fetch_size: int) -> Iterator[Chunk]:
-        sql = wrap_query(query, column, resume=resume, param=":v")
+        # COLLATE BINARY: a column declared NOCASE (or any collation) would otherwise make ">" skip rows that
+        # Python sees as different; BINARY on UTF-8 text is Python's str order. Numbers are unaffected.
+        sql = wrap_query(query, column, resume=resume, param=":v", collate="BINARY")
         try:
             cur = self.conn.execute(sql, {"v": after} if resume else {})
-        except sqlite3.Error as exc:
-            raise SourceError(f"source {self.spec.name!r}: query failed: {exc}") from None
-        names = [d[0] for d in cur.description]
-        idx = key_index(names, column, f"source {self.spec.name!r}") if column else None
-        # SQLite is dynamically typed: the first type seen per column is kept for the whole run so
-        # every part file has one schema.
-        types: list[pa.DataType | None] = [None] * len(names)
-        while True:
-            try:
+            names = [d[0] for d in cur.description]
+            idx = key_index(names, column, f"source {self.spec.name!r}") if column else None
+            types: list[pa.DataType | None] = [None] * len(names)
+            while True:
                 rows = cur.fetchmany(fetch_size)
-            except sqlite3.Error as exc:
-                raise SourceError(f"source {self.spec.name!r}: read failed: {exc}") from None
-            if not rows:
-                return
-            try:
+                if not rows:
+                    return
                 batch = rows_to_batch(rows, names, types)
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-                raise SourceError(
-                    f"source {self.spec.name!r}: a column changes type between rows ({exc}); CAST it to one type in the query"
-                ) from None
-            for i, field in enumerate(batch.schema):
-                if types[i] is None and not pa.types.is_null(field.type):
-                    types[i] = field.type
-            yield Chunk(batch, [r[idx] for r in rows] if idx is not None else None)
+                for i, field in enumerate(batch.schema):
+                    if types[i] is None:
+                        types[i] = field.type if not pa.types.is_null(field.type) else self._probe_type(query, names[i])
+                if batch.schema != pa.schema(list(zip(names, types, strict=True))):
+                    batch = rows_to_batch(rows, names, types)
+                yield Chunk(batch, [r[idx] for r in rows] if idx is not None else None)
+        except sqlite3.Error as exc:
+            raise self._fail("query failed", exc) from None
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+            raise SourceError(
+                f"source {self.spec.name!r}: a column holds values of different types ({exc}); CAST it to one type in the query"
+            ) from None
 
     def close(self) -> None:
         self.conn.close()
