@@ -173,18 +173,21 @@ def test_postgres_hostile_checkpoint_value_is_bound(tmp_path, pg, pg_schema):
         cur.execute(f"INSERT INTO {pg_schema}.h VALUES ('a'), ('b'), ('z')")
     src = PostgresSource(source(pg_schema))
     try:
-        got = [c.keys for c in src.read("SELECT v FROM h", "v", "x' OR '1'='1", resume=True, fetch_size=10)]
+        got = [
+            list(c.data.column("v").to_pylist())
+            for c in src.read("SELECT v FROM h", "v", "x' OR '1'='1", resume=True, fetch_size=10)
+        ]
     finally:
         src.close()
     assert got == [["z"]]
     assert pg_rows("host=127.0.0.1 dbname=test user=postgres", f"SELECT count(*) FROM {pg_schema}.h") == [(3,)]
 
 
-def test_postgres_streams_with_server_side_cursor(tmp_path, pg, pg_schema):
+def test_postgres_cursor_path_streams_with_server_side_cursor(tmp_path, pg, pg_schema):
     """Chunks arrive at the fetch size: rows are not all fetched up front."""
     with pg.cursor() as cur:
         cur.execute(f"CREATE TABLE {pg_schema}.big AS SELECT g AS id FROM generate_series(1, 5000) g")
-    src = PostgresSource(source(pg_schema))
+    src = PostgresSource(source(pg_schema), use_copy=False)
     try:
         it = src.read("SELECT id FROM big", "id", None, resume=False, fetch_size=1000)
         first = next(it)
@@ -197,13 +200,55 @@ def test_postgres_streams_with_server_side_cursor(tmp_path, pg, pg_schema):
         src.close()
 
 
-def test_postgres_infinity_checkpoint_value_is_an_error(tmp_path, pg, pg_schema):
+def test_postgres_copy_path_streams(tmp_path, pg, pg_schema):
+    """COPY output is parsed block by block: the first chunk arrives long before the last row."""
+    with pg.cursor() as cur:
+        cur.execute(f"CREATE TABLE {pg_schema}.big AS SELECT g AS id, repeat('x', 80) AS pad FROM generate_series(1, 200000) g")
+    src = PostgresSource(source(pg_schema))
+    try:
+        sizes = [c.data.num_rows for c in src.read("SELECT id, pad FROM big", "id", None, resume=False, fetch_size=1000)]
+    finally:
+        src.close()
+    assert sum(sizes) == 200000 and len(sizes) > 5 and max(sizes) < 50000
+
+
+@pytest.mark.parametrize("use_copy", [True, False])
+def test_postgres_both_paths_give_the_same_table(tmp_path, pg, pg_schema, use_copy):
+    with pg.cursor() as cur:
+        cur.execute(TYPES.format(s=pg_schema))
+    src = PostgresSource(source(pg_schema), use_copy=use_copy)
+    try:
+        table = pa.Table.from_batches([c.data for c in src.read("SELECT * FROM typed", "id", None, resume=False, fetch_size=10)])
+    finally:
+        src.close()
+    other = PostgresSource(source(pg_schema), use_copy=not use_copy)
+    try:
+        expected = pa.Table.from_batches(
+            [c.data for c in other.read("SELECT * FROM typed", "id", None, resume=False, fetch_size=10)]
+        )
+    finally:
+        other.close()
+    assert table.schema == expected.schema
+    for name in table.column_names:
+        got, want = table.column(name).to_pylist(), expected.column(name).to_pylist()
+        if name == "f":  # NaN != NaN
+            got, want = [repr(v) for v in got], [repr(v) for v in want]
+        assert got == want, name
+
+
+@pytest.mark.parametrize("use_copy,error", [(True, "column 'ts'.*invalid value 'infinity'"), (False, "'ts' holds 'infinity'")])
+def test_postgres_infinity_checkpoint_value_is_an_error(tmp_path, pg, pg_schema, use_copy, error):
     with pg.cursor() as cur:
         cur.execute(f"CREATE TABLE {pg_schema}.inf (ts timestamp)")
         cur.execute(f"INSERT INTO {pg_schema}.inf VALUES ('2025-01-01'), ('infinity')")
     res = resource(tmp_path, source(pg_schema), "SELECT ts FROM inf", column="ts", batch=10)
-    with pytest.raises(OrderingError, match="'ts' holds 'infinity'"):
-        list(run_pipeline(res, MemoryCheckpointStore(), run_id="r"))
+    src = PostgresSource(res.source, use_copy=use_copy)
+    try:
+        with pytest.raises(SourceError, match=error):
+            list(run_pipeline(res, MemoryCheckpointStore(), run_id="r", source=src))
+    finally:
+        src.close()
+    assert not (tmp_path / "out" / "t").exists()
 
 
 def test_postgres_bytea_checkpoint_column_resumes(tmp_path, pg, pg_schema):
@@ -232,3 +277,15 @@ def test_postgres_arrays_land_as_lists_or_text(tmp_path, pg, pg_schema):
     list(run_pipeline(resource(tmp_path, source(pg_schema), "SELECT * FROM arr"), MemoryCheckpointStore(), run_id="r"))
     (row,) = pq.read_table(tmp_path / "out" / "t").to_pylist()
     assert row == {"id": 1, "tags": ["x", "y,z"], "nums": [1, None], "dec": "{1.5,2}"}
+
+
+def test_postgres_copy_keeps_text_that_looks_like_null(tmp_path, pg, pg_schema):
+    words = ["NA", "NULL", "null", "NaN", "N/A", "#N/A", "", " ", "t", "f", "\\N"]
+    with pg.cursor() as cur:
+        cur.execute(f"CREATE TABLE {pg_schema}.words (id int, w text, b boolean)")
+        cur.executemany(f"INSERT INTO {pg_schema}.words VALUES (%s, %s, %s)", [(i, w, i % 2 == 0) for i, w in enumerate(words)])
+        cur.execute(f"INSERT INTO {pg_schema}.words VALUES (100, NULL, NULL)")
+    res = resource(tmp_path, source(pg_schema), "SELECT id, w, b FROM words", batch=4)
+    list(run_pipeline(res, MemoryCheckpointStore(), run_id="r"))
+    got = sorted(output_rows(tmp_path / "out" / "t"))
+    assert got == sorted([(i, w, i % 2 == 0) for i, w in enumerate(words)] + [(100, None, None)])

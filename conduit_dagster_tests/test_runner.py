@@ -43,16 +43,18 @@ def resource(tmp_path: Path, column: str | None = "k", batch: int = 7, resume: b
     )
 
 
-def chunks_of(rows: list[dict[str, Any]], size: int, column: str = "k"):
+def chunks_of(rows: list[dict[str, Any]], size: int, column: str = "k", arrow: bool = False):
     for i in range(0, len(rows), size):
         part = rows[i : i + size]
-        yield Chunk(pa.RecordBatch.from_pylist(part, schema=SCHEMA), [r[column] for r in part])
+        batch = pa.RecordBatch.from_pylist(part, schema=SCHEMA)
+        yield Chunk(batch, batch.column(column) if arrow else [r[column] for r in part])
 
 
+@pytest.mark.parametrize("arrow", [False, True], ids=["python-keys", "arrow-keys"])
 @pytest.mark.parametrize("fetch", [1, 3, 7, 50])
-def test_cut_batches_never_splits_ties(fetch):
+def test_cut_batches_never_splits_ties(fetch, arrow):
     rows = tie_rows(200)
-    batches = list(cut_batches(chunks_of(rows, fetch), 7, "k", None))
+    batches = list(cut_batches(chunks_of(rows, fetch, arrow=arrow), 7, "k", None))
     assert sum(t.num_rows for t, _ in batches) == 200
     seen_last: list[int] = []
     for table, last in batches:
@@ -71,10 +73,32 @@ def test_cut_batches_exact_sizes_without_ties():
     assert sizes == [10, 10, 5]
 
 
-def test_cut_batches_group_bigger_than_batch_stays_whole():
+@pytest.mark.parametrize("arrow", [False, True], ids=["python-keys", "arrow-keys"])
+def test_cut_batches_group_bigger_than_batch_stays_whole(arrow):
     rows = [{"id": i, "k": 1 if i < 30 else 2, "note": None} for i in range(35)]
-    sizes = [t.num_rows for t, _ in cut_batches(chunks_of(rows, 4), 10, "k", None)]
-    assert sizes == [30, 5]
+    batches = list(cut_batches(chunks_of(rows, 4, arrow=arrow), 10, "k", None))
+    assert [(t.num_rows, last) for t, last in batches] == [(30, 1), (5, 2)]
+
+
+@pytest.mark.parametrize(
+    "keys,fragment",
+    [
+        ([1, 2, 3, 2], "went backwards: 2 came after 3"),
+        ([1, None, 3], "NULL after value 1"),
+        ([5, 6], "5 came after 7"),
+    ],
+)
+def test_ordering_errors_with_arrow_keys(keys, fragment):
+    batch = pa.RecordBatch.from_pylist([{"id": i, "k": k, "note": None} for i, k in enumerate(keys)], schema=SCHEMA)
+    with pytest.raises(OrderingError, match=fragment):
+        list(cut_batches(iter([Chunk(batch, batch.column("k"))]), 10, "k", 7 if keys == [5, 6] else None))
+
+
+def test_arrow_nan_key_is_an_error():
+    arr = pa.array([1.0, float("nan")])
+    batch = pa.RecordBatch.from_arrays([arr], names=["k"])
+    with pytest.raises(OrderingError, match="'k' holds NaN after value 1.0"):
+        list(cut_batches(iter([Chunk(batch, arr)]), 10, "k", None))
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,8 @@ import pyarrow as pa
 
 from conduit_dagster.engine.checkpoint import CLEAR_HINT, Checkpoint, CheckpointStore
 from conduit_dagster.engine.destinations import Destination, open_destination
-from conduit_dagster.engine.errors import CheckpointError, OrderingError
+from conduit_dagster.engine.errors import CheckpointError
+from conduit_dagster.engine.keys import KeyBuffer, check_keys
 from conduit_dagster.engine.sources import Chunk, Source, open_source
 from conduit_dagster.engine.spec import PostgresSourceSpec, ResourceSpec
 from conduit_dagster.engine.sql import clean_query
@@ -106,34 +107,6 @@ def destination_identity(resource: ResourceSpec) -> str:
     return f"{d.type}:{d.path}?format={d.format}"
 
 
-def _check_keys(keys: list[Any], previous: Any, column: str) -> None:
-    """Every value present and orderable, and none smaller than the one before it."""
-    prev = previous
-    for value in keys:
-        if value is None:
-            raise OrderingError(
-                f"checkpoint column {column!r} holds a NULL after value {prev!r}; NULLs cannot be ordered "
-                f"for resume: filter them out (WHERE {column} IS NOT NULL) or COALESCE them in the query"
-            )
-        if value != value:  # NaN: equal to nothing, so no resume point can be past it exactly
-            raise OrderingError(
-                f"checkpoint column {column!r} holds NaN after value {prev!r}; NaN cannot be ordered for resume: "
-                f"filter it out (WHERE {column} <> 'NaN') or pick another column"
-            )
-        try:
-            backwards = prev is not None and value < prev
-        except (TypeError, ArithmeticError):
-            raise OrderingError(
-                f"checkpoint column {column!r} mixes types ({prev!r} then {value!r}); CAST it to one type in the query"
-            ) from None
-        if backwards:
-            raise OrderingError(
-                f"checkpoint column {column!r} went backwards: {value!r} came after {prev!r}; the column must be "
-                "sortable by the source in the same order Python compares it (cast it, or pick another column)"
-            )
-        prev = value
-
-
 def cut_batches(chunks: Iterator[Chunk], batch_size: int, column: str | None, after: Any) -> Iterator[tuple[pa.Table, Any]]:
     """Regroup source chunks into batches of about ``batch_size`` rows that never split a tie.
 
@@ -141,37 +114,39 @@ def cut_batches(chunks: Iterator[Chunk], batch_size: int, column: str | None, af
     equal checkpoint values together.
     """
     pending: list[pa.RecordBatch] = []
-    keys: list[Any] = []
+    keys = KeyBuffer()
     count = 0
     scanned = 0  # how far a tie at the cut point has been followed already
     last_seen = after
     for chunk in chunks:
-        if chunk.data.num_rows == 0:
+        n = chunk.data.num_rows
+        if n == 0:
             continue
         if column is not None:
             assert chunk.keys is not None
-            _check_keys(chunk.keys, last_seen, column)
-            last_seen = chunk.keys[-1]
+            check_keys(chunk.keys, last_seen, column)
+            last = chunk.keys[-1]
+            last_seen = last.as_py() if isinstance(last, pa.Scalar) else last
             keys.extend(chunk.keys)
         pending.append(chunk.data)
-        count += chunk.data.num_rows
+        count += n
         while count >= batch_size:
             cut = max(batch_size, scanned)
             if column is not None:
-                while cut < count and keys[cut] == keys[cut - 1]:
-                    cut += 1
+                cut = keys.end_of_tie(cut, count)
                 if cut == count:
                     scanned = cut
                     break  # the tie may continue in the next chunk
             scanned = 0
             table = pa.Table.from_batches(pending)
             head, tail = table.slice(0, cut), table.slice(cut)
-            yield head, (keys[cut - 1] if column is not None else None)
+            yield head, (keys.value(cut - 1) if column is not None else None)
             pending = tail.to_batches()
-            keys = keys[cut:]
+            if column is not None:
+                keys.drop(cut)
             count -= cut
     if count:
-        yield pa.Table.from_batches(pending), (keys[-1] if column is not None else None)
+        yield pa.Table.from_batches(pending), (keys.value(count - 1) if column is not None else None)
 
 
 def run_pipeline(

@@ -16,7 +16,7 @@ class Chunk:
     """
 
     data: pa.RecordBatch
-    keys: list[Any] | None
+    keys: list[Any] | pa.Array | None
 
 
 class Source(Protocol):

@@ -8,18 +8,23 @@ ORDER BY agree with each other and with Python's ordering of the values we check
 
 import datetime as dt
 import itertools
+import os
+import re
+import threading
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 import pyarrow as pa
+import pyarrow.csv as pacsv
 
 from conduit_dagster.engine.errors import OrderingError, SourceError
 from conduit_dagster.engine.sources.base import Chunk, key_index, rows_to_batch
 from conduit_dagster.engine.spec import PostgresSourceSpec
-from conduit_dagster.engine.sql import wrap_query
+from conduit_dagster.engine.sql import clean_query, wrap_query
 
 _counter = itertools.count()
 
@@ -64,6 +69,64 @@ _OID_TYPES: dict[int, pa.DataType] = {
 _RAW_TEXT_OIDS = (1231, 2951, 199, 3807, 1187, 1183, 1001, 1014, 1003, 1028, 1041, 651, 1270, 1263)
 _RAW_TEXT = psycopg2.extensions.new_type(_RAW_TEXT_OIDS, "CONDUIT_RAW_TEXT", lambda value, cur: value)
 _TEMPORAL_OIDS = (1082, 1114, 1184)
+# Columns CSV cannot carry into their Arrow type: arrays (become lists) and intervals (durations).
+_CURSOR_ONLY_OIDS = frozenset({1186} | {oid for oid, t in _OID_TYPES.items() if pa.types.is_list(t)})
+# Key types whose Arrow order is PostgreSQL's (text compared with COLLATE "C"): checked without Python objects.
+_ARROW_ORDERED = (
+    pa.types.is_integer,
+    pa.types.is_floating,
+    pa.types.is_decimal,
+    pa.types.is_date,
+    pa.types.is_timestamp,
+    pa.types.is_string,
+    pa.types.is_binary,
+)
+
+
+_TEXT_OIDS = frozenset({25, 1043, 1042, 19})
+
+
+def _open_csv(stream: Any, names: list[str], types: dict[str, pa.DataType], fetch_size: int) -> pacsv.CSVStreamingReader:
+    return pacsv.open_csv(
+        pa.PythonFile(stream, mode="r"),
+        read_options=pacsv.ReadOptions(column_names=names, block_size=_block_size(fetch_size)),
+        # A row of one NULL column is an empty line: it must count as a row.
+        parse_options=pacsv.ParseOptions(newlines_in_values=True, ignore_empty_lines=False),
+        convert_options=pacsv.ConvertOptions(
+            column_types=types,
+            null_values=[""],  # not Arrow's default list, which would turn the text 'NA' or 'NULL' into NULL
+            strings_can_be_null=True,  # PostgreSQL's CSV: NULL is an empty field, '' is ""
+            quoted_strings_can_be_null=False,
+            true_values=["t"],
+            false_values=["f"],
+        ),
+    )
+
+
+def _block_size(fetch_size: int) -> int:
+    """CSV bytes per Arrow batch: about a tenth of a batch, within 1-16 MiB."""
+    return max(1 << 20, min(16 << 20, fetch_size * 16))
+
+
+def _finish_types(batch: pa.RecordBatch, types: list[pa.DataType | None]) -> pa.RecordBatch:
+    """bytea arrives as PostgreSQL hex text (\\x00ff): decode it to binary."""
+    if not any(t == pa.binary() for t in types):
+        return batch
+    arrays = list(batch.columns)
+    for i, t in enumerate(types):
+        if t == pa.binary():
+            arrays[i] = pa.array([None if v is None else bytes.fromhex(v[2:]) for v in arrays[i].to_pylist()], pa.binary())
+    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
+
+
+def _arrow_keys(array: pa.Array, oid: int, arrow_t: pa.DataType | None) -> list[Any] | pa.Array:
+    if oid == 1700 and pa.types.is_string(arrow_t):  # numeric without a precision lands as text, orders as a number
+        return [None if v is None else Decimal(v) for v in array.to_pylist()]
+    if oid in _TEXT_OIDS or (arrow_t is not None and not pa.types.is_string(arrow_t) and any(c(arrow_t) for c in _ARROW_ORDERED)):
+        return array
+    return array.to_pylist()
+
+
 _INFINITE = {dt.date.max, dt.date.min, dt.datetime.max, dt.datetime.min}
 
 
@@ -115,8 +178,9 @@ def redact(text: str, spec: PostgresSourceSpec) -> str:
 
 
 class PostgresSource:
-    def __init__(self, spec: PostgresSourceSpec) -> None:
+    def __init__(self, spec: PostgresSourceSpec, *, use_copy: bool = True) -> None:
         self.spec = spec
+        self.use_copy = use_copy
         try:
             self.conn = psycopg2.connect(application_name="conduit-dagster", connect_timeout=15, **connect_kwargs(spec))
         except psycopg2.Error as exc:
@@ -127,7 +191,8 @@ class PostgresSource:
         psycopg2.extras.register_default_jsonb(self.conn, loads=lambda s: s)
         psycopg2.extensions.register_type(_RAW_TEXT, self.conn)
         with self.conn.cursor() as cur:
-            cur.execute("SET TimeZone = 'UTC'")
+            # Text output that parses back exactly: UTC ISO timestamps, shortest-exact floats.
+            cur.execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3")
             if spec.schema:
                 cur.execute("SELECT set_config('search_path', %s, false)", (spec.schema,))
         self.conn.commit()
@@ -147,33 +212,120 @@ class PostgresSource:
     def _fail(self, what: str, exc: Exception) -> SourceError:
         return SourceError(f"source {self.spec.name!r} ({self.describe()}): {what}: {redact(str(exc).strip(), self.spec)}")
 
-    def _column_type(self, query: str, column: str) -> tuple[str, bool]:
-        """The checkpoint column's SQL type name, and whether it is a text type."""
+    def _probe(self, query: str, column: str | None) -> tuple[list[Any], str | None, bool]:
+        """The result's column descriptions, and the checkpoint column's SQL type name and text-ness."""
         probe = f"SELECT * FROM (\n{query}\n) AS conduit_src LIMIT 0"
         with self.conn.cursor() as cur:
             cur.execute(probe.replace("%", "%%"), {})
-            names = [d.name for d in cur.description]
-            oid = cur.description[key_index(names, column, f"source {self.spec.name!r}")].type_code
+            description = list(cur.description)
+            if column is None:
+                self.conn.rollback()
+                return description, None, False
+            names = [d.name for d in description]
+            oid = description[key_index(names, column, f"source {self.spec.name!r}")].type_code
             cur.execute("SELECT format_type(oid, NULL), typcategory FROM pg_type WHERE oid = %s", (oid,))
             type_name, category = cur.fetchone()
         self.conn.rollback()
-        return type_name, category == "S"
+        return description, type_name, category == "S"
 
     def read(self, query: str, column: str | None, after: Any, *, resume: bool, fetch_size: int) -> Iterator[Chunk]:
-        from conduit_dagster.engine.sql import clean_query
-
+        """COPY the wrapped query out as CSV and parse it with Arrow (the fast path), or, for columns
+        CSV cannot carry faithfully (arrays, intervals), stream it through a server-side cursor."""
         try:
-            cast, is_text = self._column_type(clean_query(query), column) if column else (None, False)
-            # psycopg2 formats the text when parameters are given: a literal % must be doubled.
-            sql = wrap_query(
-                query.replace("%", "%%"), column, resume=resume, param="%(v)s", collate="C" if is_text else None, cast=cast
-            )
-            cur = self.conn.cursor(name=f"conduit_{next(_counter)}")
-            cur.itersize = fetch_size
-            cur.execute(sql, {"v": after} if resume else {})
+            description, cast, is_text = self._probe(clean_query(query), column)
         except SourceError:
             self.conn.rollback()
             raise
+        except psycopg2.Error as exc:
+            self.conn.rollback()
+            raise self._fail("query failed", exc) from None
+        # psycopg2 formats the text when parameters are given: a literal % must be doubled.
+        sql = wrap_query(
+            query.replace("%", "%%"), column, resume=resume, param="%(v)s", collate="C" if is_text else None, cast=cast
+        )
+        params = {"v": after} if resume else {}
+        if self.use_copy and all(d.type_code not in _CURSOR_ONLY_OIDS for d in description):
+            yield from self._read_copy(sql, params, description, column, fetch_size)
+        else:
+            yield from self._read_cursor(sql, params, column, fetch_size)
+
+    def _read_copy(
+        self, sql: str, params: dict[str, Any], description: list[Any], column: str | None, fetch_size: int
+    ) -> Iterator[Chunk]:
+        names = [d.name for d in description]
+        final_types = [arrow_type(d) for d in description]
+        parse_types = {n: (pa.string() if t == pa.binary() else t) for n, t in zip(names, final_types, strict=True)}
+        idx = names.index(column) if column is not None else None
+        key_oid = description[idx].type_code if idx is not None else 0
+        key_type = final_types[idx] if idx is not None else None
+        with self.conn.cursor() as cur:
+            # Binding happens client-side in psycopg2 either way; COPY takes no parameters, so the literal is
+            # quoted by libpq's escaping here, exactly as execute() would.
+            copy_sql = b"COPY (" + cur.mogrify(sql, params) + b") TO STDOUT WITH (FORMAT csv)"
+        read_fd, write_fd = os.pipe()
+        failure: list[BaseException] = []
+
+        def pump() -> None:
+            try:
+                with os.fdopen(write_fd, "wb", buffering=1 << 20) as sink, self.conn.cursor() as cur:
+                    cur.copy_expert(copy_sql, sink, size=1 << 20)
+            except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
+                failure.append(exc)
+
+        pumper = threading.Thread(target=pump, name="conduit-copy", daemon=True)
+        pumper.start()
+        stream = os.fdopen(read_fd, "rb", buffering=0)
+        try:
+            try:
+                reader = _open_csv(stream, names, parse_types, fetch_size)
+            except pa.ArrowInvalid as exc:
+                if "Empty CSV file" not in str(exc):
+                    raise
+                pumper.join()
+                if failure:
+                    raise failure[0] from None
+                return  # no rows
+            # One chunk is held back until the next arrives or COPY ends cleanly: a connection that dies
+            # mid-row could otherwise hand Arrow a truncated last line that parses as a valid row.
+            held: Chunk | None = None
+            for batch in reader:
+                if batch.num_rows == 0:
+                    continue
+                batch = _finish_types(batch, final_types)
+                keys = _arrow_keys(batch.column(idx), key_oid, key_type) if idx is not None else None
+                if held is not None:
+                    yield held
+                held = Chunk(batch, keys)
+            pumper.join()
+            if failure:
+                raise failure[0]
+            if held is not None:
+                yield held
+        except psycopg2.Error as exc:
+            raise self._fail("read failed", exc) from None
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            if failure and isinstance(failure[0], psycopg2.Error):
+                raise self._fail("read failed", failure[0]) from None
+            message = re.sub(r"CSV column #(\d+)", lambda m: f"column {names[int(m.group(1))]!r}", str(exc))
+            raise SourceError(
+                f"source {self.spec.name!r}: a value does not fit its column type ({message}); values such as "
+                "'infinity' dates, BC dates or NaN numerics cannot be loaded: filter or CAST them in the query"
+            ) from None
+        finally:
+            stream.close()  # a writer still running gets a broken pipe and stops
+            if pumper.is_alive():
+                self.conn.cancel()
+                pumper.join(timeout=30)
+            try:
+                self.conn.rollback()
+            except psycopg2.Error:
+                pass
+
+    def _read_cursor(self, sql: str, params: dict[str, Any], column: str | None, fetch_size: int) -> Iterator[Chunk]:
+        try:
+            cur = self.conn.cursor(name=f"conduit_{next(_counter)}")
+            cur.itersize = fetch_size
+            cur.execute(sql, params)
         except psycopg2.Error as exc:
             self.conn.rollback()
             raise self._fail("query failed", exc) from None
