@@ -212,28 +212,75 @@ def test_postgres_copy_path_streams(tmp_path, pg, pg_schema):
     assert sum(sizes) == 200000 and len(sizes) > 5 and max(sizes) < 50000
 
 
-@pytest.mark.parametrize("use_copy", [True, False])
-def test_postgres_both_paths_give_the_same_table(tmp_path, pg, pg_schema, use_copy):
+ROUTES = {"cursor": dict(use_copy=False), "copy-thread": dict(use_psql=False), "copy-psql": dict(use_psql=True)}
+
+
+@pytest.mark.parametrize("route", ["copy-thread", "copy-psql"])
+def test_postgres_copy_routes_give_the_cursor_table(tmp_path, pg, pg_schema, route):
     with pg.cursor() as cur:
         cur.execute(TYPES.format(s=pg_schema))
-    src = PostgresSource(source(pg_schema), use_copy=use_copy)
-    try:
-        table = pa.Table.from_batches([c.data for c in src.read("SELECT * FROM typed", "id", None, resume=False, fetch_size=10)])
-    finally:
-        src.close()
-    other = PostgresSource(source(pg_schema), use_copy=not use_copy)
-    try:
-        expected = pa.Table.from_batches(
-            [c.data for c in other.read("SELECT * FROM typed", "id", None, resume=False, fetch_size=10)]
-        )
-    finally:
-        other.close()
+
+    def read(**kw):
+        src = PostgresSource(source(pg_schema), **kw)
+        try:
+            return pa.Table.from_batches(
+                [c.data for c in src.read("SELECT * FROM typed", "id", None, resume=False, fetch_size=10)]
+            )
+        finally:
+            src.close()
+
+    table, expected = read(**ROUTES[route]), read(**ROUTES["cursor"])
     assert table.schema == expected.schema
     for name in table.column_names:
         got, want = table.column(name).to_pylist(), expected.column(name).to_pylist()
         if name == "f":  # NaN != NaN
             got, want = [repr(v) for v in got], [repr(v) for v in want]
         assert got == want, name
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_postgres_connection_killed_mid_read_fails_cleanly(tmp_path, pg, pg_schema, route):
+    """The server ends the session mid-stream: a clear error, and no row past the last whole chunk is handed on."""
+    with pg.cursor() as cur:
+        cur.execute(f"CREATE TABLE {pg_schema}.big AS SELECT g AS id, repeat('x', 200) AS pad FROM generate_series(1, 400000) g")
+    src = PostgresSource(source(pg_schema), **ROUTES[route])
+    seen = 0
+    try:
+        with pytest.raises(SourceError, match="read failed|COPY failed|terminat") as info:
+            for chunk in src.read("SELECT id, pad FROM big", "id", None, resume=False, fetch_size=5000):
+                ids = chunk.data.column("id").to_pylist()
+                assert ids == list(range(seen + 1, seen + 1 + len(ids))), "every chunk is whole and in order"
+                seen += len(ids)
+                if seen and seen < 400000:
+                    with pg.cursor() as cur:
+                        cur.execute(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE application_name = 'conduit-dagster' AND pid <> pg_backend_pid()"
+                        )
+        assert "password" not in str(info.value).lower() or "authentication" in str(info.value).lower()
+    finally:
+        src.close()
+    assert seen < 400000
+
+
+def test_postgres_psql_route_hides_password(tmp_path):
+    secret = "hunter2-psql-secret"
+    spec = PostgresSourceSpec(
+        name="pg", host="127.0.0.1", port=5432, database="no_such_db", user="postgres", password=Secret(secret)
+    )
+    from conduit_dagster.engine.sources.pgcopy import PsqlCopy, psql_environment, psql_path
+
+    env = psql_environment(spec)
+    assert env is not None and env["PGPASSWORD"] == secret
+    psql = psql_path()
+    assert psql, "psql is installed on this machine kind (postgresql-client)"
+    producer = PsqlCopy(psql, env, b"COPY (SELECT 1) TO STDOUT WITH (FORMAT csv)", lambda t: t.replace(secret, "***"))
+    producer.stream.read()
+    with pytest.raises(SourceError, match='database "no_such_db" does not exist') as info:
+        producer.finish()
+    producer.close()
+    assert secret not in str(info.value)
+    assert secret not in " ".join(producer.proc.args)
 
 
 @pytest.mark.parametrize("use_copy,error", [(True, "column 'ts'.*invalid value 'infinity'"), (False, "'ts' holds 'infinity'")])

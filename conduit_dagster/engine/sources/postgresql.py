@@ -8,9 +8,7 @@ ORDER BY agree with each other and with Python's ordering of the values we check
 
 import datetime as dt
 import itertools
-import os
 import re
-import threading
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -23,6 +21,7 @@ import pyarrow.csv as pacsv
 
 from conduit_dagster.engine.errors import OrderingError, SourceError
 from conduit_dagster.engine.sources.base import Chunk, key_index, rows_to_batch
+from conduit_dagster.engine.sources.pgcopy import PsqlCopy, ThreadCopy, psql_environment, psql_path
 from conduit_dagster.engine.spec import PostgresSourceSpec
 from conduit_dagster.engine.sql import clean_query, wrap_query
 
@@ -178,9 +177,10 @@ def redact(text: str, spec: PostgresSourceSpec) -> str:
 
 
 class PostgresSource:
-    def __init__(self, spec: PostgresSourceSpec, *, use_copy: bool = True) -> None:
+    def __init__(self, spec: PostgresSourceSpec, *, use_copy: bool = True, use_psql: bool = True) -> None:
         self.spec = spec
         self.use_copy = use_copy
+        self.use_psql = use_psql
         try:
             self.conn = psycopg2.connect(application_name="conduit-dagster", connect_timeout=15, **connect_kwargs(spec))
         except psycopg2.Error as exc:
@@ -262,28 +262,22 @@ class PostgresSource:
             # Binding happens client-side in psycopg2 either way; COPY takes no parameters, so the literal is
             # quoted by libpq's escaping here, exactly as execute() would.
             copy_sql = b"COPY (" + cur.mogrify(sql, params) + b") TO STDOUT WITH (FORMAT csv)"
-        read_fd, write_fd = os.pipe()
-        failure: list[BaseException] = []
-
-        def pump() -> None:
-            try:
-                with os.fdopen(write_fd, "wb", buffering=1 << 20) as sink, self.conn.cursor() as cur:
-                    cur.copy_expert(copy_sql, sink, size=1 << 20)
-            except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
-                failure.append(exc)
-
-        pumper = threading.Thread(target=pump, name="conduit-copy", daemon=True)
-        pumper.start()
-        stream = os.fdopen(read_fd, "rb", buffering=0)
+        psql = psql_path() if self.use_psql else None
+        env = psql_environment(self.spec) if psql else None
+        producer: PsqlCopy | ThreadCopy
+        if psql and env is not None:
+            producer = PsqlCopy(psql, env, copy_sql, lambda text: redact(text, self.spec))
+        else:
+            producer = ThreadCopy(self.conn, copy_sql)
+        finished = False
         try:
             try:
-                reader = _open_csv(stream, names, parse_types, fetch_size)
+                reader = _open_csv(producer.stream, names, parse_types, fetch_size)
             except pa.ArrowInvalid as exc:
                 if "Empty CSV file" not in str(exc):
                     raise
-                pumper.join()
-                if failure:
-                    raise failure[0] from None
+                producer.finish()
+                finished = True
                 return  # no rows
             # One chunk is held back until the next arrives or COPY ends cleanly: a connection that dies
             # mid-row could otherwise hand Arrow a truncated last line that parses as a valid row.
@@ -296,30 +290,29 @@ class PostgresSource:
                 if held is not None:
                     yield held
                 held = Chunk(batch, keys)
-            pumper.join()
-            if failure:
-                raise failure[0]
+            producer.finish()
+            finished = True
             if held is not None:
                 yield held
         except psycopg2.Error as exc:
             raise self._fail("read failed", exc) from None
+        except SourceError as exc:
+            raise SourceError(f"source {self.spec.name!r} ({self.describe()}): {exc}") from None
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            if failure and isinstance(failure[0], psycopg2.Error):
-                raise self._fail("read failed", failure[0]) from None
+            try:  # a parse error at the end of a cut-off stream is the connection's failure, not the data's
+                producer.finish()
+                finished = True
+            except (psycopg2.Error, SourceError) as cause:
+                raise self._fail("read failed", cause) from None
             message = re.sub(r"CSV column #(\d+)", lambda m: f"column {names[int(m.group(1))]!r}", str(exc))
             raise SourceError(
                 f"source {self.spec.name!r}: a value does not fit its column type ({message}); values such as "
                 "'infinity' dates, BC dates or NaN numerics cannot be loaded: filter or CAST them in the query"
             ) from None
         finally:
-            stream.close()  # a writer still running gets a broken pipe and stops
-            if pumper.is_alive():
-                self.conn.cancel()
-                pumper.join(timeout=30)
-            try:
-                self.conn.rollback()
-            except psycopg2.Error:
-                pass
+            if not finished:
+                producer.abort()
+            producer.close()
 
     def _read_cursor(self, sql: str, params: dict[str, Any], column: str | None, fetch_size: int) -> Iterator[Chunk]:
         try:
