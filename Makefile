@@ -29,8 +29,8 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check conduit_dagster conduit_dagster_tests
-	$(BIN)/ruff format --check conduit_dagster conduit_dagster_tests
+	$(BIN)/ruff check conduit_dagster conduit_dagster_tests bench
+	$(BIN)/ruff format --check conduit_dagster conduit_dagster_tests bench
 	$(BIN)/mypy
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
