@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DAGSTER_HOME := $(CURDIR)/.dagster_home
 
-.PHONY: install demo test lint ui clean
+.PHONY: install demo test lint ui bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ lint: install
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/dagster dev -w workspace.yaml
+
+bench: install
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python bench/pg_to_parquet.py --rows 1000000,5000000 --repeat 3
 
 clean:
 	rm -rf demo_output .checkpoints demo/shop.db $(DAGSTER_HOME)

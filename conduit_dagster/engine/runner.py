@@ -15,6 +15,7 @@ Exactness rests on four rules:
 import hashlib
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,6 +202,36 @@ def run_pipeline(
     rows_this_run = 0
     last_value = after
     checkpoint_s = 0.0
+    src_id, dest_id = source_identity(resource), destination_identity(resource)
+
+    def commit(index: int, table: pa.Table, batch_last: Any, records: int) -> float:
+        """Write one batch durably, then checkpoint it; returns the seconds the checkpoint took."""
+        dest.write(index, table)
+        if not resource.resume:
+            return 0.0
+        assert column is not None
+        t0 = time.monotonic()
+        store.save(
+            Checkpoint(
+                pipeline=name,
+                checkpoint_column=column,
+                last_value=batch_last,
+                records_processed=records,
+                batches_committed=index + 1,
+                run_id=run_id,
+                query_sha256=fingerprint,
+                source_id=src_id,
+                destination_id=dest_id,
+                destination=resumption.state,
+            )
+        )
+        return time.monotonic() - t0
+
+    # Batches are committed (write, then checkpoint) one at a time, in order, on a worker thread, while
+    # this thread reads and cuts the next batch: reading overlaps writing, the commit order is unchanged,
+    # and at most one batch waits in memory.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conduit-commit")
+    inflight: tuple[Future[float], int, int, Any] | None = None
     try:
         if src is not None and not resumption.already_published:
             chunks = src.read(resource.query, column, after, resume=resumed, fetch_size=resource.batch_size)
@@ -210,32 +241,24 @@ def run_pipeline(
                         f"batch {index} holds {table.num_rows} rows sharing checkpoint value {batch_last!r}; "
                         "a column with fewer repeats keeps batches (and memory) near batch_size"
                     )
-                dest.write(index, table)
-                index += 1
+                if inflight is not None:
+                    done, inflight = inflight, None
+                    checkpoint_s += done[0].result()
+                    yield BatchCommitted(done[1], done[2], rows_this_run, records, last_value, time.monotonic() - started)
                 rows_this_run += table.num_rows
                 records += table.num_rows
                 last_value = batch_last
-                if resource.resume:
-                    assert column is not None
-                    t0 = time.monotonic()
-                    store.save(
-                        Checkpoint(
-                            pipeline=name,
-                            checkpoint_column=column,
-                            last_value=last_value,
-                            records_processed=records,
-                            batches_committed=index,
-                            run_id=run_id,
-                            query_sha256=fingerprint,
-                            source_id=source_identity(resource),
-                            destination_id=destination_identity(resource),
-                            destination=resumption.state,
-                        )
-                    )
-                    checkpoint_s += time.monotonic() - t0
-                yield BatchCommitted(index - 1, table.num_rows, rows_this_run, records, last_value, time.monotonic() - started)
+                inflight = (pool.submit(commit, index, table, batch_last, records), index, table.num_rows, batch_last)
+                index += 1
+            if inflight is not None:
+                done, inflight = inflight, None
+                checkpoint_s += done[0].result()
+                yield BatchCommitted(done[1], done[2], rows_this_run, records, last_value, time.monotonic() - started)
             dest.publish()
     finally:
+        if inflight is not None:  # the read failed or the caller stopped: let the commit in progress end first
+            wait([inflight[0]])
+        pool.shutdown(wait=True)
         if src is not None and source is None:
             src.close()
     if resource.resume:
