@@ -3,8 +3,8 @@
 Method. A table of N rows (bigint id primary key, text with 10 values, bigint, ~80-char text,
 double, timestamptz increasing with id, three rows per second) is created once per size and
 read warm. Each method runs as its own process, methods alternate within each repetition
-(floor, engine, dagster, dlt-pyarrow, dlt-connectorx, then again), and every figure is the
-median over the repetitions with the range beside it. Wall time is measured around the whole
+(floor, engine, dagster, dagster-startup, dlt-pyarrow, dlt-connectorx, then the reverse), and
+every figure is the median over the repetitions with the range beside it. Wall time is measured around the whole
 process (start-up included); peak RSS comes from wait4() on that process (its waited-for
 children included). Every pipeline writes one Parquet part per 100,000 rows; ours also saves
 an fsync'd JSON checkpoint after each part, and reports the time those saves took.
@@ -29,7 +29,7 @@ from pathlib import Path
 DSN = os.environ.get("CONDUIT_BENCH_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres")
 URL = os.environ.get("CONDUIT_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BATCH = 100_000
-ALL_METHODS = ["floor", "engine", "dagster", "dlt-pyarrow", "dlt-connectorx"]
+ALL_METHODS = ["floor", "engine", "dagster", "dagster-startup", "dlt-pyarrow", "dlt-connectorx"]
 COLUMNS = "id, cat, n, payload, score, ts"
 
 
@@ -104,7 +104,7 @@ def child_dlt(rows: int, out: Path, backend: str) -> dict:
     return {"rows": rows}
 
 
-def write_ingest(rows: int, out: Path) -> Path:
+def write_ingest(rows: int, out: Path, *, empty: bool = False) -> Path:
     path = out / "ingest.yml"
     path.write_text(
         f"""
@@ -123,7 +123,7 @@ resources:
     source: pg
     destination: lake
     batch_size: {BATCH}
-    query: SELECT {COLUMNS} FROM public.{table_name(rows)}
+    query: SELECT {COLUMNS} FROM public.{table_name(rows)}{" WHERE false" if empty else ""}
 """
     )
     return path
@@ -154,8 +154,9 @@ def measure(method: str, rows: int) -> dict:
             sql = f"\\copy (SELECT {COLUMNS} FROM public.{table_name(rows)} ORDER BY id) TO '{out / 'floor.csv'}' CSV"
             wall, rss, _ = run_measured(["psql", "-X", "-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c", sql])
             return {"wall": wall, "rss": rss}
-        if method == "dagster":
-            write_ingest(rows, out)
+        if method in ("dagster", "dagster-startup"):
+            # dagster-startup: the same job over zero rows, i.e. Dagster's fixed start-up cost
+            write_ingest(rows, out, empty=method == "dagster-startup")
             home = out / "dagster_home"
             home.mkdir()
             (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
@@ -221,6 +222,13 @@ def main() -> int:
             )
         if "engine" in results:
             ours = statistics.median(r["wall"] for r in results["engine"])
+            if "dagster" in results and "dagster-startup" in results:
+                through = statistics.median(r["wall"] for r in results["dagster"])
+                fixed = statistics.median(r["wall"] for r in results["dagster-startup"])
+                print(
+                    f"dagster job execute: {through:.2f} s = {fixed:.2f} s fixed start-up + {through - fixed:.2f} s "
+                    f"(engine alone: {ours:.2f} s)"
+                )
             for peer in ("dlt-pyarrow", "dlt-connectorx"):
                 if peer in results:
                     print(f"engine is {statistics.median(r['wall'] for r in results[peer]) / ours:.2f}x faster than {peer}")

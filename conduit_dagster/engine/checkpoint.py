@@ -168,8 +168,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old or the new file, never a part."""
+def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old or the new file, never a part.
+
+    The file's bytes are always fsync'd before the rename. ``sync_dir=False`` skips the fsync of
+    the directory after it: the rename may then be lost in a power cut, leaving the previous file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -184,7 +188,8 @@ def write_atomic(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def resolve_checkpoint_dir(base_dir: Path, configured: str | None = None) -> Path:
@@ -224,7 +229,9 @@ class LocalCheckpointStore:
     def save(self, checkpoint: Checkpoint) -> None:
         path = self._path(checkpoint.pipeline)
         try:
-            write_atomic(path, checkpoint.to_json().encode("utf-8"))
+            # No directory fsync: if a power cut loses this rename, the previous checkpoint comes back and
+            # the run replays one more batch, which overwrites its own part. Exactness holds; 1 ms saved.
+            write_atomic(path, checkpoint.to_json().encode("utf-8"), sync_dir=False)
         except OSError as exc:
             raise CheckpointError(
                 f"{path}: cannot write checkpoint ({exc.strerror or exc}); the previous checkpoint is unchanged"
