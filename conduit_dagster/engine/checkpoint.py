@@ -180,7 +180,7 @@ def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            os.fdatasync(f.fileno())  # the data and its size; mtime need not be durable
         os.replace(tmp, path)
     except BaseException:
         try:
