@@ -20,7 +20,7 @@ from dagster import (
 
 from conduit_dagster.engine.errors import ConduitError
 from conduit_dagster.engine.runner import BatchCommitted, RunFinished, RunStarted, RunWarning, run_pipeline
-from conduit_dagster.engine.spec import IngestSpec, ResourceSpec
+from conduit_dagster.engine.spec import IngestSpec, LocalDestinationSpec, ResourceSpec
 from conduit_dagster.resources import CheckpointStoreResource
 
 _SOURCE_KINDS = {"postgresql": "postgres", "sqlite": "sqlite"}
@@ -33,7 +33,8 @@ def asset_description(resource: ResourceSpec) -> str:
 
 
 def asset_kinds(resource: ResourceSpec) -> set[str]:
-    return {_SOURCE_KINDS[resource.source.type], _FORMAT_KINDS[resource.destination.format]}
+    d = resource.destination
+    return {_SOURCE_KINDS[resource.source.type], _FORMAT_KINDS[d.format] if isinstance(d, LocalDestinationSpec) else "postgres"}
 
 
 def job_name(resource: ResourceSpec) -> str:
@@ -57,7 +58,7 @@ def finished_metadata(event: RunFinished, column: str | None) -> dict[str, Any]:
         "conduit/duration_s": round(event.duration_s, 3),
         "conduit/rows_per_second": round(event.rows_per_second, 1),
         "conduit/checkpoint_s": round(event.checkpoint_s, 4),
-        "conduit/path": MetadataValue.path(event.destination),
+        "conduit/output": MetadataValue.path(event.destination),
     }
 
 
@@ -82,7 +83,9 @@ def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefini
         try:
             for event in run_pipeline(resource, store, run_id=context.run.run_id):
                 if isinstance(event, RunStarted):
-                    if event.resumed:
+                    if event.resumed and event.resumed_from is None:
+                        context.log.info(f"{name}: resuming an unfinished run that had committed no batch yet")
+                    elif event.resumed:
                         context.log.info(
                             f"{name}: resuming after {resource.checkpoint_column} = {event.resumed_from!r} "
                             f"({event.records_before:,} rows already written) from {store.describe(name)}"

@@ -85,10 +85,13 @@ def build(path: Path, orders: int, seed: int = 7) -> None:
 def summary(ingest_file: Path) -> None:
     import pyarrow.dataset as ds
 
-    from conduit_dagster.engine.spec import load_spec
+    from conduit_dagster.engine.spec import LocalDestinationSpec, load_spec
 
     spec = load_spec(ingest_file)
     for r in spec.resources:
+        if not isinstance(r.destination, LocalDestinationSpec):
+            print(f"{r.name}: written to {r.destination.type} destination {r.destination.name!r}")
+            continue
         out = r.destination.path / r.name
         if not out.is_dir():
             print(f"{r.name}: no output yet at {out}")

@@ -95,7 +95,7 @@ def test_materialize_reports_metadata_and_writes_rows(shop, tmp_path):
     assert meta["conduit/last_value"] == "1000"
     assert meta["conduit/batches"] == 10
     assert meta["conduit/rows_per_second"] > 0
-    assert meta["conduit/path"] == str(tmp_path / "lake" / "orders")
+    assert meta["conduit/output"] == str(tmp_path / "lake" / "orders")
     conn = sqlite3.connect(tmp_path / "shop.db")
     source = list(conn.execute("SELECT id, amount, note FROM orders"))
     assert_same_rows(source, output_rows(tmp_path / "lake" / "orders"))

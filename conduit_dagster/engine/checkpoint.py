@@ -11,23 +11,35 @@ microseconds and offset, dates, Decimals by ``str``, bytes as hex.
 """
 
 import datetime as dt
+import fcntl
 import json
 import os
+import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
-from conduit_dagster.engine.errors import CheckpointError
+from conduit_dagster.engine.errors import CheckpointError, PipelineBusyError
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR_ENV = "CONDUIT_CHECKPOINT_DIR"
 CLEAR_HINT = "conduit clear-checkpoints --pipeline-name {name}"
 
 
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+
+
 def encode_value(value: Any) -> dict[str, str]:
-    """A checkpoint value as ``{"type": ..., "value": ...}`` with an exact string form."""
+    """A checkpoint value as ``{"type": ..., "value": ...}`` with an exact string form.
+
+    ``None`` is the value of a checkpoint saved before the first batch: nothing read yet."""
+    if value is None:
+        return {"type": "none", "value": ""}
     if isinstance(value, bool):
         return {"type": "bool", "value": "true" if value else "false"}
     if isinstance(value, int):
@@ -51,6 +63,10 @@ def decode_value(data: Any) -> Any:
     if not isinstance(data, dict) or set(data) != {"type", "value"} or not isinstance(data["value"], str):
         raise ValueError("last_value must be {'type': ..., 'value': '...'}")
     kind, text = data["type"], data["value"]
+    if kind == "none":
+        if text:
+            raise ValueError("a 'none' value must be empty")
+        return None
     if kind == "int":
         return int(text)
     if kind == "float":
@@ -90,7 +106,7 @@ class Checkpoint:
     def to_json(self) -> str:
         doc = asdict(self)
         doc["last_value"] = encode_value(self.last_value)
-        doc["updated_at"] = self.updated_at or dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+        doc["updated_at"] = self.updated_at or _now()
         ordered = {"format_version": doc.pop("format_version"), "pipeline": doc.pop("pipeline"), **doc}
         return json.dumps(ordered, indent=2, sort_keys=False) + "\n"
 
@@ -158,6 +174,10 @@ class CheckpointStore(Protocol):
     def list(self) -> list[str]: ...
 
     def describe(self, pipeline: str) -> str: ...
+
+    def lock(self, pipeline: str, run_id: str | None) -> AbstractContextManager[None]:
+        """Hold the pipeline for one run; raise PipelineBusyError if another live run holds it."""
+        ...
 
 
 def fsync_dir(path: Path) -> None:
@@ -250,12 +270,44 @@ class LocalCheckpointStore:
             return []
         return sorted(p.stem for p in self.directory.glob("*.json") if not p.name.startswith("."))
 
+    @contextmanager
+    def lock(self, pipeline: str, run_id: str | None) -> Iterator[None]:
+        """An exclusive ``flock`` on ``.<pipeline>.lock``: the kernel drops it when the holder dies,
+        so a crashed run never blocks the next. It holds between processes of one machine (every
+        Dagster run and CLI run sharing this directory); across machines use a shared store."""
+        self._path(pipeline)  # validates the name
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f".{pipeline}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+                raise PipelineBusyError(
+                    f"pipeline {pipeline!r} is already being run ({holder}); nothing was read or written. "
+                    "Wait for that run to finish or stop it; a run that died releases the pipeline by itself"
+                ) from None
+            holder_doc = json.dumps(
+                {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(), "since": _now()}, sort_keys=True
+            )
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder_doc.encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
 
 class MemoryCheckpointStore:
     """An in-memory store for unit tests: keeps the JSON text so every save round-trips."""
 
     def __init__(self) -> None:
         self.docs: dict[str, str] = {}
+        self.held: dict[str, str | None] = {}
 
     def describe(self, pipeline: str) -> str:
         return f"memory:{pipeline}"
@@ -272,3 +324,13 @@ class MemoryCheckpointStore:
 
     def list(self) -> list[str]:
         return sorted(self.docs)
+
+    @contextmanager
+    def lock(self, pipeline: str, run_id: str | None) -> Iterator[None]:
+        if pipeline in self.held:
+            raise PipelineBusyError(f"pipeline {pipeline!r} is already being run (run_id {self.held[pipeline]})")
+        self.held[pipeline] = run_id
+        try:
+            yield
+        finally:
+            del self.held[pipeline]

@@ -3,6 +3,7 @@
     ConduitError                  every error the engine raises on purpose
     ├── SpecError                 ingest.yml is malformed or inconsistent
     ├── CheckpointError           a checkpoint cannot be read, trusted or written
+    ├── PipelineBusyError         another live run holds the pipeline
     ├── SourceError               the source could not be read, or its rows break a rule
     │   └── OrderingError         checkpoint values go backwards or are NULL
     └── DestinationError          the destination could not be written
@@ -22,6 +23,10 @@ class SpecError(ConduitError):
 
 class CheckpointError(ConduitError):
     """A checkpoint cannot be read, trusted or written."""
+
+
+class PipelineBusyError(ConduitError):
+    """Another live run holds the pipeline."""
 
 
 class SourceError(ConduitError):

@@ -26,7 +26,7 @@ from conduit_dagster.engine.destinations import Destination, open_destination
 from conduit_dagster.engine.errors import CheckpointError
 from conduit_dagster.engine.keys import KeyBuffer, check_keys
 from conduit_dagster.engine.sources import Chunk, Source, open_source
-from conduit_dagster.engine.spec import PostgresSourceSpec, ResourceSpec
+from conduit_dagster.engine.spec import PostgresDestinationSpec, PostgresSourceSpec, ResourceSpec
 from conduit_dagster.engine.sql import clean_query
 
 # A tie group larger than this many batches is reported: it has to sit in memory whole.
@@ -104,7 +104,12 @@ def source_identity(resource: ResourceSpec) -> str:
 
 
 def destination_identity(resource: ResourceSpec) -> str:
+    """Where the checkpoint's rows were written (never a secret)."""
     d = resource.destination
+    if isinstance(d, PostgresDestinationSpec):
+        from conduit_dagster.engine.pg import describe
+
+        return f"{describe(d)}/{d.schema or 'public'}.{d.table or resource.name}?mode={d.mode}"
     return f"{d.type}:{d.path}?format={d.format}"
 
 
@@ -159,6 +164,23 @@ def run_pipeline(
     destination: Destination | None = None,
 ) -> Iterator[Event]:
     """Run one pipeline to the end, resuming from its checkpoint if it has one."""
+    with store.lock(resource.name, run_id):
+        dest = destination or open_destination(resource.destination, resource.name)
+        try:
+            yield from _run_locked(resource, store, run_id=run_id, source=source, dest=dest)
+        finally:
+            if destination is None:
+                dest.close()
+
+
+def _run_locked(
+    resource: ResourceSpec,
+    store: CheckpointStore,
+    *,
+    run_id: str | None,
+    source: Source | None,
+    dest: Destination,
+) -> Iterator[Event]:
     started = time.monotonic()
     name = resource.name
     column = resource.checkpoint_column
@@ -187,11 +209,29 @@ def run_pipeline(
                     f"would mix two {what}s' rows. Restore the {what}, or start over with `{hint}`"
                 )
 
-    dest = destination or open_destination(resource.destination, name)
+    src_id, dest_id = source_identity(resource), destination_identity(resource)
     if checkpoint is not None:
         resumption = dest.start(checkpoint.destination, checkpoint.batches_committed)
     else:
         resumption = dest.start(None)
+        if resource.resume:
+            # A checkpoint before the first batch: it names the output generation, so a crash after the first
+            # commit resumes that generation (where the batch is recorded) instead of starting a second one.
+            assert column is not None
+            store.save(
+                Checkpoint(
+                    pipeline=name,
+                    checkpoint_column=column,
+                    last_value=None,
+                    records_processed=0,
+                    batches_committed=0,
+                    run_id=run_id,
+                    query_sha256=fingerprint,
+                    source_id=src_id,
+                    destination_id=dest_id,
+                    destination=resumption.state,
+                )
+            )
     resumed = checkpoint is not None
     after = checkpoint.last_value if checkpoint else None
     index = checkpoint.batches_committed if checkpoint else 0
@@ -202,7 +242,6 @@ def run_pipeline(
     rows_this_run = 0
     last_value = after
     checkpoint_s = 0.0
-    src_id, dest_id = source_identity(resource), destination_identity(resource)
 
     def commit(index: int, table: pa.Table, batch_last: Any, records: int) -> float:
         """Write one batch durably, then checkpoint it; returns the seconds the checkpoint took."""
@@ -234,7 +273,7 @@ def run_pipeline(
     inflight: tuple[Future[float], int, int, Any] | None = None
     try:
         if src is not None and not resumption.already_published:
-            chunks = src.read(resource.query, column, after, resume=resumed, fetch_size=resource.batch_size)
+            chunks = src.read(resource.query, column, after, resume=after is not None, fetch_size=resource.batch_size)
             for table, batch_last in cut_batches(chunks, resource.batch_size, column, after):
                 if table.num_rows > TIE_WARNING_FACTOR * resource.batch_size:
                     yield RunWarning(

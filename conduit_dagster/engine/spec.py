@@ -24,7 +24,8 @@ _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 DEFAULT_BATCH_SIZE = 10_000
 INGEST_FILE_ENV = "CONDUIT_INGEST_FILE"
 SOURCE_TYPES = ("postgresql", "sqlite")
-DESTINATION_TYPES = ("local",)
+DESTINATION_TYPES = ("local", "postgresql")
+WRITE_MODES = ("replace", "append", "merge")
 FORMATS = ("parquet", "csv", "jsonl")
 
 
@@ -86,7 +87,23 @@ class LocalDestinationSpec:
     type: str = "local"
 
 
-DestinationSpec = LocalDestinationSpec
+@dataclass(frozen=True)
+class PostgresDestinationSpec:
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 5432
+    database: str | None = None
+    user: str | None = None
+    password: Secret | None = None
+    schema: str | None = None
+    url: Secret | None = None
+    table: str | None = None
+    mode: str = "replace"
+    primary_key: tuple[str, ...] = ()
+    type: str = "postgresql"
+
+
+DestinationSpec = LocalDestinationSpec | PostgresDestinationSpec
 
 
 @dataclass(frozen=True)
@@ -281,6 +298,7 @@ def substitute_env(value: str, fail: Any = None, env: Mapping[str, str] | None =
 _PG_KEYS = {"name", "type", "resume", "checkpoint_column", "host", "port", "database", "user", "password", "schema", "url"}
 _SQLITE_KEYS = {"name", "type", "resume", "checkpoint_column", "path"}
 _LOCAL_KEYS = {"name", "type", "path", "format"}
+_PG_DEST_KEYS = {"name", "type", "host", "port", "database", "user", "password", "schema", "url", "table", "mode", "primary_key"}
 _RESOURCE_KEYS = {"name", "source", "destination", "query", "batch_size", "description", "resume", "checkpoint_column"}
 
 
@@ -302,33 +320,48 @@ def _source(file: Path, e: _Entry) -> SourceSpec:
         assert raw_path is not None
         return SqliteSourceSpec(name=name, path=_resolve_path(file.parent, raw_path), resume=resume, checkpoint_column=column)
     e.finish(_PG_KEYS)
+    return PostgresSourceSpec(name=name, resume=resume, checkpoint_column=column, **_pg_connection(e))
+
+
+def _pg_connection(e: _Entry) -> dict[str, Any]:
+    """The connection keys shared by PostgreSQL sources and destinations."""
     url = e.text("url")
     password = e.text("password")
-    parts = {k: e.data.get(k) for k in ("host", "port", "database", "user", "password")}
     if url is not None:
-        given = [k for k, v in parts.items() if v is not None]
+        given = [k for k in ("host", "port", "database", "user", "password") if e.data.get(k) is not None]
         if given:
             raise e.fail("url", f"give either `url` or {', '.join(given)}, not both")
         if not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg2://")):
             raise e.fail("url", "must start with postgresql://; e.g. postgresql://user:${PG_PASSWORD}@host:5432/db")
-        return PostgresSourceSpec(name=name, resume=resume, checkpoint_column=column, url=Secret(url), schema=e.text("schema"))
-    database = e.text("database", required=True)
-    return PostgresSourceSpec(
-        name=name,
-        resume=resume,
-        checkpoint_column=column,
-        host=e.text("host", default="127.0.0.1") or "127.0.0.1",
-        port=e.integer("port", default=5432, maximum=65535),
-        database=database,
-        user=e.text("user"),
-        password=Secret(password) if password is not None else None,
-        schema=e.text("schema"),
-    )
+        return {"url": Secret(url), "schema": e.text("schema")}
+    return {
+        "host": e.text("host", default="127.0.0.1") or "127.0.0.1",
+        "port": e.integer("port", default=5432, maximum=65535),
+        "database": e.text("database", required=True),
+        "user": e.text("user"),
+        "password": Secret(password) if password is not None else None,
+        "schema": e.text("schema"),
+    }
 
 
 def _destination(file: Path, e: _Entry) -> DestinationSpec:
     name = e.name()
-    e.choice("type", DESTINATION_TYPES)
+    kind = e.choice("type", DESTINATION_TYPES)
+    if kind == "postgresql":
+        e.finish(_PG_DEST_KEYS)
+        mode = e.choice("mode", WRITE_MODES, default="replace")
+        raw_keys = e.raw("primary_key")
+        if isinstance(raw_keys, str):
+            raw_keys = [raw_keys]
+        if raw_keys is not None and (not isinstance(raw_keys, list) or not all(isinstance(k, str) for k in raw_keys)):
+            raise e.fail("primary_key", "expected a column name or a list of them, e.g. `primary_key: [id]`")
+        keys = tuple(raw_keys or ())
+        if mode == "merge" and not keys:
+            raise e.fail(None, "mode merge needs `primary_key: [column, ...]` to upsert on")
+        table = e.text("table")
+        if table is not None and not NAME_RE.match(table):
+            raise e.fail("table", f"{table!r} is not a valid table name; use letters, digits and _")
+        return PostgresDestinationSpec(name=name, table=table, mode=mode, primary_key=keys, **_pg_connection(e))
     e.finish(_LOCAL_KEYS)
     raw_path = e.text("path", required=True)
     assert raw_path is not None
@@ -415,6 +448,15 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
             clean_query(query)
         except SpecError as exc:
             raise e.fail("query", f"{exc}") from None
+        destination = destinations[dest_name]
+        if isinstance(destination, PostgresDestinationSpec) and destination.table:
+            for other in resources.values():
+                if other.destination is destination:
+                    raise e.fail(
+                        "destination",
+                        f"resources {other.name!r} and {name!r} would both write table {destination.table!r} of destination "
+                        f"{dest_name!r}; give each its own destination, or leave `table` out (it defaults to the resource name)",
+                    )
         source = sources[source_name]
         resume = e.boolean("resume")
         column = e.text("checkpoint_column")
@@ -425,10 +467,16 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
                 "checkpoint_column" if "resume" in e.data else None,
                 "resume is on but no checkpoint_column is set; add `checkpoint_column: <column>` to the resource or its source",
             )
+        if isinstance(destination, PostgresDestinationSpec) and destination.mode == "append" and not resume:
+            raise e.fail(
+                "destination",
+                f"destination {dest_name!r} appends, which is exact after a crash only with resume: true and a "
+                "checkpoint_column (the rerun would append the rows again); turn resume on, or use mode replace or merge",
+            )
         resources[name] = ResourceSpec(
             name=name,
             source=source,
-            destination=destinations[dest_name],
+            destination=destination,
             query=query,
             batch_size=e.integer("batch_size", default=DEFAULT_BATCH_SIZE),
             description=e.text("description"),

@@ -26,8 +26,10 @@ def open_destination(spec: Any, pipeline: str) -> Destination:
 
 def _register_builtins() -> None:
     from conduit_dagster.engine.destinations.local import LocalDestination
+    from conduit_dagster.engine.destinations.postgresql import PostgresDestination
 
     register_destination("local", LocalDestination)
+    register_destination("postgresql", PostgresDestination)
 
 
 _register_builtins()

@@ -207,6 +207,9 @@ class LocalDestination:
             tmp.unlink(missing_ok=True)
             raise self._fail(f"write part {name}", exc) from None
 
+    def close(self) -> None:
+        pass
+
     def publish(self) -> None:
         self._check_visible_is_ours()
         try:

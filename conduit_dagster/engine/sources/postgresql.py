@@ -19,7 +19,8 @@ import psycopg2.extras
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from conduit_dagster.engine.errors import OrderingError, SourceError
+from conduit_dagster.engine.errors import ConduitError, OrderingError, SourceError
+from conduit_dagster.engine.pg import connect, describe, redact
 from conduit_dagster.engine.sources.base import Chunk, key_index, rows_to_batch
 from conduit_dagster.engine.sources.pgcopy import PsqlCopy, ThreadCopy, psql_environment, psql_path
 from conduit_dagster.engine.spec import PostgresSourceSpec
@@ -148,45 +149,15 @@ def arrow_type(column: Any) -> pa.DataType | None:
     return _OID_TYPES.get(oid, pa.string())
 
 
-def connect_kwargs(spec: PostgresSourceSpec) -> dict[str, Any]:
-    if spec.url is not None:
-        url = spec.url.reveal().replace("postgresql+psycopg2://", "postgresql://", 1)
-        return {"dsn": url}
-    kwargs: dict[str, Any] = {"host": spec.host, "port": spec.port, "dbname": spec.database}
-    if spec.user:
-        kwargs["user"] = spec.user
-    if spec.password is not None:
-        kwargs["password"] = spec.password.reveal()
-    return kwargs
-
-
-def redact(text: str, spec: PostgresSourceSpec) -> str:
-    for secret in (spec.password, spec.url):
-        if secret is not None and secret.reveal():
-            text = text.replace(secret.reveal(), "***")
-    if spec.url is not None:
-        from sqlalchemy.engine import make_url
-
-        try:
-            pw = make_url(spec.url.reveal()).password
-        except Exception:  # noqa: BLE001 - an unparsable URL has nothing more to hide here
-            pw = None
-        if pw:
-            text = text.replace(str(pw), "***")
-    return text
-
-
 class PostgresSource:
     def __init__(self, spec: PostgresSourceSpec, *, use_copy: bool = True, use_psql: bool = True) -> None:
         self.spec = spec
         self.use_copy = use_copy
         self.use_psql = use_psql
         try:
-            self.conn = psycopg2.connect(application_name="conduit-dagster", connect_timeout=15, **connect_kwargs(spec))
-        except psycopg2.Error as exc:
-            raise SourceError(
-                f"source {spec.name!r}: cannot connect to PostgreSQL at {self.describe()}: {redact(str(exc).strip(), spec)}"
-            ) from None
+            self.conn = connect(spec, "source")
+        except ConduitError as exc:
+            raise SourceError(str(exc)) from None
         psycopg2.extras.register_default_json(self.conn, loads=lambda s: s)
         psycopg2.extras.register_default_jsonb(self.conn, loads=lambda s: s)
         psycopg2.extensions.register_type(_RAW_TEXT, self.conn)
@@ -199,15 +170,7 @@ class PostgresSource:
         self.conn.set_session(readonly=True)
 
     def describe(self) -> str:
-        if self.spec.url is not None:
-            from sqlalchemy.engine import make_url
-
-            try:
-                url = make_url(self.spec.url.reveal())  # only these parts: a query string may hold a password
-                return f"postgresql://{url.host or ''}:{url.port or 5432}/{url.database or ''}"
-            except Exception:  # noqa: BLE001 - an unparsable URL is described by its scheme alone
-                return "postgresql://***"
-        return f"postgresql://{self.spec.host}:{self.spec.port}/{self.spec.database}"
+        return describe(self.spec)
 
     def _fail(self, what: str, exc: Exception) -> SourceError:
         return SourceError(f"source {self.spec.name!r} ({self.describe()}): {what}: {redact(str(exc).strip(), self.spec)}")

@@ -1,0 +1,61 @@
+"""Run pipelines with the engine alone, without Dagster (benchmarks, the crash harness, scripts).
+
+    python -m conduit_dagster.engine run --file ingest.yml --pipeline NAME [--checkpoint-dir DIR] [--run-id ID]
+
+Prints one line per committed batch and a summary; exits 0 on success, 1 on a ConduitError
+(its message on stderr), 2 on usage errors. Runs started from Dagster (the usual way) show in
+its UI; these do not.
+"""
+
+import argparse
+import sys
+import uuid
+from pathlib import Path
+
+from conduit_dagster.engine.checkpoint import LocalCheckpointStore, resolve_checkpoint_dir
+from conduit_dagster.engine.errors import ConduitError
+from conduit_dagster.engine.runner import BatchCommitted, RunFinished, RunStarted, RunWarning, run_pipeline
+from conduit_dagster.engine.spec import load_spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m conduit_dagster.engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run pipelines to the end, resuming from their checkpoints")
+    run.add_argument("--file", default="ingest.yml")
+    run.add_argument("--pipeline", action="append", help="a resource name (repeatable); default all")
+    run.add_argument("--checkpoint-dir", help="default: $CONDUIT_CHECKPOINT_DIR, else .checkpoints/ beside ingest.yml")
+    run.add_argument("--run-id", default=None)
+    args = parser.parse_args(argv)
+    run_id = args.run_id or f"engine-{uuid.uuid4().hex[:12]}"
+    try:
+        spec = load_spec(Path(args.file))
+        store = LocalCheckpointStore(resolve_checkpoint_dir(spec.base_dir, args.checkpoint_dir))
+        names = args.pipeline or [r.name for r in spec.resources]
+        for name in names:
+            for event in run_pipeline(spec.resource(name), store, run_id=run_id):
+                if isinstance(event, RunStarted):
+                    how = f"resuming after {event.resumed_from!r}" if event.resumed else "full load"
+                    print(f"{name}: {how} into {event.destination}", flush=True)
+                elif isinstance(event, BatchCommitted):
+                    print(
+                        f"{name}: batch {event.index} committed, {event.rows} rows, {event.records_processed} in total, "
+                        f"last {event.last_value!r}",
+                        flush=True,
+                    )
+                elif isinstance(event, RunWarning):
+                    print(f"{name}: warning: {event.message}", flush=True)
+                elif isinstance(event, RunFinished):
+                    print(
+                        f"{name}: done, {event.rows_this_run} rows this run, {event.records_processed} in total, "
+                        f"{event.duration_s:.2f} s",
+                        flush=True,
+                    )
+    except ConduitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""PostgreSQL destination: each batch bulk-loaded with COPY in one transaction that also records
+which batch it was, so a batch replayed after a crash (committed, not yet checkpointed) is
+recognised and not applied twice, in every mode and without a primary key.
+
+Modes (``mode:`` on the destination):
+
+    replace  (default) the run loads a staging table; publishing swaps it for the target in one
+             transaction: readers see the previous complete table until then. A full refresh.
+    append   rows are added to the target, batch by batch.
+    merge    rows are upserted on ``primary_key`` (the last row of a key within a batch wins).
+
+Bookkeeping lives in ``<schema>._conduit_batches``. Tables conduit creates carry the comment
+``conduit-dagster pipeline <name>``; replace never drops a table without it.
+"""
+
+import io
+import json
+import uuid
+from typing import Any
+
+import psycopg2
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from conduit_dagster.engine.destinations.base import Resumption
+from conduit_dagster.engine.errors import CheckpointError, ConduitError, DestinationError
+from conduit_dagster.engine.pg import connect, describe, redact
+from conduit_dagster.engine.spec import PostgresDestinationSpec
+from conduit_dagster.engine.sql import quote_ident
+
+BATCHES = "_conduit_batches"
+BATCH_COLUMN = "_conduit_batch"
+
+
+def pg_type(t: pa.DataType) -> str:
+    if pa.types.is_boolean(t):
+        return "boolean"
+    if pa.types.is_int8(t) or pa.types.is_int16(t) or pa.types.is_uint8(t):
+        return "smallint"
+    if pa.types.is_int32(t) or pa.types.is_uint16(t):
+        return "integer"
+    if pa.types.is_integer(t):
+        return "bigint"
+    if pa.types.is_float32(t):
+        return "real"
+    if pa.types.is_floating(t):
+        return "double precision"
+    if pa.types.is_decimal(t):
+        return f"numeric({t.precision}, {t.scale})"
+    if pa.types.is_date(t):
+        return "date"
+    if pa.types.is_timestamp(t):
+        return "timestamptz" if t.tz else "timestamp"
+    if pa.types.is_time(t):
+        return "time"
+    if pa.types.is_duration(t):
+        return "interval"
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return "bytea"
+    if pa.types.is_list(t) or pa.types.is_struct(t) or pa.types.is_map(t):
+        return "jsonb"
+    return "text"
+
+
+def _csv_ready(table: pa.Table) -> pa.Table:
+    """Columns CSV cannot carry as PostgreSQL reads them, turned into PostgreSQL's text forms."""
+    columns = []
+    for field, column in zip(table.schema, table.columns, strict=True):
+        t = field.type
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+            column = pa.array([None if v is None else "\\x" + v.hex() for v in column.to_pylist()], pa.string())
+        elif pa.types.is_list(t) or pa.types.is_struct(t) or pa.types.is_map(t):
+            column = pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], pa.string())
+        elif pa.types.is_duration(t):
+            column = pa.array([None if v is None else f"{v.total_seconds()} seconds" for v in column.to_pylist()], pa.string())
+        columns.append(column)
+    return pa.Table.from_arrays(columns, names=table.schema.names)
+
+
+def _csv_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pacsv.write_csv(_csv_ready(table), buf, write_options=pacsv.WriteOptions(include_header=False))
+    return buf.getvalue()
+
+
+class PostgresDestination:
+    def __init__(self, spec: PostgresDestinationSpec, pipeline: str) -> None:
+        self.spec = spec
+        self.pipeline = pipeline
+        self.schema = spec.schema or "public"
+        self.table = spec.table or pipeline
+        self.mode = spec.mode
+        self.generation: str | None = None
+        self.comment = f"conduit-dagster pipeline {pipeline}"
+        try:
+            self.conn = connect(spec, "destination")
+        except ConduitError as exc:
+            raise DestinationError(str(exc)) from None
+
+    # --- names -------------------------------------------------------------------------
+
+    def _q(self, name: str) -> str:
+        return f"{quote_ident(self.schema)}.{quote_ident(name)}"
+
+    @property
+    def _staging(self) -> str:
+        assert self.generation is not None
+        return f"_conduit_stage_{self.pipeline}_{self.generation[:12]}"
+
+    def _write_target(self) -> str:
+        return self._staging if self.mode == "replace" else self.table
+
+    def describe(self) -> str:
+        return f"{describe(self.spec)}/{self.schema}.{self.table}"
+
+    def _fail(self, what: str, exc: Exception) -> DestinationError:
+        return DestinationError(
+            f"destination {self.spec.name!r} ({self.describe()}): {what}: {redact(str(exc).strip(), self.spec)}; "
+            "that batch was rolled back and the checkpoint is unchanged"
+        )
+
+    # --- protocol ----------------------------------------------------------------------
+
+    def start(self, state: dict[str, Any] | None, committed: int = 0) -> Resumption:
+        try:
+            with self.conn, self.conn.cursor() as cur:
+                cur.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)}")
+                cur.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self._q(BATCHES)} (pipeline text NOT NULL, generation text NOT NULL, "
+                    "batch_index integer NOT NULL, rows bigint NOT NULL, committed_at timestamptz NOT NULL DEFAULT now(), "
+                    "PRIMARY KEY (pipeline, generation, batch_index))"
+                )
+                if state is None:
+                    self.generation = uuid.uuid4().hex
+                    self._drop_stale_staging(cur)
+                    if self.mode == "replace":
+                        self._check_replaceable(cur)
+                    return Resumption({"generation": self.generation})
+                generation = state.get("generation")
+                if not isinstance(generation, str) or not generation.isalnum():
+                    raise CheckpointError(f"pipeline {self.pipeline!r}: the checkpoint names no valid output generation")
+                self.generation = generation
+                if self.mode == "replace":
+                    if self._table_comment(cur, self.table) == f"{self.comment} generation {generation}":
+                        return Resumption(state, already_published=True)
+                    if not self._exists(cur, self._staging):
+                        if committed == 0:  # crashed before its first batch: the staging table comes with it
+                            return Resumption(state)
+                        raise CheckpointError(
+                            f"pipeline {self.pipeline!r}: the checkpoint's staging table {self.schema}.{self._staging} is "
+                            "missing, so it cannot be resumed; start over with "
+                            f"`conduit clear-checkpoints --pipeline-name {self.pipeline}`"
+                        )
+                    # rows of batches written after the last checkpoint are dropped; they will be read again
+                    cur.execute(f"DELETE FROM {self._q(self._staging)} WHERE {BATCH_COLUMN} >= %s", (committed,))
+                    cur.execute(
+                        f"DELETE FROM {self._q(BATCHES)} WHERE pipeline = %s AND generation = %s AND batch_index >= %s",
+                        (self.pipeline, generation, committed),
+                    )
+                return Resumption(state)
+        except psycopg2.Error as exc:
+            raise self._fail("cannot prepare the output", exc) from None
+
+    def _exists(self, cur: Any, name: str) -> bool:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (self._q(name),))
+        return bool(cur.fetchone()[0])
+
+    def _table_comment(self, cur: Any, name: str) -> str | None:
+        cur.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", (self._q(name),))
+        row = cur.fetchone()
+        return row[0] if row else None
+
+    def _check_replaceable(self, cur: Any) -> None:
+        if self._exists(cur, self.table) and not (self._table_comment(cur, self.table) or "").startswith(self.comment):
+            raise DestinationError(
+                f"destination {self.spec.name!r}: table {self.schema}.{self.table} exists and was not created by conduit "
+                f"for pipeline {self.pipeline!r}; mode replace would drop it. Choose another `table`, use mode append "
+                "or merge, or drop it yourself. Nothing was changed"
+            )
+
+    def _drop_stale_staging(self, cur: Any) -> None:
+        cur.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename LIKE %s",
+            (self.schema, f"_conduit_stage_{self.pipeline}_%"),
+        )
+        for (name,) in cur.fetchall():
+            if name.rsplit("_", 1)[0] == f"_conduit_stage_{self.pipeline}":
+                cur.execute(f"DROP TABLE {self._q(name)}")
+
+    def _create_table(self, cur: Any, name: str, table: pa.Table, *, with_batch: bool) -> None:
+        columns = [f"{quote_ident(f.name)} {pg_type(f.type)}" for f in table.schema]
+        if with_batch:
+            columns.append(f"{BATCH_COLUMN} integer NOT NULL")
+        if self.mode == "merge":
+            columns.append(f"PRIMARY KEY ({', '.join(quote_ident(k) for k in self.spec.primary_key)})")
+        cur.execute(f"CREATE TABLE IF NOT EXISTS {self._q(name)} ({', '.join(columns)})")
+        cur.execute(f"COMMENT ON TABLE {self._q(name)} IS %s", (self.comment,))
+
+    def write(self, index: int, table: pa.Table) -> None:
+        target = self._write_target()
+        names = ", ".join(quote_ident(n) for n in table.schema.names)
+        try:
+            with self.conn, self.conn.cursor() as cur:
+                # The batch record first: a replayed batch finds it (and is skipped); a concurrent duplicate blocks.
+                cur.execute(
+                    f"INSERT INTO {self._q(BATCHES)} (pipeline, generation, batch_index, rows) VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT DO NOTHING",
+                    (self.pipeline, self.generation, index, table.num_rows),
+                )
+                if cur.rowcount == 0:
+                    return  # committed before the crash that lost its checkpoint: applying it again would duplicate
+                if not self._exists(cur, target):
+                    self._create_table(cur, target, table, with_batch=self.mode == "replace")
+                if self.mode == "replace":
+                    batch_col = pa.array([index] * table.num_rows, pa.int32())
+                    data = table.append_column(BATCH_COLUMN, batch_col)
+                    cur.copy_expert(
+                        f"COPY {self._q(target)} ({names}, {BATCH_COLUMN}) FROM STDIN WITH (FORMAT csv)",
+                        io.BytesIO(_csv_bytes(data)),
+                    )
+                elif self.mode == "append":
+                    cur.copy_expert(
+                        f"COPY {self._q(target)} ({names}) FROM STDIN WITH (FORMAT csv)", io.BytesIO(_csv_bytes(table))
+                    )
+                else:
+                    self._merge(cur, target, table, names)
+        except psycopg2.Error as exc:
+            raise self._fail(f"cannot write batch {index}", exc) from None
+
+    def _merge(self, cur: Any, target: str, table: pa.Table, names: str) -> None:
+        keys = [quote_ident(k) for k in self.spec.primary_key]
+        missing = [k for k in self.spec.primary_key if k not in table.schema.names]
+        if missing:
+            raise DestinationError(
+                f"destination {self.spec.name!r}: primary_key column(s) {', '.join(missing)} are not in the query's result"
+            )
+        cur.execute(f"CREATE TEMP TABLE _conduit_merge (LIKE {self._q(target)} INCLUDING DEFAULTS) ON COMMIT DROP")
+        cur.execute("ALTER TABLE _conduit_merge ADD COLUMN _conduit_row bigint")
+        data = table.append_column("_conduit_row", pa.array(range(table.num_rows), pa.int64()))
+        cur.copy_expert(f"COPY _conduit_merge ({names}, _conduit_row) FROM STDIN WITH (FORMAT csv)", io.BytesIO(_csv_bytes(data)))
+        others = [quote_ident(n) for n in table.schema.names if n not in self.spec.primary_key]
+        update = ", ".join(f"{c} = EXCLUDED.{c}" for c in others) or None
+        cur.execute(
+            f"INSERT INTO {self._q(target)} ({names}) "
+            f"SELECT DISTINCT ON ({', '.join(keys)}) {names} FROM _conduit_merge ORDER BY {', '.join(keys)}, _conduit_row DESC "
+            f"ON CONFLICT ({', '.join(keys)}) DO " + (f"UPDATE SET {update}" if update else "NOTHING")
+        )
+
+    def publish(self) -> None:
+        try:
+            with self.conn, self.conn.cursor() as cur:
+                if self.mode == "replace":
+                    self._check_replaceable(cur)
+                    if self._exists(cur, self._staging):
+                        cur.execute(f"ALTER TABLE {self._q(self._staging)} DROP COLUMN {BATCH_COLUMN}")
+                        cur.execute(f"DROP TABLE IF EXISTS {self._q(self.table)}")
+                        cur.execute(f"ALTER TABLE {self._q(self._staging)} RENAME TO {quote_ident(self.table)}")
+                    elif self._exists(cur, self.table):
+                        cur.execute(f"TRUNCATE {self._q(self.table)}")  # a run with no rows: the output is empty
+                    else:
+                        return
+                    # marks the table as this generation's output: a resume after a crash here sees it is done
+                    cur.execute(
+                        f"COMMENT ON TABLE {self._q(self.table)} IS %s", (f"{self.comment} generation {self.generation}",)
+                    )
+                cur.execute(
+                    f"DELETE FROM {self._q(BATCHES)} WHERE pipeline = %s AND generation = %s", (self.pipeline, self.generation)
+                )
+        except psycopg2.Error as exc:
+            raise self._fail("cannot publish the output", exc) from None
+
+    def close(self) -> None:
+        self.conn.close()
