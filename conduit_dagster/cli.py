@@ -81,7 +81,8 @@ def cmd_clear(args: argparse.Namespace) -> int:
     for name in names:
         path = Path(store.describe(name))
         if path.exists():
-            store.delete(name)
+            with store.lock(name, "conduit clear-checkpoints"):  # never pull a checkpoint from under a live run
+                store.delete(name)
             cleared.append(name)
         elif args.pipeline_name:
             print(f"no checkpoint for {name!r} in {store.directory}")
