@@ -1,0 +1,212 @@
+"""Crash-anywhere harness: SIGKILL a pipeline at random instants, run it again, count lost and duplicated rows.
+
+Method. A PostgreSQL table of --rows rows (default 200,000) is created with three candidate
+checkpoint columns: `id` (unique bigint), `ts` (timestamptz, 40 rows share each value) and
+`code` (text, 25 rows share each value). Each trial picks the next (destination, column) pair
+in turn, writes an ingest.yml for it, and starts the pipeline as its own process group with
+`python -m conduit_dagster.engine run` (the engine alone: the crash semantics are the engine's,
+and skipping Dagster's start-up puts more kills inside the loop). After a random delay drawn
+uniformly from [0, 1.2 x a clean run's duration] the whole group gets SIGKILL, so kills land in
+start-up, reads, part-file writes, COPY into PostgreSQL, checkpoint writes and renames, and the
+final publish. The pipeline is then run again, without kills, until it exits 0. Source and
+destination are compared as multisets: each row is hashed from a canonical text form, and the
+counts of every hash are compared, so a duplicated row is seen even when another is missing.
+
+    .venv/bin/python bench/crashtest.py --trials 50
+    .venv/bin/python bench/crashtest.py --trials 6 --destinations parquet --columns ts
+
+It prints a line per trial and a summary, and exits 1 if any row was lost or duplicated.
+"""
+
+import argparse
+import datetime as dt
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+
+DSN = os.environ.get("CONDUIT_BENCH_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres")
+SCHEMA = "conduit_crash"
+COLUMNS = "id, ts, code, amount, note"
+BATCH = 5_000
+
+
+def canonical(value: Any) -> str:
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).isoformat() if value.tzinfo else value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value.normalize())
+    if isinstance(value, memoryview):
+        return bytes(value).hex()
+    return repr(value)
+
+
+def row_hashes(rows: Any) -> Counter[str]:
+    return Counter(hashlib.sha256("\x1f".join(canonical(v) for v in row).encode()).hexdigest() for row in rows)
+
+
+def setup(rows: int) -> Counter[str]:
+    conn = psycopg2.connect(DSN)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+        cur.execute(f"CREATE SCHEMA {SCHEMA}")
+        cur.execute(
+            f"""
+            CREATE TABLE {SCHEMA}.src AS
+            SELECT g::bigint AS id,
+                   timestamptz '2025-01-01 00:00:00+00' + (g / 40) * interval '1 second' AS ts,
+                   'k' || lpad(((g * 7919) % ({rows} / 25 + 1))::text, 8, '0') AS code,
+                   round((g * 1.7)::numeric, 2)::numeric(12, 2) AS amount,
+                   CASE WHEN g % 9 = 0 THEN NULL ELSE 'note, "' || g || E'"\\nend' END AS note
+            FROM generate_series(1, {rows}) AS g
+            """
+        )
+        cur.execute(f"SET TimeZone = 'UTC'; SELECT {COLUMNS} FROM {SCHEMA}.src")
+        source = row_hashes(cur.fetchall())
+    conn.close()
+    return source
+
+
+def ingest_yml(work: Path, destination: str, column: str) -> Path:
+    if destination == "parquet":
+        dest = f"  - name: out\n    type: local\n    path: {work / 'out'}\n"
+    else:
+        table = f"t_{work.name.replace('-', '_')}"
+        dest = f"  - name: out\n    type: postgresql\n    database: test\n    user: postgres\n    schema: {SCHEMA}_out\n    table: {table}\n"
+    path = work / "ingest.yml"
+    path.write_text(
+        f"""sources:
+  - name: pg
+    type: postgresql
+    database: test
+    user: postgres
+    schema: {SCHEMA}
+    resume: true
+    checkpoint_column: {column}
+destinations:
+{dest}resources:
+  - name: crash
+    source: pg
+    destination: out
+    batch_size: {BATCH}
+    query: SELECT {COLUMNS} FROM src
+"""
+    )
+    return path
+
+
+def destination_rows(work: Path, destination: str) -> Counter[str]:
+    if destination == "parquet":
+        import pyarrow.dataset as ds
+
+        out = work / "out" / "crash"
+        if not out.exists():
+            return Counter()
+        table = ds.dataset(out, format="parquet").to_table(columns=COLUMNS.split(", "))
+        return row_hashes(tuple(r.values()) for r in table.to_pylist())
+    conn = psycopg2.connect(DSN)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET TimeZone = 'UTC'")
+            cur.execute(f"SELECT {COLUMNS} FROM {SCHEMA}_out.t_{work.name.replace('-', '_')}")
+            return row_hashes(cur.fetchall())
+    finally:
+        conn.close()
+
+
+def start(ingest: Path, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "conduit_dagster.engine", "run", "--file", str(ingest)]
+    return subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--destinations", default="parquet,postgresql")
+    parser.add_argument("--columns", default="id,ts,code")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the work folders")
+    args = parser.parse_args()
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
+    rng = random.Random(seed)
+    print(f"seed {seed}; creating {SCHEMA}.src with {args.rows:,} rows", flush=True)
+    source = setup(args.rows)
+    total = sum(source.values())
+    pairs = [(d, c) for d in args.destinations.split(",") for c in args.columns.split(",")]
+    root = Path(tempfile.mkdtemp(prefix="conduit-crash-"))
+    clean_runtime: dict[tuple[str, str], float] = {}
+    kills = lost_total = dup_total = 0
+    failed_trials = []
+    for trial in range(1, args.trials + 1):
+        destination, column = pairs[(trial - 1) % len(pairs)]
+        work = root / f"trial-{trial}"
+        work.mkdir()
+        ingest = ingest_yml(work, destination, column)
+        log = work / "run.log"
+        if (destination, column) not in clean_runtime:  # calibrate once per pair on a throwaway folder
+            probe = root / f"probe-{destination}-{column}"
+            probe.mkdir()
+            t0 = time.monotonic()
+            if start(ingest_yml(probe, destination, column), probe / "run.log").wait() != 0:
+                print((probe / "run.log").read_text()[-3000:])
+                return 2
+            clean_runtime[(destination, column)] = time.monotonic() - t0
+        delay = rng.uniform(0, 1.2 * clean_runtime[(destination, column)])
+        proc = start(ingest, log)
+        time.sleep(delay)
+        killed = proc.poll() is None
+        if killed:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        reruns = 0
+        while True:
+            reruns += 1
+            if start(ingest, log).wait() == 0:
+                break
+            if reruns >= 3:
+                print(f"trial {trial}: the rerun keeps failing:\n{log.read_text()[-3000:]}")
+                return 2
+        got = destination_rows(work, destination)
+        lost = sum((source - got).values())
+        dup = sum((got - source).values())
+        lost_total += lost
+        dup_total += dup
+        if lost or dup:
+            failed_trials.append(trial)
+        state = f"SIGKILL after {delay:.3f} s" if killed else f"finished before the kill at {delay:.3f} s"
+        print(
+            f"trial {trial:3d} {destination:10s} {column:4s} {state:32s} reruns {reruns}  rows {sum(got.values()):,}  "
+            f"lost {lost}  duplicated {dup}",
+            flush=True,
+        )
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"\nsummary: {args.trials} trials, {kills} kills, {total:,} source rows, rows lost {lost_total}, "
+        f"rows duplicated {dup_total}" + (f", failing trials {failed_trials}" if failed_trials else "")
+    )
+    conn = psycopg2.connect(DSN)
+    conn.autocommit = True
+    conn.cursor().execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE; DROP SCHEMA IF EXISTS {SCHEMA}_out CASCADE")
+    conn.close()
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return 1 if lost_total or dup_total else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

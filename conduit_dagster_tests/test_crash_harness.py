@@ -1,0 +1,22 @@
+"""The short version of the crash-anywhere harness (bench/crashtest.py), on the real PostgreSQL."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_crash_harness_short_run_loses_and_duplicates_nothing(postgres_dsn):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "crashtest.py"), "--trials", "6", "--rows", "200000"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
+    summary = re.search(r"summary: 6 trials, (\d+) kills, 200,000 source rows, rows lost 0, rows duplicated 0", out.stdout)
+    assert summary, out.stdout[-3000:]
+    assert len(re.findall(r"^trial ", out.stdout, flags=re.M)) == 6
+    assert "postgresql" in out.stdout and "parquet" in out.stdout
