@@ -84,7 +84,10 @@ def ingest_yml(work: Path, destination: str, column: str) -> Path:
         dest = f"  - name: out\n    type: local\n    path: {work / 'out'}\n"
     else:
         table = f"t_{work.name.replace('-', '_')}"
-        dest = f"  - name: out\n    type: postgresql\n    database: test\n    user: postgres\n    schema: {SCHEMA}_out\n    table: {table}\n"
+        dest = (
+            "  - name: out\n    type: postgresql\n    database: test\n    user: postgres\n"
+            f"    schema: {SCHEMA}_out\n    table: {table}\n"
+        )
     path = work / "ingest.yml"
     path.write_text(
         f"""sources:
