@@ -12,6 +12,7 @@ Exactness rests on four rules:
    output; the checkpoint is deleted after that.
 """
 
+import datetime as dt
 import hashlib
 import time
 from collections.abc import Iterator
@@ -111,6 +112,26 @@ def destination_identity(resource: ResourceSpec) -> str:
 
         return f"{describe(d)}/{d.schema or 'public'}.{d.table or resource.name}?mode={d.mode}"
     return f"{d.type}:{d.path}?format={d.format}"
+
+
+def _check_resume_value(src: Source, resource: ResourceSpec, after: Any, where: str) -> None:
+    """A checkpoint value must have the column's type: compared across types, ``>`` would skip or repeat rows
+    silently (in SQLite every integer sorts before every text), or a hand-edited value would change the query."""
+    assert resource.checkpoint_column is not None
+    expected = src.key_type(resource.query, resource.checkpoint_column)
+    if expected is None:
+        return
+    ok = isinstance(after, expected) and not isinstance(after, bool)
+    if isinstance(after, dt.datetime) and dt.datetime not in expected:
+        ok = False  # a datetime is also a date, but not a valid date checkpoint
+    if ok:
+        return
+    hint = CLEAR_HINT.format(name=resource.name)
+    raise CheckpointError(
+        f"{where}: the checkpoint's last value {after!r} is a {type(after).__name__}, but column "
+        f"{resource.checkpoint_column!r} now holds {' or '.join(t.__name__ for t in expected)} values; the checkpoint "
+        f"was edited or the column changed type. Nothing was read or written; start over with `{hint}`"
+    )
 
 
 def cut_batches(chunks: Iterator[Chunk], batch_size: int, column: str | None, after: Any) -> Iterator[tuple[pa.Table, Any]]:
@@ -237,6 +258,13 @@ def _run_locked(
     index = checkpoint.batches_committed if checkpoint else 0
     records = checkpoint.records_processed if checkpoint else 0
     src = source or (None if resumption.already_published else open_source(resource.source))
+    if src is not None and checkpoint is not None and after is not None and column is not None:
+        try:
+            _check_resume_value(src, resource, after, store.describe(name))
+        except BaseException:
+            if source is None:
+                src.close()
+            raise
     yield RunStarted(name, resumed, after, records, src.describe() if src else "", dest.describe())
 
     rows_this_run = 0

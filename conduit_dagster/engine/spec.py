@@ -302,9 +302,12 @@ _PG_DEST_KEYS = {"name", "type", "host", "port", "database", "user", "password",
 _RESOURCE_KEYS = {"name", "source", "destination", "query", "batch_size", "description", "resume", "checkpoint_column"}
 
 
-def _resolve_path(base: Path, value: str) -> Path:
+def _path(e: _Entry, base: Path) -> Path:
+    """The entry's ``path``, relative to ingest.yml's folder."""
+    value = e.text("path", required=True)
+    assert value is not None
     if "\x00" in value:
-        raise SpecError("paths must not contain NUL bytes")
+        raise e.fail("path", "contains a NUL byte; write a plain path")
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p).resolve()
 
@@ -316,9 +319,7 @@ def _source(file: Path, e: _Entry) -> SourceSpec:
     column = e.text("checkpoint_column")
     if kind == "sqlite":
         e.finish(_SQLITE_KEYS)
-        raw_path = e.text("path", required=True)
-        assert raw_path is not None
-        return SqliteSourceSpec(name=name, path=_resolve_path(file.parent, raw_path), resume=resume, checkpoint_column=column)
+        return SqliteSourceSpec(name=name, path=_path(e, file.parent), resume=resume, checkpoint_column=column)
     e.finish(_PG_KEYS)
     return PostgresSourceSpec(name=name, resume=resume, checkpoint_column=column, **_pg_connection(e))
 
@@ -363,10 +364,8 @@ def _destination(file: Path, e: _Entry) -> DestinationSpec:
             raise e.fail("table", f"{table!r} is not a valid table name; use letters, digits and _")
         return PostgresDestinationSpec(name=name, table=table, mode=mode, primary_key=keys, **_pg_connection(e))
     e.finish(_LOCAL_KEYS)
-    raw_path = e.text("path", required=True)
-    assert raw_path is not None
-    fmt = e.choice("format", FORMATS, default="parquet")
-    return LocalDestinationSpec(name=name, path=_resolve_path(file.parent, raw_path), format=fmt)
+    path = _path(e, file.parent)
+    return LocalDestinationSpec(name=name, path=path, format=e.choice("format", FORMATS, default="parquet"))
 
 
 def _entries(file: Path, doc: _LineDict, section: str, required: bool) -> list[_Entry]:

@@ -26,6 +26,10 @@ class Source(Protocol):
 
     def close(self) -> None: ...
 
+    def key_type(self, query: str, column: str) -> tuple[type, ...] | None:
+        """The Python type(s) the checkpoint column's values have, or None if unknown."""
+        ...
+
     def describe(self) -> str:
         """Where the data comes from, for logs and metadata; never contains a secret."""
         ...

@@ -84,6 +84,17 @@ _ARROW_ORDERED = (
 
 
 _TEXT_OIDS = frozenset({25, 1043, 1042, 19})
+# The Python type a checkpoint value of each column type has (numeric: Decimal, whatever its Arrow type).
+_KEY_TYPES: dict[int, tuple[type, ...]] = {
+    **dict.fromkeys((20, 21, 23, 26), (int,)),
+    **dict.fromkeys((700, 701), (float,)),
+    1700: (Decimal,),
+    **dict.fromkeys(_TEXT_OIDS, (str,)),
+    1082: (dt.date,),
+    1114: (dt.datetime,),
+    1184: (dt.datetime,),
+    17: (bytes,),
+}
 
 
 def _open_csv(stream: Any, names: list[str], types: dict[str, pa.DataType], fetch_size: int) -> pacsv.CSVStreamingReader:
@@ -190,6 +201,15 @@ class PostgresSource:
             type_name, category = cur.fetchone()
         self.conn.rollback()
         return description, type_name, category == "S"
+
+    def key_type(self, query: str, column: str) -> tuple[type, ...] | None:
+        try:
+            description, _, _ = self._probe(clean_query(query), column)
+        except psycopg2.Error as exc:
+            self.conn.rollback()
+            raise self._fail("query failed", exc) from None
+        oid = next(d.type_code for d in description if d.name == column)
+        return _KEY_TYPES.get(oid)
 
     def read(self, query: str, column: str | None, after: Any, *, resume: bool, fetch_size: int) -> Iterator[Chunk]:
         """COPY the wrapped query out as CSV and parse it with Arrow (the fast path), or, for columns

@@ -44,6 +44,13 @@ class SqliteSource:
         row = self.conn.execute(sql).fetchone()
         return _TYPEOF.get(row[0], pa.string()) if row else pa.string()
 
+    def key_type(self, query: str, column: str) -> tuple[type, ...] | None:
+        try:
+            arrow_t = self._probe_type(query, column)
+        except sqlite3.Error as exc:
+            raise self._fail("query failed", exc) from None
+        return {pa.int64(): (int,), pa.float64(): (float, int), pa.string(): (str,), pa.binary(): (bytes,)}.get(arrow_t)
+
     def read(self, query: str, column: str | None, after: Any, *, resume: bool, fetch_size: int) -> Iterator[Chunk]:
         # COLLATE BINARY: a column declared NOCASE (or any collation) would otherwise make ">" skip rows that
         # Python sees as different; BINARY on UTF-8 text is Python's str order. Numbers are unaffected.
