@@ -3,11 +3,14 @@
 Method. A table of N rows (bigint id primary key, text with 10 values, bigint, ~80-char text,
 double, timestamptz increasing with id, three rows per second) is created once per size and
 read warm. Each method runs as its own process, methods alternate within each repetition
-(floor, engine, dagster, dagster-startup, dlt-pyarrow, dlt-connectorx, then the reverse), and
+(floor, engine, engine-pg, dagster, dagster-startup, dlt-pyarrow, dlt-connectorx, then the
+reverse), and
 every figure is the median over the repetitions with the range beside it. Wall time is measured around the whole
 process (start-up included); peak RSS comes from wait4() on that process (its waited-for
 children included). Every pipeline writes one Parquet part per 100,000 rows; ours also saves
-an fsync'd JSON checkpoint after each part, and reports the time those saves took.
+an fsync'd JSON checkpoint after each part, and reports the time those saves took. engine-pg is
+the engine loading the same rows into a PostgreSQL table (replace mode: COPY per batch into a
+staging table, swapped in at the end) on the same server.
 
     .venv/bin/python bench/pg_to_parquet.py --rows 5000000 --repeat 3
     .venv/bin/python bench/pg_to_parquet.py --rows 1000000,5000000 --methods floor,engine
@@ -29,7 +32,7 @@ from pathlib import Path
 DSN = os.environ.get("CONDUIT_BENCH_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres")
 URL = os.environ.get("CONDUIT_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BATCH = 100_000
-ALL_METHODS = ["floor", "engine", "dagster", "dagster-startup", "dlt-pyarrow", "dlt-connectorx"]
+ALL_METHODS = ["floor", "engine", "engine-pg", "dagster", "dagster-startup", "dlt-pyarrow", "dlt-connectorx"]
 COLUMNS = "id, cat, n, payload, score, ts"
 
 
@@ -68,12 +71,12 @@ def ensure_table(rows: int) -> None:
 # --- the methods, each run in a child process ------------------------------------------
 
 
-def child_engine(rows: int, out: Path) -> dict:
+def child_engine(rows: int, out: Path, *, to_postgres: bool = False) -> dict:
     from conduit_dagster.engine.checkpoint import LocalCheckpointStore
     from conduit_dagster.engine.runner import RunFinished, run_pipeline
     from conduit_dagster.engine.spec import load_spec
 
-    spec = load_spec(write_ingest(rows, out))
+    spec = load_spec(write_ingest(rows, out, to_postgres=to_postgres))
     finished = None
     for event in run_pipeline(spec.resources[0], LocalCheckpointStore(out / "checkpoints"), run_id="bench"):
         if isinstance(event, RunFinished):
@@ -104,8 +107,12 @@ def child_dlt(rows: int, out: Path, backend: str) -> dict:
     return {"rows": rows}
 
 
-def write_ingest(rows: int, out: Path, *, empty: bool = False) -> Path:
+def write_ingest(rows: int, out: Path, *, empty: bool = False, to_postgres: bool = False) -> Path:
     path = out / "ingest.yml"
+    if to_postgres:  # PostgreSQL -> PostgreSQL: a replace-mode table in schema conduit_bench_out
+        destination = "    type: postgresql\n    database: test\n    user: postgres\n    schema: conduit_bench_out\n"
+    else:
+        destination = f"    type: local\n    path: {out / 'lake'}\n"
     path.write_text(
         f"""
 sources:
@@ -116,9 +123,7 @@ sources:
     checkpoint_column: id
 destinations:
   - name: lake
-    type: local
-    path: {out / "lake"}
-resources:
+{destination}resources:
   - name: bench
     source: pg
     destination: lake
@@ -194,7 +199,10 @@ def main() -> int:
 
     if args.child:
         rows, out = int(args.rows), Path(args.out)
-        result = child_engine(rows, out) if args.child == "engine" else child_dlt(rows, out, args.child.split("-", 1)[1])
+        if args.child in ("engine", "engine-pg"):
+            result = child_engine(rows, out, to_postgres=args.child == "engine-pg")
+        else:
+            result = child_dlt(rows, out, args.child.split("-", 1)[1])
         print(json.dumps(result))
         return 0
 
