@@ -37,7 +37,7 @@ from typing import Any
 import psycopg2
 
 DSN = os.environ.get("CONDUIT_BENCH_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres")
-SCHEMA = "conduit_crash"
+SCHEMA = f"conduit_crash_{os.getpid()}"  # one per run: two harness runs at once do not collide
 COLUMNS = "id, ts, code, amount, note"
 BATCH = 5_000
 
