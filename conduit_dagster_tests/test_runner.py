@@ -207,6 +207,18 @@ def test_crash_at_every_step_then_rerun_is_exact(tmp_path, column, batch):
         break
 
 
+def crash_at(step: int, res: ResourceSpec, store, rows) -> None:
+    """Run ``res`` until its ``step``-th write or checkpoint save (counting before and after each) raises."""
+    trip = Tripwire(step)
+    with pytest.raises(Crash):
+        run(
+            res,
+            Wrapped(store, trip, {"save"}),
+            MemorySource(rows, SCHEMA),
+            Wrapped(open_destination(res.destination, "things"), trip, {"write"}),
+        )
+
+
 def test_resume_drops_parts_written_after_checkpoint(tmp_path):
     rows = [{"id": i, "k": i, "note": None} for i in range(50)]
     res = resource(tmp_path, column="id", batch=10)
@@ -231,14 +243,7 @@ def test_checkpoint_for_other_column_or_query_refused(tmp_path):
     rows = [{"id": i, "k": i, "note": None} for i in range(30)]
     store = MemoryCheckpointStore()
     res = resource(tmp_path, column="id", batch=10)
-    trip = Tripwire(5)
-    with pytest.raises(Crash):
-        run(
-            res,
-            Wrapped(store, trip, {"save"}),
-            MemorySource(rows, SCHEMA),
-            Wrapped(open_destination(res.destination, "things"), trip, {"write"}),
-        )
+    crash_at(5, res, store, rows)
     with pytest.raises(
         CheckpointError, match="checkpoint_column 'id', but ingest.yml now says 'k'.*clear-checkpoints --pipeline-name things"
     ):
@@ -278,14 +283,7 @@ def test_resume_refuses_changed_destination_format(tmp_path):
     rows = [{"id": i, "k": i, "note": None} for i in range(30)]
     store = MemoryCheckpointStore()
     res = resource(tmp_path, column="id", batch=10)
-    trip = Tripwire(5)
-    with pytest.raises(Crash):
-        run(
-            res,
-            Wrapped(store, trip, {"save"}),
-            MemorySource(rows, SCHEMA),
-            Wrapped(open_destination(res.destination, "things"), trip, {"write"}),
-        )
+    crash_at(5, res, store, rows)
     csv = ResourceSpec(**{**res.__dict__, "destination": LocalDestinationSpec(name="out", path=tmp_path / "out", format="csv")})
     with pytest.raises(
         CheckpointError, match=r"written for destination 'local:.*\?format=parquet', but ingest.yml now says .*format=csv"

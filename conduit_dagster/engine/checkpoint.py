@@ -180,7 +180,8 @@ class CheckpointStore(Protocol):
         ...
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (which makes the renames and deletions in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -209,7 +210,7 @@ def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
             pass
         raise
     if sync_dir:
-        fsync_dir(path.parent)
+        fsync_path(path.parent)
 
 
 def resolve_checkpoint_dir(base_dir: Path, configured: str | None = None) -> Path:
@@ -263,7 +264,7 @@ class LocalCheckpointStore:
             path.unlink()
         except FileNotFoundError:
             return
-        fsync_dir(path.parent)
+        fsync_path(path.parent)
 
     def list(self) -> list[str]:
         if not self.directory.is_dir():

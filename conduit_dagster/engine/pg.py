@@ -4,33 +4,14 @@ Works on any spec with the connection fields of ingest.yml (host, port, database
 password, schema, or url).
 """
 
-from typing import Any, Protocol
+from typing import Any
 
 import psycopg2
 
-from conduit_dagster.engine.spec import Secret
+from conduit_dagster.engine.spec import PostgresConnectionSpec
 
 
-class PgConnectionSpec(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def host(self) -> str: ...
-    @property
-    def port(self) -> int: ...
-    @property
-    def database(self) -> str | None: ...
-    @property
-    def user(self) -> str | None: ...
-    @property
-    def password(self) -> Secret | None: ...
-    @property
-    def schema(self) -> str | None: ...
-    @property
-    def url(self) -> Secret | None: ...
-
-
-def connect_kwargs(spec: PgConnectionSpec) -> dict[str, Any]:
+def connect_kwargs(spec: PostgresConnectionSpec) -> dict[str, Any]:
     if spec.url is not None:
         return {"dsn": spec.url.reveal().replace("postgresql+psycopg2://", "postgresql://", 1)}
     kwargs: dict[str, Any] = {"host": spec.host, "port": spec.port, "dbname": spec.database}
@@ -41,7 +22,7 @@ def connect_kwargs(spec: PgConnectionSpec) -> dict[str, Any]:
     return kwargs
 
 
-def redact(text: str, spec: PgConnectionSpec) -> str:
+def redact(text: str, spec: PostgresConnectionSpec) -> str:
     """``text`` with every secret of ``spec`` (password, URL, a password inside the URL) masked."""
     for secret in (spec.password, spec.url):
         if secret is not None and secret.reveal():
@@ -58,7 +39,7 @@ def redact(text: str, spec: PgConnectionSpec) -> str:
     return text
 
 
-def describe(spec: PgConnectionSpec) -> str:
+def describe(spec: PostgresConnectionSpec) -> str:
     """``postgresql://host:port/database``: never a user, password or query string."""
     if spec.url is not None:
         from sqlalchemy.engine import make_url
@@ -71,7 +52,7 @@ def describe(spec: PgConnectionSpec) -> str:
     return f"postgresql://{spec.host}:{spec.port}/{spec.database}"
 
 
-def connect(spec: PgConnectionSpec, role: str) -> Any:
+def connect(spec: PostgresConnectionSpec, role: str) -> Any:
     """A psycopg2 connection in UTC with ISO dates; errors name ``role`` and never a secret."""
     from conduit_dagster.engine.errors import ConduitError
 

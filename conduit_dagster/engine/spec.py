@@ -53,10 +53,10 @@ class Secret:
 
 
 @dataclass(frozen=True)
-class PostgresSourceSpec:
+class PostgresConnectionSpec:
+    """The connection keys shared by PostgreSQL sources and destinations."""
+
     name: str
-    resume: bool = False
-    checkpoint_column: str | None = None
     host: str = "127.0.0.1"
     port: int = 5432
     database: str | None = None
@@ -64,6 +64,12 @@ class PostgresSourceSpec:
     password: Secret | None = None
     schema: str | None = None
     url: Secret | None = None
+
+
+@dataclass(frozen=True)
+class PostgresSourceSpec(PostgresConnectionSpec):
+    resume: bool = False
+    checkpoint_column: str | None = None
     type: str = "postgresql"
 
 
@@ -88,15 +94,7 @@ class LocalDestinationSpec:
 
 
 @dataclass(frozen=True)
-class PostgresDestinationSpec:
-    name: str
-    host: str = "127.0.0.1"
-    port: int = 5432
-    database: str | None = None
-    user: str | None = None
-    password: Secret | None = None
-    schema: str | None = None
-    url: Secret | None = None
+class PostgresDestinationSpec(PostgresConnectionSpec):
     table: str | None = None
     mode: str = "replace"
     primary_key: tuple[str, ...] = ()

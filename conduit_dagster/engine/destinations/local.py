@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from conduit_dagster.engine.checkpoint import fsync_dir
+from conduit_dagster.engine.checkpoint import fsync_path
 from conduit_dagster.engine.destinations.base import Resumption
 from conduit_dagster.engine.errors import CheckpointError, DestinationError
 from conduit_dagster.engine.spec import LocalDestinationSpec
@@ -57,14 +57,6 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), str(a))
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _json_row(row: dict[str, Any]) -> str:
@@ -151,9 +143,9 @@ class LocalDestination:
         self.generation = uuid.uuid4().hex
         self._gen_dir.mkdir()
         (self._gen_dir / MARKER).write_text(self.generation + "\n", encoding="utf-8")
-        _fsync_file(self._gen_dir / MARKER)
-        fsync_dir(self._gen_dir)
-        fsync_dir(self.staging_root)
+        fsync_path(self._gen_dir / MARKER)
+        fsync_path(self._gen_dir)
+        fsync_path(self.staging_root)
         return Resumption({"generation": self.generation})
 
     def _resume(self, state: dict[str, Any], committed: int) -> Resumption:
@@ -180,7 +172,7 @@ class LocalDestination:
                     part.unlink()
             elif part.name.startswith(".part-"):
                 part.unlink()
-        fsync_dir(self._gen_dir)
+        fsync_path(self._gen_dir)
         return Resumption(state)
 
     def write(self, index: int, table: pa.Table) -> None:
@@ -200,9 +192,9 @@ class LocalDestination:
                     for row in table.to_pylist():
                         f.write(_json_row(row))
                         f.write("\n")
-            _fsync_file(tmp)
+            fsync_path(tmp)
             os.replace(tmp, final)
-            fsync_dir(self._gen_dir)
+            fsync_path(self._gen_dir)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise self._fail(f"write part {name}", exc) from None
@@ -224,7 +216,7 @@ class LocalDestination:
                 os.rename(self.visible, old)
                 os.rename(self._gen_dir, self.visible)
                 shutil.rmtree(old, ignore_errors=True)
-            fsync_dir(self.root)
-            fsync_dir(self.staging_root)
+            fsync_path(self.root)
+            fsync_path(self.staging_root)
         except OSError as exc:
             raise self._fail("publish the output", exc) from None
