@@ -14,6 +14,7 @@ from dagster import (
     Failure,
     MaterializeResult,
     MetadataValue,
+    ScheduleDefinition,
     asset,
     define_asset_job,
 )
@@ -67,6 +68,9 @@ def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefini
         name=resource.name,
         group_name=resource.source.name,
         kinds=asset_kinds(resource),
+        # one run at a time per pipeline also inside Dagster: with a pool limit of 1 (see deploy/dagster.yaml)
+        # a second run waits for the first instead of failing on the pipeline lock
+        pool=f"conduit_{resource.name}",
         description=asset_description(resource),
         metadata={
             "conduit/source": resource.source.name,
@@ -114,13 +118,34 @@ def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefini
     return _ingest
 
 
+def build_ingest_schedules(spec: IngestSpec, jobs: Sequence[Any]) -> list[ScheduleDefinition]:
+    by_name = {j.name: j for j in jobs}
+    return [
+        ScheduleDefinition(
+            name=f"{r.name}_schedule",
+            job=by_name[job_name(r)],
+            cron_schedule=r.schedule,
+            execution_timezone=r.schedule_timezone,
+            description=f"Ingest {r.name} on {r.schedule}" + (f" ({r.schedule_timezone})" if r.schedule_timezone else ""),
+        )
+        for r in spec.resources
+        if r.schedule
+    ]
+
+
 def build_ingest_assets(spec: IngestSpec) -> list[AssetsDefinition]:
     return [build_ingest_asset(spec, r) for r in spec.resources]
 
 
 def build_ingest_jobs(spec: IngestSpec) -> Sequence[Any]:
     jobs = [
-        define_asset_job(job_name(r), selection=AssetSelection.assets(r.name), description=f"Ingest {r.name}")
+        define_asset_job(
+            job_name(r),
+            selection=AssetSelection.assets(r.name),
+            description=f"Ingest {r.name}",
+            # run retries (needs `run_retries: {enabled: true}` in dagster.yaml and the daemon); a retry resumes
+            tags={"dagster/max_retries": str(r.retries)} if r.retries else None,
+        )
         for r in spec.resources
     ]
     jobs.append(

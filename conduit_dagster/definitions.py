@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dagster import Definitions
 
-from conduit_dagster.assets import build_ingest_assets, build_ingest_jobs
+from conduit_dagster.assets import build_ingest_assets, build_ingest_jobs, build_ingest_schedules
 from conduit_dagster.engine.spec import INGEST_FILE_ENV, load_spec
 from conduit_dagster.resources import LocalCheckpointStoreResource
 
@@ -27,9 +27,11 @@ def find_spec_path(start: Path | None = None) -> Path:
 
 def build_definitions(path: str | os.PathLike[str]) -> Definitions:
     spec = load_spec(path)
+    jobs = build_ingest_jobs(spec)
     return Definitions(
         assets=build_ingest_assets(spec),
-        jobs=build_ingest_jobs(spec),
+        jobs=jobs,
+        schedules=build_ingest_schedules(spec, jobs),
         resources={"checkpoints": LocalCheckpointStoreResource()},
     )
 

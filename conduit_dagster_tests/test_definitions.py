@@ -45,6 +45,8 @@ resources:
     source: shop
     destination: text
     resume: false
+    schedule: {cron: "15 3 * * *", timezone: Europe/Berlin}
+    retries: 2
     query: SELECT id, amount, note FROM orders
 """
 
@@ -75,6 +77,27 @@ def test_definitions_assets_and_jobs(shop):
     assert {t.split("/")[-1] for t in csv_node.tags if t.startswith("dagster/kind/")} == {"sqlite", "csv"}
     for job in ("ingest_orders", "ingest_orders_csv", "ingest_all"):
         assert defs.resolve_job_def(job) is not None
+
+
+def test_schedules_retries_and_pools(shop):
+    defs = build_definitions(shop)
+    schedules = {s.name: s for s in defs.schedules or []}
+    assert set(schedules) == {"orders_csv_schedule"}
+    sched = schedules["orders_csv_schedule"]
+    assert sched.cron_schedule == "15 3 * * *" and sched.execution_timezone == "Europe/Berlin"
+    assert sched.job_name == "ingest_orders_csv"
+    assert defs.resolve_job_def("ingest_orders_csv").tags.get("dagster/max_retries") == "2"
+    assert "dagster/max_retries" not in defs.resolve_job_def("ingest_orders").tags
+    graph = defs.resolve_asset_graph()
+    assert graph.get(AssetKey("orders")).pools == {"conduit_orders"}
+
+
+def test_deploy_dagster_yaml_example_is_valid():
+    from dagster._core.instance.config import dagster_instance_config
+
+    config, _ = dagster_instance_config(str(ROOT / "deploy"), "dagster.yaml")
+    assert config["run_retries"]["enabled"] is True
+    assert config["concurrency"]["pools"]["default_limit"] == 1
 
 
 def test_materialize_reports_metadata_and_writes_rows(shop, tmp_path):

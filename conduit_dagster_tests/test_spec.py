@@ -128,6 +128,16 @@ ERRORS = [
     (("  - name: r", "  - name: ../etc"), ["resources[0].name", "not a valid name"]),
     (("  - name: r", "  - name: a-b"), ["resources[0].name", "not a valid name"]),
     (("  - name: r", "  - name: _conduit_staging"), ["resources[0].name", "starts with _"]),
+    (("    query: SELECT 1", "    query: SELECT 1\n    schedule: every day"), [":15:", "resources[0].schedule", "5-field cron"]),
+    (
+        ("    query: SELECT 1", '    query: SELECT 1\n    schedule: {cron: "0 3 * * *", timezone: Mars/Olympus}'),
+        ["resources[0].schedule.timezone", "unknown time zone"],
+    ),
+    (
+        ("    query: SELECT 1", '    query: SELECT 1\n    schedule: {cron: "0 3 * * *", tz: UTC}'),
+        ["resources[0].schedule.tz", "unknown key"],
+    ),
+    (("    query: SELECT 1", "    query: SELECT 1\n    retries: -1"), ["resources[0].retries", "between 0 and 100"]),
     (("  - name: r", "  - name: _hidden"), ["resources[0].name", "starts with _"]),
     (("    query: SELECT 1", "    query: SELECT 1; DROP TABLE x"), [":14:", "resources[0].query", "more than one statement"]),
     (("    query: SELECT 1", "    query: SELECT 1 /* open"), [":14:", "resources[0].query", "unterminated /*"]),

@@ -116,6 +116,9 @@ class ResourceSpec:
     description: str | None = None
     resume: bool = False
     checkpoint_column: str | None = None
+    schedule: str | None = None
+    schedule_timezone: str | None = None
+    retries: int = 0
 
 
 @dataclass(frozen=True)
@@ -297,7 +300,18 @@ _PG_KEYS = {"name", "type", "resume", "checkpoint_column", "host", "port", "data
 _SQLITE_KEYS = {"name", "type", "resume", "checkpoint_column", "path"}
 _LOCAL_KEYS = {"name", "type", "path", "format"}
 _PG_DEST_KEYS = {"name", "type", "host", "port", "database", "user", "password", "schema", "url", "table", "mode", "primary_key"}
-_RESOURCE_KEYS = {"name", "source", "destination", "query", "batch_size", "description", "resume", "checkpoint_column"}
+_RESOURCE_KEYS = {
+    "name",
+    "source",
+    "destination",
+    "query",
+    "batch_size",
+    "description",
+    "resume",
+    "checkpoint_column",
+    "schedule",
+    "retries",
+}
 
 
 def _path(e: _Entry, base: Path) -> Path:
@@ -364,6 +378,34 @@ def _destination(file: Path, e: _Entry) -> DestinationSpec:
     e.finish(_LOCAL_KEYS)
     path = _path(e, file.parent)
     return LocalDestinationSpec(name=name, path=path, format=e.choice("format", FORMATS, default="parquet"))
+
+
+def _schedule(e: _Entry) -> tuple[str | None, str | None]:
+    """``schedule: "<cron>"`` or ``schedule: {cron: "<cron>", timezone: Europe/Berlin}``."""
+    raw = e.raw("schedule")
+    if raw is None:
+        return None, None
+    if isinstance(raw, dict):
+        sub = _Entry(e.file, raw, f"{e.path}.schedule", getattr(raw, "line", e.line))
+        sub.finish({"cron", "timezone"})
+        cron, timezone = sub.text("cron", required=True), sub.text("timezone")
+        where = sub
+    elif isinstance(raw, str):
+        cron, timezone, where = e.text("schedule"), None, e
+    else:
+        raise e.fail("schedule", 'expected a cron string like "0 3 * * *", or {cron: ..., timezone: ...}')
+    from croniter import croniter
+
+    if not cron or not croniter.is_valid(cron) or len(cron.split()) != 5:
+        raise where.fail("cron" if where is not e else "schedule", f'{cron!r} is not a 5-field cron expression; e.g. "0 3 * * *"')
+    if timezone is not None:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise where.fail("timezone", f"unknown time zone {timezone!r}; use an IANA name such as Europe/Berlin") from None
+    return cron, timezone
 
 
 def _entries(file: Path, doc: _LineDict, section: str, required: bool) -> list[_Entry]:
@@ -470,6 +512,7 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
                 f"destination {dest_name!r} appends, which is exact after a crash only with resume: true and a "
                 "checkpoint_column (the rerun would append the rows again); turn resume on, or use mode replace or merge",
             )
+        cron, timezone = _schedule(e)
         resources[name] = ResourceSpec(
             name=name,
             source=source,
@@ -479,6 +522,9 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
             description=e.text("description"),
             resume=resume,
             checkpoint_column=column,
+            schedule=cron,
+            schedule_timezone=timezone,
+            retries=e.integer("retries", default=0, minimum=0, maximum=100),
         )
     return IngestSpec(
         path=path, sources=tuple(sources.values()), destinations=tuple(destinations.values()), resources=tuple(resources.values())
