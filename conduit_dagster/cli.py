@@ -1,5 +1,6 @@
-"""The ``conduit`` command: look at and clear checkpoints.
+"""The ``conduit`` command: check ingest.yml, look at and clear checkpoints.
 
+    conduit validate [--file ingest.yml] [--dir DIR]
     conduit checkpoints [--file ingest.yml] [--dir DIR]
     conduit clear-checkpoints [--pipeline-name NAME] [--file ingest.yml] [--dir DIR]
 
@@ -12,10 +13,11 @@ import datetime as dt
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from conduit_dagster.engine.checkpoint import LocalCheckpointStore, encode_value, resolve_checkpoint_dir
-from conduit_dagster.engine.errors import ConduitError
-from conduit_dagster.engine.spec import INGEST_FILE_ENV
+from conduit_dagster.engine.errors import ConduitError, DestinationError
+from conduit_dagster.engine.spec import INGEST_FILE_ENV, LocalDestinationSpec
 
 
 def _ingest_file(arg: str | None) -> Path:
@@ -94,10 +96,81 @@ def cmd_clear(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_destination(dest: Any) -> str:
+    if isinstance(dest, LocalDestinationSpec):
+        existing = dest.path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise DestinationError(f"destination {dest.name!r}: {existing} is not a writable directory")
+        return f"{dest.path} ({dest.format})"
+    from conduit_dagster.engine.pg import connect, describe
+
+    connect(dest, "destination").close()
+    return f"{describe(dest)} schema {dest.schema or 'public'} ({dest.mode})"
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """ingest.yml's syntax, every connection and query, and what a run would do; never a secret."""
+    from conduit_dagster.engine.sources import open_source
+    from conduit_dagster.engine.spec import load_spec
+
+    path = _ingest_file(args.file)
+    spec = load_spec(path)
+    store = LocalCheckpointStore(resolve_checkpoint_dir(spec.base_dir, args.dir))
+    print(f"{path}: {len(spec.sources)} source(s), {len(spec.destinations)} destination(s), {len(spec.resources)} resource(s)")
+    problems = 0
+    sources: dict[str, Any] = {}
+    for source in spec.sources:
+        try:
+            sources[source.name] = open_source(source)
+            print(f"  source {source.name}: ok, {sources[source.name].describe()}")
+        except ConduitError as exc:
+            problems += 1
+            print(f"  source {source.name}: FAILED: {exc}")
+    for dest in spec.destinations:
+        try:
+            print(f"  destination {dest.name}: ok, {_check_destination(dest)}")
+        except ConduitError as exc:
+            problems += 1
+            print(f"  destination {dest.name}: FAILED: {exc}")
+    for r in spec.resources:
+        src = sources.get(r.source.name)
+        try:
+            columns = src.probe(r.query, r.checkpoint_column) if src is not None else []
+            cp = store.load(r.name) if r.resume else None
+        except ConduitError as exc:
+            problems += 1
+            print(f"  resource {r.name}: FAILED: {exc}")
+            continue
+        if not r.resume:
+            plan = "full refresh (resume off)"
+        elif cp is None:
+            plan = f"full refresh, checkpointed on {r.checkpoint_column}"
+        else:
+            plan = f"resumes after {r.checkpoint_column} = {cp.last_value!r} ({cp.records_processed:,} rows already written)"
+        extra = f", schedule {r.schedule}" + (f" {r.schedule_timezone}" if r.schedule_timezone else "") if r.schedule else ""
+        extra += f", retries {r.retries}" if r.retries else ""
+        state = "ok" if src is not None else "source unavailable"
+        print(
+            f"  resource {r.name}: {state}, {r.source.name} -> {r.destination.name}, {len(columns)} columns, "
+            f"batches of {r.batch_size:,}, {plan}{extra}"
+        )
+    for src in sources.values():
+        src.close()
+    print("valid" if problems == 0 else f"{problems} problem(s)")
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="conduit", description="conduit-dagster checkpoints")
+    parser = argparse.ArgumentParser(prog="conduit", description="conduit-dagster: check ingest.yml, manage checkpoints")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("checkpoints", "list saved checkpoints"), ("clear-checkpoints", "delete checkpoints")):
+    commands = (
+        ("validate", "check ingest.yml and every connection, and print what would run"),
+        ("checkpoints", "list saved checkpoints"),
+        ("clear-checkpoints", "delete checkpoints"),
+    )
+    for name, help_text in commands:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--file", help="ingest.yml (default: $CONDUIT_INGEST_FILE or ./ingest.yml)")
         p.add_argument("--dir", help="checkpoint directory (default: $CONDUIT_CHECKPOINT_DIR or .checkpoints/ beside ingest.yml)")
@@ -105,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--pipeline-name", help="the pipeline (resource) whose checkpoint to clear; default all")
     args = parser.parse_args(argv)
     try:
-        return cmd_checkpoints(args) if args.command == "checkpoints" else cmd_clear(args)
+        command = {"validate": cmd_validate, "checkpoints": cmd_checkpoints, "clear-checkpoints": cmd_clear}[args.command]
+        return command(args)
     except ConduitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -71,3 +71,61 @@ def test_cli_lists_and_clears_a_damaged_checkpoint(tmp_path):
     assert isinstance(events[-1], RunFinished) and not events[0].resumed
     assert sorted(r[0] for r in output_rows(tmp_path / "lake" / "orders")) == list(range(1, 51))
     assert "no checkpoints" in conduit("checkpoints", cwd=tmp_path).stdout
+
+
+def test_validate_reports_connections_queries_and_plan_without_secrets(tmp_path, postgres_dsn, monkeypatch):
+    conn = sqlite3.connect(tmp_path / "shop.db")
+    conn.execute("CREATE TABLE orders (id INTEGER)")
+    conn.commit()
+    conn.close()
+    secret = "Val1date-S3cret"
+    text = INGEST.replace(
+        "destinations:",
+        f"""  - name: down
+    type: postgresql
+    host: 127.0.0.1
+    port: 1
+    database: test
+    user: postgres
+    password: {secret}
+  - name: pg
+    type: postgresql
+    url: postgresql://postgres:{secret}@127.0.0.1:5432/test
+destinations:""",
+    )
+    text += """  - name: broken
+    source: shop
+    destination: lake
+    checkpoint_column: nope
+    resume: true
+    query: SELECT id FROM orders
+  - name: remote
+    source: down
+    destination: lake
+    query: SELECT 1 AS id
+  - name: fine_pg
+    source: pg
+    destination: lake
+    schedule: "0 3 * * *"
+    query: SELECT 1 AS id
+"""
+    write_ingest(tmp_path, text)
+    out = conduit("validate", cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = out.stdout
+    assert "source shop: ok" in lines and "source pg: ok, postgresql://127.0.0.1:5432/test" in lines
+    assert "source down: FAILED: source 'down': cannot connect to PostgreSQL at postgresql://127.0.0.1:1/test" in lines
+    assert "resource orders: ok, shop -> lake, 1 columns, batches of 10, full refresh, checkpointed on id" in lines
+    assert "resource broken: FAILED: source 'shop': checkpoint_column 'nope' is not a column" in lines
+    assert "resource fine_pg: ok" in lines and "schedule 0 3 * * *" in lines
+    assert "resource remote: source unavailable" in lines
+    assert "2 problem(s)" in lines
+    assert secret not in out.stdout + out.stderr
+
+
+def test_validate_bad_file_is_one_clear_line(tmp_path):
+    write_ingest(tmp_path, INGEST.replace("batch_size: 10", "batch_size: ten"))
+    out = conduit("validate", cwd=tmp_path)
+    assert out.returncode == 1
+    assert "resources[0].batch_size: expected a whole number, got 'ten'" in out.stderr
+    assert "Traceback" not in out.stderr

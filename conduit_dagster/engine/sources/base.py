@@ -26,6 +26,10 @@ class Source(Protocol):
 
     def close(self) -> None: ...
 
+    def probe(self, query: str, column: str | None) -> list[str]:
+        """Run the query for zero rows: its column names; raises if it fails or lacks ``column``."""
+        ...
+
     def key_type(self, query: str, column: str) -> tuple[type, ...] | None:
         """The Python type(s) the checkpoint column's values have, or None if unknown."""
         ...

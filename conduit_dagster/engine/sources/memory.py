@@ -40,6 +40,9 @@ class MemorySource:
     def close(self) -> None:
         pass
 
+    def probe(self, query: str, column: str | None) -> list[str]:
+        return list(self.schema.names)
+
     def key_type(self, query: str, column: str) -> tuple[type, ...] | None:
         values = [r[column] for r in self.rows if r[column] is not None]
         return (type(values[0]),) if values else None

@@ -202,6 +202,14 @@ class PostgresSource:
         self.conn.rollback()
         return description, type_name, category == "S"
 
+    def probe(self, query: str, column: str | None) -> list[str]:
+        try:
+            description, _, _ = self._probe(clean_query(query), column)
+        except psycopg2.Error as exc:
+            self.conn.rollback()
+            raise self._fail("query failed", exc) from None
+        return [d.name for d in description]
+
     def key_type(self, query: str, column: str) -> tuple[type, ...] | None:
         try:
             description, _, _ = self._probe(clean_query(query), column)

@@ -44,6 +44,16 @@ class SqliteSource:
         row = self.conn.execute(sql).fetchone()
         return _TYPEOF.get(row[0], pa.string()) if row else pa.string()
 
+    def probe(self, query: str, column: str | None) -> list[str]:
+        try:
+            cur = self.conn.execute(f"SELECT * FROM (\n{clean_query(query)}\n) AS conduit_src LIMIT 0")
+        except sqlite3.Error as exc:
+            raise self._fail("query failed", exc) from None
+        names = [d[0] for d in cur.description]
+        if column is not None:
+            key_index(names, column, f"source {self.spec.name!r}")
+        return names
+
     def key_type(self, query: str, column: str) -> tuple[type, ...] | None:
         try:
             arrow_t = self._probe_type(query, column)
