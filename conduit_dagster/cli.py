@@ -1,5 +1,6 @@
-"""The ``conduit`` command: check ingest.yml, look at and clear checkpoints.
+"""The ``conduit`` command: run pipelines, check ingest.yml, look at and clear checkpoints.
 
+    conduit run [--file ingest.yml] [--pipeline NAME ...] [--dry-run]
     conduit validate [--file ingest.yml] [--dir DIR]
     conduit checkpoints [--file ingest.yml] [--dir DIR]
     conduit clear-checkpoints [--pipeline-name NAME] [--file ingest.yml] [--dir DIR]
@@ -12,6 +13,8 @@ import argparse
 import datetime as dt
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -162,10 +165,100 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+class _Progress:
+    """Per-pipeline progress from the checkpoints the run saves: a live line on a terminal, plain lines otherwise."""
+
+    def __init__(self, store: LocalCheckpointStore, names: list[str], stream: Any) -> None:
+        self.store, self.names, self.stream = store, names, stream
+        self.tty = stream.isatty()
+        self.seen: dict[str, int] = {}
+        self.started = time.monotonic()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        spin = "|/-\\"
+        tick = 0
+        while not self.stop.wait(0.2):
+            tick += 1
+            for name in self.names:
+                try:
+                    cp = self.store.load(name)
+                except ConduitError:
+                    continue
+                if cp is None or cp.records_processed == self.seen.get(name):
+                    continue
+                self.seen[name] = cp.records_processed
+                rate = cp.records_processed / max(time.monotonic() - self.started, 1e-6)
+                line = f"{name}: {cp.records_processed:,} rows, {cp.batches_committed} batches, ~{rate:,.0f} rows/s"
+                if self.tty:
+                    self.stream.write(f"\r\033[K{spin[tick % 4]} {line}")
+                else:
+                    self.stream.write(line + "\n")
+                self.stream.flush()
+
+    def __enter__(self) -> "_Progress":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        if self.tty and self.seen:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Materialize pipelines through Dagster: the same assets and checkpoint resource as the UI's runs."""
+    path = _ingest_file(args.file)
+    os.environ[INGEST_FILE_ENV] = str(path)  # child processes rebuild the same definitions
+    from dagster import AssetKey, DagsterEventType, DagsterInstance
+
+    from conduit_dagster.definitions import build_definitions
+    from conduit_dagster.engine.spec import load_spec
+
+    spec = load_spec(path)
+    names = args.pipeline or [r.name for r in spec.resources]
+    for name in names:
+        spec.resource(name)  # an unknown name is an error before anything runs
+    if args.dry_run:
+        return cmd_validate(args)
+    defs = build_definitions(path)
+    job = defs.resolve_implicit_global_asset_job_def()
+    store = LocalCheckpointStore(resolve_checkpoint_dir(spec.base_dir, args.dir))
+    home = os.environ.get("DAGSTER_HOME")
+    instance = DagsterInstance.get() if home else DagsterInstance.ephemeral()
+    print(f"running {', '.join(names)} from {path}" + (f" (runs recorded in {home})" if home else ""), flush=True)
+    with instance, _Progress(store, names, sys.stdout):
+        result = job.execute_in_process(
+            asset_selection=[AssetKey(n) for n in names],
+            instance=instance,
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+        )
+    for event in result.all_events:
+        if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+            mat = event.step_materialization_data.materialization
+            meta = {k: v.value for k, v in mat.metadata.items()}
+            print(
+                f"{mat.asset_key.to_user_string()}: {meta['conduit/rows_this_run']:,} rows this run "
+                f"({meta['conduit/records_processed']:,} in total){' resumed' if meta['conduit/resumed'] else ''}, "
+                f"{meta['conduit/duration_s']:.1f} s, {meta['conduit/rows_per_second']:,.0f} rows/s -> {meta['conduit/output']}"
+            )
+        elif event.event_type == DagsterEventType.STEP_FAILURE:
+            error = event.step_failure_data.error
+            message = error.message.strip() if error else "failed"
+            print(f"{event.step_key}: FAILED: {message}", file=sys.stderr)
+    print(f"run {result.run_id}: {'success' if result.success else 'failure'}")
+    return 0 if result.success else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="conduit", description="conduit-dagster: check ingest.yml, manage checkpoints")
     sub = parser.add_subparsers(dest="command", required=True)
     commands = (
+        ("run", "materialize pipelines through Dagster, resuming from their checkpoints"),
         ("validate", "check ingest.yml and every connection, and print what would run"),
         ("checkpoints", "list saved checkpoints"),
         ("clear-checkpoints", "delete checkpoints"),
@@ -176,9 +269,18 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--dir", help="checkpoint directory (default: $CONDUIT_CHECKPOINT_DIR or .checkpoints/ beside ingest.yml)")
         if name == "clear-checkpoints":
             p.add_argument("--pipeline-name", help="the pipeline (resource) whose checkpoint to clear; default all")
+        if name == "run":
+            p.add_argument("--pipeline", action="append", help="a resource to run (repeatable); default all")
+            p.add_argument("--dry-run", action="store_true", help="check everything and print what would run; run nothing")
     args = parser.parse_args(argv)
     try:
-        command = {"validate": cmd_validate, "checkpoints": cmd_checkpoints, "clear-checkpoints": cmd_clear}[args.command]
+        commands_by_name = {
+            "run": cmd_run,
+            "validate": cmd_validate,
+            "checkpoints": cmd_checkpoints,
+            "clear-checkpoints": cmd_clear,
+        }
+        command = commands_by_name[args.command]
         return command(args)
     except ConduitError as exc:
         print(f"error: {exc}", file=sys.stderr)

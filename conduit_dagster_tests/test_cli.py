@@ -129,3 +129,30 @@ def test_validate_bad_file_is_one_clear_line(tmp_path):
     assert out.returncode == 1
     assert "resources[0].batch_size: expected a whole number, got 'ten'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_run_materializes_through_dagster_records_the_run_and_fails_clearly(tmp_path):
+    conn = sqlite3.connect(tmp_path / "shop.db")
+    conn.execute("CREATE TABLE orders (id INTEGER)")
+    conn.executemany("INSERT INTO orders VALUES (?)", [(i,) for i in range(1, 101)])
+    conn.commit()
+    conn.close()
+    write_ingest(tmp_path, INGEST)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {"PATH": "/usr/bin:/bin", "DAGSTER_HOME": str(home)}
+    run = subprocess.run([CONDUIT, "run"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "orders: 100 rows this run (100 in total)" in run.stdout and ": success" in run.stdout
+    assert sorted(r[0] for r in output_rows(tmp_path / "lake" / "orders")) == list(range(1, 101))
+    from dagster import DagsterInstance
+
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert len(instance.get_runs()) == 1, "the run shows in the Dagster UI of this DAGSTER_HOME"
+
+    (tmp_path / ".checkpoints").mkdir(exist_ok=True)
+    (tmp_path / ".checkpoints" / "orders.json").write_text("{truncated")
+    failed = subprocess.run([CONDUIT, "run", "--pipeline", "orders"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert failed.returncode == 1
+    assert "orders: FAILED" in failed.stderr and "conduit clear-checkpoints --pipeline-name orders" in failed.stderr
