@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from dagster import (
+    AssetCheckResult,
+    AssetChecksDefinition,
     AssetExecutionContext,
     AssetsDefinition,
     AssetSelection,
@@ -16,12 +18,15 @@ from dagster import (
     MetadataValue,
     ScheduleDefinition,
     asset,
+    asset_check,
     define_asset_job,
 )
 
+from conduit_dagster.engine.destinations import open_destination
 from conduit_dagster.engine.errors import ConduitError
 from conduit_dagster.engine.runner import BatchCommitted, RunFinished, RunStarted, RunWarning, run_pipeline
-from conduit_dagster.engine.spec import IngestSpec, LocalDestinationSpec, ResourceSpec
+from conduit_dagster.engine.sources import open_source
+from conduit_dagster.engine.spec import IngestSpec, LocalDestinationSpec, PostgresDestinationSpec, ResourceSpec
 from conduit_dagster.resources import CheckpointStoreResource
 
 _SOURCE_KINDS = {"postgresql": "postgres", "sqlite": "sqlite"}
@@ -133,8 +138,49 @@ def build_ingest_schedules(spec: IngestSpec, jobs: Sequence[Any]) -> list[Schedu
     ]
 
 
+def build_row_count_check(resource: ResourceSpec) -> AssetChecksDefinition:
+    """The destination holds as many rows as the query returns now (a full-refresh output should)."""
+
+    @asset_check(
+        asset=resource.name,
+        name="row_count_matches_source",
+        description="Rows in the destination against rows the query returns now; both numbers are reported.",
+    )
+    def _check() -> AssetCheckResult:
+        source = open_source(resource.source)
+        destination = open_destination(resource.destination, resource.name)
+        try:
+            expected = source.count(resource.query)
+            actual = destination.count()
+        except ConduitError as exc:
+            raise Failure(description=str(exc)) from None
+        finally:
+            source.close()
+            destination.close()
+        return AssetCheckResult(
+            passed=actual == expected,
+            metadata={
+                "conduit/source_rows": expected,
+                "conduit/destination_rows": -1 if actual is None else actual,
+                "conduit/difference": expected - (actual or 0),
+            },
+            description=f"source {expected:,} rows, destination {'no output' if actual is None else f'{actual:,} rows'}",
+        )
+
+    return _check
+
+
 def build_ingest_assets(spec: IngestSpec) -> list[AssetsDefinition]:
     return [build_ingest_asset(spec, r) for r in spec.resources]
+
+
+def build_ingest_checks(spec: IngestSpec) -> list[AssetChecksDefinition]:
+    """A row-count check for every resource whose output is a full refresh (not append or merge)."""
+    return [
+        build_row_count_check(r)
+        for r in spec.resources
+        if not (isinstance(r.destination, PostgresDestinationSpec) and r.destination.mode != "replace")
+    ]
 
 
 def build_ingest_jobs(spec: IngestSpec) -> Sequence[Any]:

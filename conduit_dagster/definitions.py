@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dagster import Definitions
 
-from conduit_dagster.assets import build_ingest_assets, build_ingest_jobs, build_ingest_schedules
+from conduit_dagster.assets import build_ingest_assets, build_ingest_checks, build_ingest_jobs, build_ingest_schedules
 from conduit_dagster.engine.spec import INGEST_FILE_ENV, load_spec
 from conduit_dagster.resources import LocalCheckpointStoreResource
 
@@ -30,6 +30,7 @@ def build_definitions(path: str | os.PathLike[str]) -> Definitions:
     jobs = build_ingest_jobs(spec)
     return Definitions(
         assets=build_ingest_assets(spec),
+        asset_checks=build_ingest_checks(spec),
         jobs=jobs,
         schedules=build_ingest_schedules(spec, jobs),
         resources={"checkpoints": LocalCheckpointStoreResource()},

@@ -92,6 +92,41 @@ def test_schedules_retries_and_pools(shop):
     assert graph.get(AssetKey("orders")).pools == {"conduit_orders"}
 
 
+def check_evaluations(result):
+    return [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+
+
+def test_row_count_check_runs_with_the_job_and_reports_both_numbers(shop, tmp_path):
+    defs = build_definitions(shop)
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("ingest_orders").execute_in_process(instance=instance)
+        assert result.success
+        (evaluation,) = check_evaluations(result)
+        assert evaluation.check_name == "row_count_matches_source" and evaluation.passed
+        assert evaluation.metadata["conduit/source_rows"].value == 1000
+        assert evaluation.metadata["conduit/destination_rows"].value == 1000
+    conn = sqlite3.connect(tmp_path / "shop.db")
+    conn.execute("DELETE FROM orders WHERE id > 900")
+    conn.commit()
+    conn.close()
+    from dagster import AssetCheckKey, AssetSelection
+
+    from conduit_dagster.assets import build_ingest_checks
+
+    spec = load_spec(shop)
+    with DagsterInstance.ephemeral() as instance:
+        only_check = materialize(
+            [*build_ingest_assets(spec), *build_ingest_checks(spec)],
+            selection=AssetSelection.checks(AssetCheckKey(AssetKey("orders"), "row_count_matches_source")),
+            instance=instance,
+            resources={"checkpoints": LocalCheckpointStoreResource()},
+        )
+        (evaluation,) = check_evaluations(only_check)
+        assert not evaluation.passed
+        assert evaluation.metadata["conduit/source_rows"].value == 900
+        assert evaluation.metadata["conduit/destination_rows"].value == 1000
+
+
 def test_deploy_dagster_yaml_example_is_valid():
     from dagster._core.instance.config import dagster_instance_config
 

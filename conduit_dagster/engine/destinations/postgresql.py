@@ -271,3 +271,10 @@ class PostgresDestination:
 
     def close(self) -> None:
         self.conn.close()
+
+    def count(self) -> int | None:
+        with self.conn, self.conn.cursor() as cur:
+            if not self._exists(cur, self.table):
+                return None
+            cur.execute(f"SELECT count(*) FROM {self._q(self.table)}")
+            return int(cur.fetchone()[0])

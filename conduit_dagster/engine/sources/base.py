@@ -34,6 +34,10 @@ class Source(Protocol):
         """The Python type(s) the checkpoint column's values have, or None if unknown."""
         ...
 
+    def count(self, query: str) -> int:
+        """How many rows the query returns now."""
+        ...
+
     def describe(self) -> str:
         """Where the data comes from, for logs and metadata; never contains a secret."""
         ...

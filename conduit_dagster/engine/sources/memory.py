@@ -40,6 +40,9 @@ class MemorySource:
     def close(self) -> None:
         pass
 
+    def count(self, query: str) -> int:
+        return len(self.rows)
+
     def probe(self, query: str, column: str | None) -> list[str]:
         return list(self.schema.names)
 

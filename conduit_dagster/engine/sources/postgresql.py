@@ -210,6 +210,17 @@ class PostgresSource:
             raise self._fail("query failed", exc) from None
         return [d.name for d in description]
 
+    def count(self, query: str) -> int:
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(f"SELECT count(*) FROM (\n{clean_query(query)}\n) AS conduit_src".replace("%", "%%"), {})
+                n = int(cur.fetchone()[0])
+            self.conn.rollback()
+            return n
+        except psycopg2.Error as exc:
+            self.conn.rollback()
+            raise self._fail("count failed", exc) from None
+
     def key_type(self, query: str, column: str) -> tuple[type, ...] | None:
         try:
             description, _, _ = self._probe(clean_query(query), column)

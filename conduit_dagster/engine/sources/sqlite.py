@@ -54,6 +54,12 @@ class SqliteSource:
             key_index(names, column, f"source {self.spec.name!r}")
         return names
 
+    def count(self, query: str) -> int:
+        try:
+            return int(self.conn.execute(f"SELECT count(*) FROM (\n{clean_query(query)}\n) AS conduit_src").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise self._fail("count failed", exc) from None
+
     def key_type(self, query: str, column: str) -> tuple[type, ...] | None:
         try:
             arrow_t = self._probe_type(query, column)
