@@ -4,6 +4,7 @@ The asset runs the engine's batch loop and turns its events into log lines and
 materialization metadata.
 """
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,12 +17,12 @@ from dagster import (
     Failure,
     MaterializeResult,
     MetadataValue,
-    ScheduleDefinition,
     asset,
     asset_check,
     define_asset_job,
 )
 
+from conduit_dagster.engine.checkpoint import encode_value
 from conduit_dagster.engine.destinations import open_destination
 from conduit_dagster.engine.errors import ConduitError
 from conduit_dagster.engine.runner import BatchCommitted, RunFinished, RunStarted, RunWarning, run_pipeline
@@ -59,6 +60,8 @@ def finished_metadata(event: RunFinished, column: str | None) -> dict[str, Any]:
         "conduit/resumed": event.resumed,
         "conduit/resumed_from": _show(event.resumed_from),
         "conduit/last_value": _show(event.last_value),
+        # typed, for sensors: {"type": "datetime", "value": "..."} as in a checkpoint
+        "conduit/last_value_json": json.dumps(encode_value(event.last_value)),
         "conduit/checkpoint_column": column or "",
         "conduit/batches": event.batches,
         "conduit/duration_s": round(event.duration_s, 3),
@@ -121,21 +124,6 @@ def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefini
         return MaterializeResult(metadata=finished_metadata(finished, resource.checkpoint_column))
 
     return _ingest
-
-
-def build_ingest_schedules(spec: IngestSpec, jobs: Sequence[Any]) -> list[ScheduleDefinition]:
-    by_name = {j.name: j for j in jobs}
-    return [
-        ScheduleDefinition(
-            name=f"{r.name}_schedule",
-            job=by_name[job_name(r)],
-            cron_schedule=r.schedule,
-            execution_timezone=r.schedule_timezone,
-            description=f"Ingest {r.name} on {r.schedule}" + (f" ({r.schedule_timezone})" if r.schedule_timezone else ""),
-        )
-        for r in spec.resources
-        if r.schedule
-    ]
 
 
 def build_row_count_check(resource: ResourceSpec) -> AssetChecksDefinition:

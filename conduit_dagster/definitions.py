@@ -9,7 +9,8 @@ from pathlib import Path
 
 from dagster import Definitions
 
-from conduit_dagster.assets import build_ingest_assets, build_ingest_checks, build_ingest_jobs, build_ingest_schedules
+from conduit_dagster.assets import build_ingest_assets, build_ingest_checks, build_ingest_jobs
+from conduit_dagster.automation import build_ingest_schedules, build_ingest_sensors
 from conduit_dagster.engine.spec import INGEST_FILE_ENV, load_spec
 from conduit_dagster.resources import LocalCheckpointStoreResource
 
@@ -33,6 +34,7 @@ def build_definitions(path: str | os.PathLike[str]) -> Definitions:
         asset_checks=build_ingest_checks(spec),
         jobs=jobs,
         schedules=build_ingest_schedules(spec, jobs),
+        sensors=build_ingest_sensors(spec, jobs),
         resources={"checkpoints": LocalCheckpointStoreResource()},
     )
 

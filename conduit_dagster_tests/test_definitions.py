@@ -12,6 +12,8 @@ from dagster import AssetKey, DagsterInstance, materialize
 
 from conduit_dagster.assets import build_ingest_assets
 from conduit_dagster.definitions import build_definitions, find_spec_path
+from conduit_dagster.engine.checkpoint import LocalCheckpointStore
+from conduit_dagster.engine.runner import run_pipeline
 from conduit_dagster.engine.spec import load_spec
 from conduit_dagster.resources import LocalCheckpointStoreResource
 from conduit_dagster_tests.conftest import write_ingest
@@ -39,6 +41,7 @@ resources:
     source: shop
     destination: lake
     batch_size: 100
+    sensor: true
     description: All orders.
     query: SELECT id, amount, note FROM orders ORDER BY id
   - name: orders_csv
@@ -125,6 +128,38 @@ def test_row_count_check_runs_with_the_job_and_reports_both_numbers(shop, tmp_pa
         assert not evaluation.passed
         assert evaluation.metadata["conduit/source_rows"].value == 900
         assert evaluation.metadata["conduit/destination_rows"].value == 1000
+
+
+def test_sensor_launches_only_for_rows_beyond_what_is_held(shop, tmp_path, monkeypatch):
+    from dagster import RunRequest, SkipReason, build_sensor_context
+
+    monkeypatch.setenv("CONDUIT_CHECKPOINT_DIR", str(tmp_path / "cps"))
+    defs = build_definitions(shop)
+    sensors = {s.name: s for s in defs.sensors or []}
+    assert set(sensors) == {"orders_sensor"}
+    orders_sensor = sensors["orders_sensor"]
+    with DagsterInstance.ephemeral() as instance:
+        first = orders_sensor(build_sensor_context(instance=instance))
+        assert isinstance(first, RunRequest) and first.run_key == 'orders:{"type": "int", "value": "1000"}'
+        assert defs.resolve_job_def("ingest_orders").execute_in_process(instance=instance).success
+        quiet = orders_sensor(build_sensor_context(instance=instance))
+        assert isinstance(quiet, SkipReason) and "no rows beyond id = 1000" in quiet.skip_message
+        conn = sqlite3.connect(tmp_path / "shop.db")
+        conn.execute("INSERT INTO orders VALUES (1001, 1.0, 'late')")
+        conn.commit()
+        conn.close()
+        again = orders_sensor(build_sensor_context(instance=instance))
+        assert isinstance(again, RunRequest) and again.run_key.endswith('"1001"}')
+        # an unfinished run's checkpoint is what the pipeline holds: the sensor launches the run that resumes it
+        store = LocalCheckpointStore(tmp_path / "cps")
+        run = run_pipeline(load_spec(shop).resource("orders"), store, run_id="crashed")
+        for event in run:
+            if type(event).__name__ == "BatchCommitted":
+                break
+        run.close()
+        assert store.load("orders").last_value == 100
+        resume = orders_sensor(build_sensor_context(instance=instance))
+        assert isinstance(resume, RunRequest)
 
 
 def test_deploy_dagster_yaml_example_is_valid():

@@ -138,6 +138,8 @@ ERRORS = [
         ["resources[0].schedule.tz", "unknown key"],
     ),
     (("    query: SELECT 1", "    query: SELECT 1\n    retries: -1"), ["resources[0].retries", "between 0 and 100"]),
+    (("    query: SELECT 1", "    query: SELECT 1\n    sensor: true"), ["resources[0].sensor", "set checkpoint_column"]),
+    (("    query: SELECT 1", "    query: SELECT 1\n    sensor: often"), ["resources[0].sensor", "expected true"]),
     (("  - name: r", "  - name: _hidden"), ["resources[0].name", "starts with _"]),
     (("    query: SELECT 1", "    query: SELECT 1; DROP TABLE x"), [":14:", "resources[0].query", "more than one statement"]),
     (("    query: SELECT 1", "    query: SELECT 1 /* open"), [":14:", "resources[0].query", "unterminated /*"]),

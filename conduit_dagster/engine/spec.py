@@ -119,6 +119,7 @@ class ResourceSpec:
     schedule: str | None = None
     schedule_timezone: str | None = None
     retries: int = 0
+    sensor_interval: int | None = None  # seconds; None: no sensor
 
 
 @dataclass(frozen=True)
@@ -311,6 +312,7 @@ _RESOURCE_KEYS = {
     "checkpoint_column",
     "schedule",
     "retries",
+    "sensor",
 }
 
 
@@ -406,6 +408,24 @@ def _schedule(e: _Entry) -> tuple[str | None, str | None]:
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             raise where.fail("timezone", f"unknown time zone {timezone!r}; use an IANA name such as Europe/Berlin") from None
     return cron, timezone
+
+
+def _sensor(e: _Entry, column: str | None) -> int | None:
+    """``sensor: true`` (checks every 60 s) or ``sensor: {interval: 300}``."""
+    raw = e.raw("sensor")
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        interval = 60
+    elif isinstance(raw, dict):
+        sub = _Entry(e.file, raw, f"{e.path}.sensor", getattr(raw, "line", e.line))
+        sub.finish({"interval"})
+        interval = sub.integer("interval", default=60, minimum=30, maximum=86400)
+    else:
+        raise e.fail("sensor", "expected true, or {interval: <seconds>}")
+    if column is None:
+        raise e.fail("sensor", "a sensor watches the checkpoint column for new rows: set checkpoint_column")
+    return interval
 
 
 def _entries(file: Path, doc: _LineDict, section: str, required: bool) -> list[_Entry]:
@@ -525,6 +545,7 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
             schedule=cron,
             schedule_timezone=timezone,
             retries=e.integer("retries", default=0, minimum=0, maximum=100),
+            sensor_interval=_sensor(e, column),
         )
     return IngestSpec(
         path=path, sources=tuple(sources.values()), destinations=tuple(destinations.values()), resources=tuple(resources.values())

@@ -38,6 +38,10 @@ class Source(Protocol):
         """How many rows the query returns now."""
         ...
 
+    def max_value(self, query: str, column: str) -> Any:
+        """The largest checkpoint value the query returns now (in the order resume uses), or None."""
+        ...
+
     def describe(self) -> str:
         """Where the data comes from, for logs and metadata; never contains a secret."""
         ...

@@ -43,6 +43,10 @@ class MemorySource:
     def count(self, query: str) -> int:
         return len(self.rows)
 
+    def max_value(self, query: str, column: str) -> Any:
+        values = [r[column] for r in self.rows if r[column] is not None]
+        return max(values) if values else None
+
     def probe(self, query: str, column: str | None) -> list[str]:
         return list(self.schema.names)
 

@@ -24,7 +24,7 @@ from conduit_dagster.engine.pg import connect, describe, redact
 from conduit_dagster.engine.sources.base import Chunk, key_index, rows_to_batch
 from conduit_dagster.engine.sources.pgcopy import PsqlCopy, ThreadCopy, psql_environment, psql_path
 from conduit_dagster.engine.spec import PostgresSourceSpec
-from conduit_dagster.engine.sql import clean_query, wrap_query
+from conduit_dagster.engine.sql import clean_query, quote_ident, wrap_query
 
 _counter = itertools.count()
 
@@ -220,6 +220,19 @@ class PostgresSource:
         except psycopg2.Error as exc:
             self.conn.rollback()
             raise self._fail("count failed", exc) from None
+
+    def max_value(self, query: str, column: str) -> Any:
+        try:
+            _, _, is_text = self._probe(clean_query(query), column)
+            col = quote_ident(column) + (' COLLATE "C"' if is_text else "")
+            with self.conn.cursor() as cur:
+                cur.execute(f"SELECT max({col}) FROM (\n{clean_query(query)}\n) AS conduit_src".replace("%", "%%"), {})
+                value = cur.fetchone()[0]
+            self.conn.rollback()
+        except psycopg2.Error as exc:
+            self.conn.rollback()
+            raise self._fail("query failed", exc) from None
+        return bytes(value) if isinstance(value, memoryview) else value
 
     def key_type(self, query: str, column: str) -> tuple[type, ...] | None:
         try:

@@ -60,6 +60,13 @@ class SqliteSource:
         except sqlite3.Error as exc:
             raise self._fail("count failed", exc) from None
 
+    def max_value(self, query: str, column: str) -> Any:
+        sql = f"SELECT max({quote_ident(column)} COLLATE BINARY) FROM (\n{clean_query(query)}\n) AS conduit_src"
+        try:
+            return self.conn.execute(sql).fetchone()[0]
+        except sqlite3.Error as exc:
+            raise self._fail("query failed", exc) from None
+
     def key_type(self, query: str, column: str) -> tuple[type, ...] | None:
         try:
             arrow_t = self._probe_type(query, column)
