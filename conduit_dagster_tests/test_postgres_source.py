@@ -336,3 +336,61 @@ def test_postgres_copy_keeps_text_that_looks_like_null(tmp_path, pg, pg_schema):
     list(run_pipeline(res, MemoryCheckpointStore(), run_id="r"))
     got = sorted(output_rows(tmp_path / "out" / "t"))
     assert got == sorted([(i, w, i % 2 == 0) for i, w in enumerate(words)] + [(100, None, None)])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("use_psql", [True, False])
+def test_postgres_unparsable_value_fails_fast_instead_of_hanging(tmp_path, pg, pg_schema, use_psql):
+    """The producer is blocked on a full pipe when Arrow gives up: it must be stopped, not waited for."""
+    with pg.cursor() as cur:
+        cur.execute(
+            f"CREATE TABLE {pg_schema}.big AS SELECT g AS id, date '2025-01-01' + g % 100 AS d FROM generate_series(1, 600000) g"
+        )
+        cur.execute(f"UPDATE {pg_schema}.big SET d = 'infinity' WHERE id = 10")
+    src = PostgresSource(source(pg_schema), use_psql=use_psql)
+    try:
+        with pytest.raises(SourceError, match="column 'd'.*infinity"):
+            list(src.read("SELECT id, d FROM big", "id", None, resume=False, fetch_size=1000))
+    finally:
+        src.close()
+
+
+@pytest.mark.parametrize("use_psql", [True, False])
+def test_postgres_bytea_is_hex_whatever_the_role_default(tmp_path, pg, pg_schema, monkeypatch, use_psql):
+    monkeypatch.setenv("PGOPTIONS", "-c bytea_output=escape")
+    with pg.cursor() as cur:
+        cur.execute(f"CREATE TABLE {pg_schema}.bin (id int, b bytea)")
+        cur.execute(f"INSERT INTO {pg_schema}.bin VALUES (1, 'xx00ff'::bytea), (2, '\\x00ff'::bytea), (3, 'ab12'::bytea)")
+    src = PostgresSource(source(pg_schema), use_psql=use_psql)
+    try:
+        rows = [r for c in src.read("SELECT id, b FROM bin", "id", None, resume=False, fetch_size=10) for r in c.data.to_pylist()]
+    finally:
+        src.close()
+    assert [r["b"] for r in rows] == [b"xx00ff", b"\x00\xff", b"ab12"]
+
+
+def test_postgres_failed_run_stops_its_copy(tmp_path, pg, pg_schema):
+    from conduit_dagster.engine.destinations import open_destination
+    from conduit_dagster_tests.test_runner import Crash, Tripwire, Wrapped
+
+    with pg.cursor() as cur:
+        cur.execute(f"CREATE TABLE {pg_schema}.big AS SELECT g AS id, repeat('x', 200) AS pad FROM generate_series(1, 500000) g")
+    res = resource(tmp_path, source(pg_schema), "SELECT id, pad FROM big", batch=1000)
+    trip = Tripwire(4)  # the second part write fails
+    dest = Wrapped(open_destination(res.destination, "t"), trip, {"write"})
+    with pytest.raises(Crash):
+        list(run_pipeline(res, MemoryCheckpointStore(), run_id="r", destination=dest))
+    import time
+
+    deadline = time.monotonic() + 10  # the server notices a killed client at its next write
+    while True:
+        with pg.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'conduit-dagster' "
+                "AND state = 'active' AND query ILIKE 'COPY%%'"
+            )
+            active = cur.fetchone()[0]
+        if active == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert active == 0, "the COPY was left running"

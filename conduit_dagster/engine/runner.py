@@ -273,7 +273,7 @@ def _run_locked(
 
     def commit(index: int, table: pa.Table, batch_last: Any, records: int) -> float:
         """Write one batch durably, then checkpoint it; returns the seconds the checkpoint took."""
-        dest.write(index, table)
+        dest.write(index, table, column, batch_last)
         if not resource.resume:
             return 0.0
         assert column is not None
@@ -299,6 +299,7 @@ def _run_locked(
     # and at most one batch waits in memory.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conduit-commit")
     inflight: tuple[Future[float], int, int, Any] | None = None
+    chunks: Iterator[Chunk] | None = None
     try:
         if src is not None and not resumption.already_published:
             chunks = src.read(resource.query, column, after, resume=after is not None, fetch_size=resource.batch_size)
@@ -322,10 +323,19 @@ def _run_locked(
                 checkpoint_s += done[0].result()
                 yield BatchCommitted(done[1], done[2], rows_this_run, records, last_value, time.monotonic() - started)
             dest.publish()
-    finally:
+    except BaseException as failure:
         if inflight is not None:  # the read failed or the caller stopped: let the commit in progress end first
             wait([inflight[0]])
+            commit_error = inflight[0].exception()
+            if commit_error is not None and not isinstance(failure, GeneratorExit):
+                failure.add_note(f"the commit of batch {inflight[1]} failed too: {commit_error!r}")
+        raise
+    finally:
         pool.shutdown(wait=True)
+        if chunks is not None:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()  # stops the source's stream (a COPY child or thread) now, not when it is collected
         if src is not None and source is None:
             src.close()
     if resource.resume:

@@ -5,7 +5,10 @@ The runner drives a destination through one output *generation*:
     start(None)                 a fresh run: open a new, invisible generation
     start(state, committed)     a resumed run: reopen the generation named in the checkpoint,
                                 dropping any part at index >= committed (written, never checkpointed)
-    write(index, table)         durable when it returns; writing an index again replaces it
+    write(index, table, key_column, last_key)
+                                durable when it returns; writing an index again replaces it (or, where
+                                a committed batch cannot be replaced, adds only its rows past the
+                                recorded last key)
     publish()                   make the generation the visible output, atomically, replacing the old
 
 ``state`` is a small JSON-able dict the checkpoint carries for the destination.
@@ -26,7 +29,7 @@ class Resumption:
 class Destination(Protocol):
     def start(self, state: dict[str, Any] | None, committed: int = 0) -> Resumption: ...
 
-    def write(self, index: int, table: pa.Table) -> None: ...
+    def write(self, index: int, table: pa.Table, key_column: str | None = None, last_key: Any = None) -> None: ...
 
     def publish(self) -> None: ...
 

@@ -175,7 +175,7 @@ class LocalDestination:
         fsync_path(self._gen_dir)
         return Resumption(state)
 
-    def write(self, index: int, table: pa.Table) -> None:
+    def write(self, index: int, table: pa.Table, key_column: str | None = None, last_key: Any = None) -> None:
         name = f"part-{index:06d}.{_EXT[self.spec.format]}"
         final = self._gen_dir / name
         tmp = self._gen_dir / f".{name}.tmp"

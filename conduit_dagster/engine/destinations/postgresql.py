@@ -13,15 +13,18 @@ Bookkeeping lives in ``<schema>._conduit_batches``. Tables conduit creates carry
 ``conduit-dagster pipeline <name>``; replace never drops a table without it.
 """
 
+import hashlib
 import io
 import json
 import uuid
+from decimal import Decimal
 from typing import Any
 
 import psycopg2
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from conduit_dagster.engine.checkpoint import decode_value, encode_value
 from conduit_dagster.engine.destinations.base import Resumption
 from conduit_dagster.engine.errors import CheckpointError, ConduitError, DestinationError
 from conduit_dagster.engine.pg import connect, describe, redact
@@ -60,6 +63,14 @@ def pg_type(t: pa.DataType) -> str:
     if pa.types.is_list(t) or pa.types.is_struct(t) or pa.types.is_map(t):
         return "jsonb"
     return "text"
+
+
+def column_type(field: pa.Field) -> str:
+    """The column type to create: the source's own PostgreSQL type where Arrow only carries text."""
+    source_type = (field.metadata or {}).get(b"conduit.pg_type")
+    if source_type and pa.types.is_string(field.type):
+        return source_type.decode()
+    return pg_type(field.type)
 
 
 def _csv_ready(table: pa.Table) -> pa.Table:
@@ -103,9 +114,15 @@ class PostgresDestination:
         return f"{quote_ident(self.schema)}.{quote_ident(name)}"
 
     @property
+    def _staging_prefix(self) -> str:
+        # a digest of the pipeline's name, not the name: PostgreSQL cuts identifiers at 63 bytes, and a
+        # long name would be cut into one shared with another pipeline, or no longer match its own prefix
+        return f"_conduit_stage_{hashlib.sha256(self.pipeline.encode()).hexdigest()[:16]}_"
+
+    @property
     def _staging(self) -> str:
         assert self.generation is not None
-        return f"_conduit_stage_{self.pipeline}_{self.generation[:12]}"
+        return f"{self._staging_prefix}{self.generation[:12]}"
 
     def _write_target(self) -> str:
         return self._staging if self.mode == "replace" else self.table
@@ -127,9 +144,11 @@ class PostgresDestination:
                 cur.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)}")
                 cur.execute(
                     f"CREATE TABLE IF NOT EXISTS {self._q(BATCHES)} (pipeline text NOT NULL, generation text NOT NULL, "
-                    "batch_index integer NOT NULL, rows bigint NOT NULL, committed_at timestamptz NOT NULL DEFAULT now(), "
-                    "PRIMARY KEY (pipeline, generation, batch_index))"
+                    "batch_index integer NOT NULL, rows bigint NOT NULL, last_key text, "
+                    "committed_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (pipeline, generation, batch_index))"
                 )
+                cur.execute(f"ALTER TABLE {self._q(BATCHES)} ADD COLUMN IF NOT EXISTS last_key text")
+                self._fence(cur)
                 if state is None:
                     self.generation = uuid.uuid4().hex
                     self._drop_stale_staging(cur)
@@ -161,6 +180,16 @@ class PostgresDestination:
         except psycopg2.Error as exc:
             raise self._fail("cannot prepare the output", exc) from None
 
+    def _fence(self, cur: Any) -> None:
+        """A session advisory lock on the target table, held until this connection closes (or its holder dies):
+        two runs writing one table, even from machines whose checkpoint locks never meet, cannot interleave."""
+        cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (f"conduit:{self.schema}.{self.table}",))
+        if not cur.fetchone()[0]:
+            raise DestinationError(
+                f"destination {self.spec.name!r}: table {self.schema}.{self.table} is being written by another run "
+                "(it holds the table's advisory lock); nothing was written. Wait for that run to finish"
+            )
+
     def _exists(self, cur: Any, name: str) -> bool:
         cur.execute("SELECT to_regclass(%s) IS NOT NULL", (self._q(name),))
         return bool(cur.fetchone()[0])
@@ -171,7 +200,9 @@ class PostgresDestination:
         return row[0] if row else None
 
     def _check_replaceable(self, cur: Any) -> None:
-        if self._exists(cur, self.table) and not (self._table_comment(cur, self.table) or "").startswith(self.comment):
+        comment = self._table_comment(cur, self.table) or ""
+        ours = comment == self.comment or comment.startswith(f"{self.comment} generation ")
+        if self._exists(cur, self.table) and not ours:
             raise DestinationError(
                 f"destination {self.spec.name!r}: table {self.schema}.{self.table} exists and was not created by conduit "
                 f"for pipeline {self.pipeline!r}; mode replace would drop it. Choose another `table`, use mode append "
@@ -180,15 +211,14 @@ class PostgresDestination:
 
     def _drop_stale_staging(self, cur: Any) -> None:
         cur.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename LIKE %s",
-            (self.schema, f"_conduit_stage_{self.pipeline}_%"),
+            "SELECT tablename FROM pg_tables WHERE schemaname = %s AND starts_with(tablename, %s)",
+            (self.schema, self._staging_prefix),
         )
         for (name,) in cur.fetchall():
-            if name.rsplit("_", 1)[0] == f"_conduit_stage_{self.pipeline}":
-                cur.execute(f"DROP TABLE {self._q(name)}")
+            cur.execute(f"DROP TABLE {self._q(name)}")
 
     def _create_table(self, cur: Any, name: str, table: pa.Table, *, with_batch: bool) -> None:
-        columns = [f"{quote_ident(f.name)} {pg_type(f.type)}" for f in table.schema]
+        columns = [f"{quote_ident(f.name)} {column_type(f)}" for f in table.schema]
         if with_batch:
             columns.append(f"{BATCH_COLUMN} integer NOT NULL")
         if self.mode == "merge":
@@ -196,19 +226,30 @@ class PostgresDestination:
         cur.execute(f"CREATE TABLE IF NOT EXISTS {self._q(name)} ({', '.join(columns)})")
         cur.execute(f"COMMENT ON TABLE {self._q(name)} IS %s", (self.comment,))
 
-    def write(self, index: int, table: pa.Table) -> None:
+    def write(self, index: int, table: pa.Table, key_column: str | None = None, last_key: Any = None) -> None:
         target = self._write_target()
-        names = ", ".join(quote_ident(n) for n in table.schema.names)
+        key_json = json.dumps(encode_value(last_key)) if key_column is not None else None
         try:
             with self.conn, self.conn.cursor() as cur:
-                # The batch record first: a replayed batch finds it (and is skipped); a concurrent duplicate blocks.
+                # The batch record first, in the batch's own transaction: a replayed batch finds it.
                 cur.execute(
-                    f"INSERT INTO {self._q(BATCHES)} (pipeline, generation, batch_index, rows) VALUES (%s, %s, %s, %s) "
-                    "ON CONFLICT DO NOTHING",
-                    (self.pipeline, self.generation, index, table.num_rows),
+                    f"INSERT INTO {self._q(BATCHES)} (pipeline, generation, batch_index, rows, last_key) "
+                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    (self.pipeline, self.generation, index, table.num_rows, key_json),
                 )
                 if cur.rowcount == 0:
-                    return  # committed before the crash that lost its checkpoint: applying it again would duplicate
+                    # Committed before the crash that lost its checkpoint. Its rows are in; applying them again
+                    # would duplicate them. Rows the source gained past the recorded last key since then are
+                    # new: they go in now, in this transaction, and the record moves on.
+                    table = self._rows_past_record(cur, index, table, key_column)
+                    if table.num_rows == 0:
+                        return
+                    cur.execute(
+                        f"UPDATE {self._q(BATCHES)} SET rows = rows + %s, last_key = %s "
+                        "WHERE pipeline = %s AND generation = %s AND batch_index = %s",
+                        (table.num_rows, key_json, self.pipeline, self.generation, index),
+                    )
+                names = ", ".join(quote_ident(n) for n in table.schema.names)
                 if not self._exists(cur, target):
                     self._create_table(cur, target, table, with_batch=self.mode == "replace")
                 if self.mode == "replace":
@@ -226,6 +267,21 @@ class PostgresDestination:
                     self._merge(cur, target, table, names)
         except psycopg2.Error as exc:
             raise self._fail(f"cannot write batch {index}", exc) from None
+
+    def _rows_past_record(self, cur: Any, index: int, table: pa.Table, key_column: str | None) -> pa.Table:
+        cur.execute(
+            f"SELECT last_key FROM {self._q(BATCHES)} WHERE pipeline = %s AND generation = %s AND batch_index = %s FOR UPDATE",
+            (self.pipeline, self.generation, index),
+        )
+        (recorded,) = cur.fetchone()
+        if key_column is None or recorded is None:
+            return table.slice(0, 0)
+        last = decode_value(json.loads(recorded))
+        keys = table.column(key_column).to_pylist()
+        if isinstance(last, Decimal):  # numeric without a precision travels as text
+            keys = [None if k is None else Decimal(k) for k in keys]
+        start = next((i for i, k in enumerate(keys) if k is not None and k > last), len(keys))
+        return table.slice(start)
 
     def _merge(self, cur: Any, target: str, table: pa.Table, names: str) -> None:
         keys = [quote_ident(k) for k in self.spec.primary_key]

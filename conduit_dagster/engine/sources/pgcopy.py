@@ -26,7 +26,9 @@ import psycopg2
 from conduit_dagster.engine.errors import SourceError
 from conduit_dagster.engine.spec import PostgresSourceSpec
 
-SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=3 -c default_transaction_read_only=on"
+SESSION_OPTIONS = (
+    "-c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=3 -c bytea_output=hex -c default_transaction_read_only=on"
+)
 _URL_PARAM_ENV = {
     "sslmode": "PGSSLMODE",
     "sslrootcert": "PGSSLROOTCERT",
@@ -50,6 +52,10 @@ class CopyProducer(Protocol):
 
     def finish(self) -> None:
         """Wait for the producer to end; raise if COPY did not complete."""
+        ...
+
+    def ended(self, timeout: float) -> bool:
+        """Whether the producer has ended (waiting up to ``timeout`` seconds)."""
         ...
 
     def abort(self) -> None:
@@ -110,8 +116,11 @@ class PsqlCopy:
     def __init__(self, psql: str, env: dict[str, str], copy_sql: bytes, redact: Any) -> None:
         self._redact = redact
         self._stderr = tempfile.TemporaryFile()
-        child_env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        child_env = dict(os.environ)  # the user's libpq settings (PGPASSFILE, PGSSLROOTCERT...) apply as to psycopg2
+        user_options = child_env.get("PGOPTIONS", "")
         child_env.update(env)
+        if user_options:
+            child_env["PGOPTIONS"] = f"{user_options} {env['PGOPTIONS']}"
         self.proc = subprocess.Popen(
             [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"],
             stdin=subprocess.PIPE,
@@ -123,6 +132,13 @@ class PsqlCopy:
         self.proc.stdin.write(copy_sql + b";\n")
         self.proc.stdin.close()
         self.stream = self.proc.stdout
+
+    def ended(self, timeout: float) -> bool:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def finish(self) -> None:
         rc = self.proc.wait()
@@ -157,6 +173,10 @@ class ThreadCopy:
         self.thread = threading.Thread(target=pump, name="conduit-copy", daemon=True)
         self.thread.start()
         self.stream = os.fdopen(read_fd, "rb", buffering=0)
+
+    def ended(self, timeout: float) -> bool:
+        self.thread.join(timeout=timeout)
+        return not self.thread.is_alive()
 
     def finish(self) -> None:
         self.thread.join()

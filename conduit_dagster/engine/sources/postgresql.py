@@ -8,6 +8,7 @@ ORDER BY agree with each other and with Python's ordering of the values we check
 
 import datetime as dt
 import itertools
+import os
 import re
 from collections.abc import Iterator
 from decimal import Decimal
@@ -114,9 +115,22 @@ def _open_csv(stream: Any, names: list[str], types: dict[str, pa.DataType], fetc
     )
 
 
+BLOCK_ENV = "CONDUIT_COPY_BLOCK_MB"
+
+
 def _block_size(fetch_size: int) -> int:
-    """CSV bytes per Arrow batch. 4 MiB measured fastest here (1 MiB: 14% slower, 16 MiB: 7%); small batches get less."""
+    """CSV bytes per Arrow batch. 4 MiB measured fastest here (1 MiB: 14% slower, 16 MiB: 7%); small batches
+    get less. A single row must fit in one block: $CONDUIT_COPY_BLOCK_MB raises the limit for huge values."""
+    override = os.environ.get(BLOCK_ENV)
+    if override and override.isdigit() and int(override) > 0:
+        return int(override) << 20
     return max(1 << 20, min(4 << 20, fetch_size * 64))
+
+
+def _unhex(value: str) -> bytes:
+    if not value.startswith("\\x"):  # the session sets bytea_output = hex; anything else is not ours to guess
+        raise SourceError(f"a bytea value did not arrive in hex format ({value[:20]!r}...)")
+    return bytes.fromhex(value[2:])
 
 
 def _finish_types(batch: pa.RecordBatch, types: list[pa.DataType | None]) -> pa.RecordBatch:
@@ -126,7 +140,7 @@ def _finish_types(batch: pa.RecordBatch, types: list[pa.DataType | None]) -> pa.
     arrays = list(batch.columns)
     for i, t in enumerate(types):
         if t == pa.binary():
-            arrays[i] = pa.array([None if v is None else bytes.fromhex(v[2:]) for v in arrays[i].to_pylist()], pa.binary())
+            arrays[i] = pa.array([None if v is None else _unhex(v) for v in arrays[i].to_pylist()], pa.binary())
     return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
 
 
@@ -174,7 +188,7 @@ class PostgresSource:
         psycopg2.extensions.register_type(_RAW_TEXT, self.conn)
         with self.conn.cursor() as cur:
             # Text output that parses back exactly: UTC ISO timestamps, shortest-exact floats.
-            cur.execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3")
+            cur.execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3; SET bytea_output = 'hex'")
             if spec.schema:
                 cur.execute("SELECT set_config('search_path', %s, false)", (spec.schema,))
         self.conn.commit()
@@ -259,13 +273,30 @@ class PostgresSource:
             query.replace("%", "%%"), column, resume=resume, param="%(v)s", collate="C" if is_text else None, cast=cast
         )
         params = {"v": after} if resume else {}
+        schema = self._schema(description, [arrow_type(d) for d in description])
         if self.use_copy and all(d.type_code not in _CURSOR_ONLY_OIDS for d in description):
-            yield from self._read_copy(sql, params, description, column, fetch_size)
+            yield from self._read_copy(sql, params, description, schema, column, fetch_size)
         else:
-            yield from self._read_cursor(sql, params, column, fetch_size)
+            yield from self._read_cursor(sql, params, schema, column, fetch_size)
+
+    def _schema(self, description: list[Any], types: list[pa.DataType | None]) -> pa.Schema:
+        """The Arrow schema, each field carrying its PostgreSQL type name (``conduit.pg_type``): a PostgreSQL
+        destination creates its table with it where Arrow's type is only text (json, uuid, numeric...)."""
+        oids = sorted({d.type_code for d in description})
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT oid, format_type(oid, NULL) FROM pg_type WHERE oid = ANY(%s)", (oids,))
+            names = dict(cur.fetchall())
+        self.conn.rollback()
+        fields = []
+        for d, t in zip(description, types, strict=True):
+            # char(n) would come back as char(1); user-defined types (OID >= 16384) may not exist at the destination
+            builtin = d.type_code < 16384 and d.type_code != 1042
+            meta = {"conduit.pg_type": names.get(d.type_code, "text")} if builtin else {}
+            fields.append(pa.field(d.name, t if t is not None else pa.string(), metadata=meta))
+        return pa.schema(fields)
 
     def _read_copy(
-        self, sql: str, params: dict[str, Any], description: list[Any], column: str | None, fetch_size: int
+        self, sql: str, params: dict[str, Any], description: list[Any], schema: pa.Schema, column: str | None, fetch_size: int
     ) -> Iterator[Chunk]:
         names = [d.name for d in description]
         final_types = [arrow_type(d) for d in description]
@@ -300,7 +331,7 @@ class PostgresSource:
             for batch in reader:
                 if batch.num_rows == 0:
                     continue
-                batch = _finish_types(batch, final_types)
+                batch = pa.RecordBatch.from_arrays(_finish_types(batch, final_types).columns, schema=schema)
                 keys = _arrow_keys(batch.column(idx), key_oid, key_type) if idx is not None else None
                 if held is not None:
                     yield held
@@ -314,12 +345,20 @@ class PostgresSource:
         except SourceError as exc:
             raise SourceError(f"source {self.spec.name!r} ({self.describe()}): {exc}") from None
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            try:  # a parse error at the end of a cut-off stream is the connection's failure, not the data's
-                producer.finish()
-                finished = True
+            # A parse error at the end of a cut-off stream is the connection's failure, not the data's: the
+            # producer has ended then. One still running is blocked on a pipe nobody reads: stop it, never wait.
+            try:
+                if producer.ended(timeout=2.0):
+                    finished = True
+                    producer.finish()
             except (psycopg2.Error, SourceError) as cause:
                 raise self._fail("read failed", cause) from None
             message = re.sub(r"CSV column #(\d+)", lambda m: f"column {names[int(m.group(1))]!r}", str(exc))
+            if "straddling" in message:
+                raise SourceError(
+                    f"source {self.spec.name!r}: a row is larger than the CSV block ({_block_size(fetch_size) >> 20} MiB); "
+                    f"raise {BLOCK_ENV} (MiB) or leave the oversized column out of the query"
+                ) from None
             raise SourceError(
                 f"source {self.spec.name!r}: a value does not fit its column type ({message}); values such as "
                 "'infinity' dates, BC dates or NaN numerics cannot be loaded: filter or CAST them in the query"
@@ -329,7 +368,9 @@ class PostgresSource:
                 producer.abort()
             producer.close()
 
-    def _read_cursor(self, sql: str, params: dict[str, Any], column: str | None, fetch_size: int) -> Iterator[Chunk]:
+    def _read_cursor(
+        self, sql: str, params: dict[str, Any], schema: pa.Schema, column: str | None, fetch_size: int
+    ) -> Iterator[Chunk]:
         try:
             cur = self.conn.cursor(name=f"conduit_{next(_counter)}")
             cur.itersize = fetch_size
@@ -359,7 +400,7 @@ class PostgresSource:
                         keys = [None if k is None else bytes(k) for k in keys]
                     elif key_oid in _TEMPORAL_OIDS:
                         _check_finite(keys, column)
-                yield Chunk(rows_to_batch(rows, names, types), keys)
+                yield Chunk(pa.RecordBatch.from_arrays(rows_to_batch(rows, names, types).columns, schema=schema), keys)
         except psycopg2.Error as exc:
             raise self._fail("read failed", exc) from None
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
