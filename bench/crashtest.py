@@ -82,11 +82,13 @@ def setup(rows: int) -> Counter[str]:
 def ingest_yml(work: Path, destination: str, column: str) -> Path:
     if destination == "parquet":
         dest = f"  - name: out\n    type: local\n    path: {work / 'out'}\n"
-    else:
+    else:  # postgresql-replace, postgresql-append, postgresql-merge
         table = f"t_{work.name.replace('-', '_')}"
+        mode = destination.split("-", 1)[1]
         dest = (
             "  - name: out\n    type: postgresql\n    database: test\n    user: postgres\n"
-            f"    schema: {SCHEMA}_out\n    table: {table}\n"
+            f"    schema: {SCHEMA}_out\n    table: {table}\n    mode: {mode}\n"
+            + ("    primary_key: [id]\n" if mode == "merge" else "")
         )
     path = work / "ingest.yml"
     path.write_text(
@@ -129,6 +131,17 @@ def destination_rows(work: Path, destination: str) -> Counter[str]:
         conn.close()
 
 
+def kill_phase(log: str) -> str:
+    """Where the killed run was, from its own output: start-up, the batch loop (after which batch), or the end."""
+    lines = [line for line in log.splitlines() if line.startswith("crash: ")]
+    if any(" done, " in line for line in lines):
+        return "end (after the last batch: publishing, cleaning up, exiting)"
+    committed = [line for line in lines if " committed, " in line]
+    if not committed:
+        return "start-up (connecting, first batch, no batch committed yet)"
+    return f"loop (last committed: {committed[-1].removeprefix('crash: ').split(' committed')[0]})"
+
+
 def start(ingest: Path, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "conduit_dagster.engine", "run", "--file", str(ingest)]
     return subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -138,7 +151,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--destinations", default="parquet,postgresql")
+    parser.add_argument("--destinations", default="parquet,postgresql-replace,postgresql-append,postgresql-merge")
     parser.add_argument("--columns", default="id,ts,code")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work folders")
@@ -152,6 +165,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="conduit-crash-"))
     clean_runtime: dict[tuple[str, str], float] = {}
     kills = lost_total = dup_total = 0
+    phases: dict[str, int] = {}
     failed_trials = []
     for trial in range(1, args.trials + 1):
         destination, column = pairs[(trial - 1) % len(pairs)]
@@ -175,6 +189,8 @@ def main() -> int:
             os.killpg(proc.pid, signal.SIGKILL)
             kills += 1
         proc.wait()
+        phase = kill_phase(log.read_text()) if killed else "finished first"
+        phases[phase.split(" ")[0]] = phases.get(phase.split(" ")[0], 0) + 1
         reruns = 0
         while True:
             reruns += 1
@@ -190,16 +206,17 @@ def main() -> int:
         dup_total += dup
         if lost or dup:
             failed_trials.append(trial)
-        state = f"SIGKILL after {delay:.3f} s" if killed else f"finished before the kill at {delay:.3f} s"
+        state = f"SIGKILL at {delay:.3f} s, {phase}" if killed else f"no kill: done before {delay:.3f} s"
         print(
-            f"trial {trial:3d} {destination:10s} {column:4s} {state:32s} reruns {reruns}  rows {sum(got.values()):,}  "
+            f"trial {trial:3d} {destination:18s} {column:4s} {state:46s} reruns {reruns}  rows {sum(got.values()):,}  "
             f"lost {lost}  duplicated {dup}",
             flush=True,
         )
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    print(f"\nwhere the kills landed: {', '.join(f'{k} {v}' for k, v in sorted(phases.items()))}")
     print(
-        f"\nsummary: {args.trials} trials, {kills} kills, {total:,} source rows, rows lost {lost_total}, "
+        f"summary: {args.trials} trials, {kills} kills, {total:,} source rows, rows lost {lost_total}, "
         f"rows duplicated {dup_total}" + (f", failing trials {failed_trials}" if failed_trials else "")
     )
     conn = psycopg2.connect(DSN)
