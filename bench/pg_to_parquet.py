@@ -6,8 +6,8 @@ read warm. Each method runs as its own process, methods alternate within each re
 (floor, engine, engine-pg, dagster, dagster-startup, dlt-pyarrow, dlt-connectorx, then the
 reverse), and
 every figure is the median over the repetitions with the range beside it. Wall time is measured around the whole
-process (start-up included); peak RSS comes from wait4() on that process (its waited-for
-children included). Every pipeline writes one Parquet part per 100,000 rows; ours also saves
+process (start-up included); peak RSS comes from wait4() on that process: the largest of the
+process and its waited-for children (for our engine, the psql child holds ~12 MB), not their sum. Every pipeline writes one Parquet part per 100,000 rows; ours also saves
 an fsync'd JSON checkpoint after each part, and reports the time those saves took. engine-pg is
 the engine loading the same rows into a PostgreSQL table (replace mode: COPY per batch into a
 staging table, swapped in at the end) on the same server.
