@@ -4,13 +4,13 @@ Method. A table of N rows (bigint id primary key, text with 10 values, bigint, ~
 double, timestamptz increasing with id, three rows per second) is created once per size and
 read warm. Each method runs as its own process, methods alternate within each repetition
 (floor, engine, engine-pg, dagster, dagster-startup, dlt-pyarrow, dlt-connectorx, then the
-reverse), and
-every figure is the median over the repetitions with the range beside it. Wall time is measured around the whole
-process (start-up included); peak RSS comes from wait4() on that process: the largest of the
-process and its waited-for children (for our engine, the psql child holds ~12 MB), not their sum. Every pipeline writes one Parquet part per 100,000 rows; ours also saves
-an fsync'd JSON checkpoint after each part, and reports the time those saves took. engine-pg is
-the engine loading the same rows into a PostgreSQL table (replace mode: COPY per batch into a
-staging table, swapped in at the end) on the same server.
+reverse), and every figure is the median over the repetitions with the range beside it. Wall
+time is measured around the whole process (start-up included); peak RSS comes from wait4() on
+that process: the largest of the process and its waited-for children (for our engine, the psql
+child holds ~12 MB), not their sum. Every pipeline writes one Parquet part per 100,000 rows;
+ours also saves an fsync'd JSON checkpoint after each part, and reports the time those saves
+took. engine-pg is the engine loading the same rows into a PostgreSQL table (replace mode: COPY
+per batch into a staging table, swapped in at the end) on the same server.
 
     .venv/bin/python bench/pg_to_parquet.py --rows 5000000 --repeat 3
     .venv/bin/python bench/pg_to_parquet.py --rows 1000000,5000000 --methods floor,engine
