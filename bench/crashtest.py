@@ -189,12 +189,18 @@ def main() -> int:
             os.killpg(proc.pid, signal.SIGKILL)
             kills += 1
         proc.wait()
-        phase = kill_phase(log.read_text()) if killed else "finished first"
+        killed_output = log.read_text()
+        phase = kill_phase(killed_output) if killed else "finished first"
         phases[phase.split(" ")[0]] = phases.get(phase.split(" ")[0], 0) + 1
+        # A run that got as far as deleting its checkpoint had finished: running it "again" would be a new run
+        # (in append mode, a second copy of every row, by design). Otherwise it is resumed until it succeeds.
+        checkpoint_gone = not (work / ".checkpoints" / "crash.json").exists()
+        finished = proc.returncode == 0 or (checkpoint_gone and " committed, " in killed_output)
         reruns = 0
-        while True:
+        while not finished:
             reruns += 1
             if start(ingest, log).wait() == 0:
+                finished = True
                 break
             if reruns >= 3:
                 print(f"trial {trial}: the rerun keeps failing:\n{log.read_text()[-3000:]}")
