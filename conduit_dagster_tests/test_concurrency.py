@@ -45,8 +45,9 @@ def test_clear_checkpoints_refuses_while_a_run_holds_the_pipeline(tmp_path):
 
 
 def test_two_dagster_job_executes_at_once(tmp_path, pg, pg_schema, postgres_dsn):
-    # long enough (about 1,600 batches) that the first run still holds the pipeline when the second starts
-    make_table(pg, pg_schema, rows=400_000)
+    # long enough (about 2,400 batches, well over Dagster's start-up) that the first run still holds the
+    # pipeline when the second one's asset starts
+    make_table(pg, pg_schema, rows=600_000)
     ingest = write_ingest(tmp_path, ingest_text(pg_schema, "id", 250))
     home = tmp_path / "home"
     home.mkdir()
