@@ -163,11 +163,12 @@ def build_ingest_assets(spec: IngestSpec) -> list[AssetsDefinition]:
 
 
 def build_ingest_checks(spec: IngestSpec) -> list[AssetChecksDefinition]:
-    """A row-count check for every resource whose output is a full refresh (not append or merge)."""
+    """A row-count check for every resource whose output is a full refresh (not append, merge or incremental)."""
     return [
         build_row_count_check(r)
         for r in spec.resources
-        if not (isinstance(r.destination, PostgresDestinationSpec) and r.destination.mode != "replace")
+        if r.incremental_column is None
+        and not (isinstance(r.destination, PostgresDestinationSpec) and r.destination.mode != "replace")
     ]
 
 

@@ -51,6 +51,9 @@ def held_value(context: SensorEvaluationContext, resource: ResourceSpec, base_di
     checkpoint = store.load(resource.name)
     if checkpoint is not None:
         return True, checkpoint.last_value
+    state = store.load_state(resource.name) if resource.incremental_column else None
+    if state is not None:
+        return True, state.last_value
     event = context.instance.get_latest_materialization_event(AssetKey(resource.name))
     if event is None or event.asset_materialization is None:
         return False, None
@@ -58,6 +61,12 @@ def held_value(context: SensorEvaluationContext, resource: ResourceSpec, base_di
     if raw is None:
         return False, None
     return True, decode_value(json.loads(str(raw.value)))
+
+
+def bound_value(resource: ResourceSpec, base_dir: Path) -> Any:
+    """The :last_value an incremental run would bind now: the stored state's, else initial_value."""
+    state = LocalCheckpointStore(resolve_checkpoint_dir(base_dir)).load_state(resource.name)
+    return state.last_value if state is not None else resource.initial_value
 
 
 def build_ingest_sensor(spec: IngestSpec, resource: ResourceSpec, job: Any) -> SensorDefinition:
@@ -73,12 +82,14 @@ def build_ingest_sensor(spec: IngestSpec, resource: ResourceSpec, job: Any) -> S
     )
     def _sensor(context: SensorEvaluationContext) -> RunRequest | SkipReason:
         try:
+            found, held = held_value(context, resource, spec.base_dir)
             source = open_source(resource.source)
             try:
+                if resource.incremental_column is not None:
+                    source.bind({"last_value": bound_value(resource, spec.base_dir)})
                 newest = source.max_value(resource.query, column)
             finally:
                 source.close()
-            found, held = held_value(context, resource, spec.base_dir)
         except ConduitError as exc:
             return SkipReason(f"cannot check the source: {exc}")
         if newest is None:

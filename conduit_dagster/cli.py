@@ -48,7 +48,7 @@ def _age(updated_at: str) -> str:
 def cmd_checkpoints(args: argparse.Namespace) -> int:
     store = _store(args)
     names = store.list()
-    if not names:
+    if not names and not store.list_states():
         print(f"no checkpoints in {store.directory}")
         return 0
     rows = [("pipeline", "column", "last value", "type", "records", "age", "run id")]
@@ -72,6 +72,25 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
                 cp.run_id or "",
             )
         )
+    for name in store.list_states():
+        try:
+            state = store.load_state(name)
+        except ConduitError as exc:
+            rows.append((name, "!", str(exc), "", "", "", ""))
+            continue
+        if state is not None:
+            enc = encode_value(state.last_value)
+            rows.append(
+                (
+                    f"{name} (incremental state)",
+                    state.incremental_column,
+                    enc["value"],
+                    enc["type"],
+                    "",
+                    _age(state.updated_at),
+                    state.run_id or "",
+                )
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -92,10 +111,16 @@ def cmd_clear(args: argparse.Namespace) -> int:
         elif args.pipeline_name:
             print(f"no checkpoint for {name!r} in {store.directory}")
             return 0
-    if not cleared:
+    if not cleared and not args.state:
         print(f"no checkpoints in {store.directory}")
     for name in cleared:
         print(f"cleared {name} ({store.describe(name)}); its next run is a full refresh")
+    if args.state:  # incremental state: the next run starts again from initial_value
+        for name in [args.pipeline_name] if args.pipeline_name else store.list_states():
+            if store.load_state(name) is not None or (store.directory / f"{name}.state.json").exists():
+                with store.lock(name, "conduit clear-checkpoints"):
+                    store.delete_state(name)
+                print(f"cleared the incremental state of {name}; its next run loads from initial_value again")
     return 0
 
 
@@ -140,6 +165,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for r in spec.resources:
         src = sources.get(r.source.name)
         try:
+            state = store.load_state(r.name) if r.incremental_column else None
+            if src is not None and r.incremental_column:
+                src.bind({"last_value": state.last_value if state else r.initial_value})
             columns = src.probe(r.query, r.checkpoint_column) if src is not None else []
             cp = store.load(r.name) if r.resume else None
         except ConduitError as exc:
@@ -152,11 +180,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
             plan = f"full refresh, checkpointed on {r.checkpoint_column}"
         else:
             plan = f"resumes after {r.checkpoint_column} = {cp.last_value!r} ({cp.records_processed:,} rows already written)"
+        if r.incremental_column:
+            plan += f"; incremental on {r.incremental_column}, :last_value = " + (
+                f"{state.last_value!r} (stored)" if state else f"{r.initial_value!r} (initial_value)"
+            )
         extra = f", schedule {r.schedule}" + (f" {r.schedule_timezone}" if r.schedule_timezone else "") if r.schedule else ""
         extra += f", retries {r.retries}" if r.retries else ""
-        state = "ok" if src is not None else "source unavailable"
+        status = "ok" if src is not None else "source unavailable"
         print(
-            f"  resource {r.name}: {state}, {r.source.name} -> {r.destination.name}, {len(columns)} columns, "
+            f"  resource {r.name}: {status}, {r.source.name} -> {r.destination.name}, {len(columns)} columns, "
             f"batches of {r.batch_size:,}, {plan}{extra}"
         )
     for src in sources.values():
@@ -269,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--dir", help="checkpoint directory (default: $CONDUIT_CHECKPOINT_DIR or .checkpoints/ beside ingest.yml)")
         if name == "clear-checkpoints":
             p.add_argument("--pipeline-name", help="the pipeline (resource) whose checkpoint to clear; default all")
+            p.add_argument("--state", action="store_true", help="also clear incremental state (reload from initial_value)")
         if name == "run":
             p.add_argument("--pipeline", action="append", help="a resource to run (repeatable); default all")
             p.add_argument("--dry-run", action="store_true", help="check everything and print what would run; run nothing")

@@ -99,3 +99,13 @@ def test_wrap_query_dollar_quotes():
 def test_clean_query_refuses(query, fragment):
     with pytest.raises(SpecError, match=fragment):
         clean_query(query)
+
+
+def test_last_value_placeholder_only_outside_strings_and_comments():
+    from conduit_dagster.engine.sql import replace_last_value, uses_last_value
+
+    q = "SELECT ':last_value' AS x, a::text FROM t WHERE a >= :last_value -- not :last_value here\n/* nor :last_value */"
+    assert uses_last_value(q) and not uses_last_value("SELECT ':last_value' -- :last_value")
+    out = replace_last_value(q, "%(last_value)s")
+    assert out.count("%(last_value)s") == 1 and "':last_value'" in out and "-- not :last_value here" in out
+    assert "a::text" in out

@@ -10,6 +10,7 @@ Values keep their exact type through JSON: ints as decimal strings (beyond 2**53
 microseconds and offset, dates, Decimals by ``str``, bytes as hex.
 """
 
+import builtins
 import datetime as dt
 import fcntl
 import json
@@ -100,6 +101,7 @@ class Checkpoint:
     source_id: str = ""
     destination_id: str = ""
     destination: dict[str, Any] = field(default_factory=dict)
+    incremental: dict[str, Any] = field(default_factory=dict)  # an incremental run's bound and boundary rows
     updated_at: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -140,6 +142,7 @@ class Checkpoint:
                 source_id=_typed(doc, "source_id", str),
                 destination_id=_typed(doc, "destination_id", str),
                 destination=_typed(doc, "destination", dict),
+                incremental=doc.get("incremental") or {},
                 updated_at=_typed(doc, "updated_at", str),
             )
         except (KeyError, ValueError, TypeError) as exc:
@@ -162,6 +165,53 @@ def _typed(doc: dict[str, Any], key: str, kind: type) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class IncrementalState:
+    """What an incremental pipeline has loaded: rows up to ``last_value``; of the rows equal to it, those whose
+    hashes are in ``boundary``. It survives successful runs and advances once, at the end of a run."""
+
+    pipeline: str
+    incremental_column: str
+    last_value: Any
+    boundary: tuple[str, ...] = ()
+    run_id: str | None = None
+    updated_at: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        doc = {
+            "format_version": self.format_version,
+            "pipeline": self.pipeline,
+            "incremental_column": self.incremental_column,
+            "last_value": encode_value(self.last_value),
+            "boundary": list(self.boundary),
+            "run_id": self.run_id,
+            "updated_at": self.updated_at or _now(),
+        }
+        return json.dumps(doc, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str, pipeline: str) -> "IncrementalState":
+        hint = CLEAR_HINT.format(name=pipeline) + " --state"  # a damaged state file is also simply deleted by it
+        try:
+            doc = json.loads(text)
+            if doc.get("format_version") != FORMAT_VERSION or doc.get("pipeline") != pipeline:
+                raise ValueError("another format version or pipeline")
+            return cls(
+                pipeline=pipeline,
+                incremental_column=_typed(doc, "incremental_column", str),
+                last_value=decode_value(doc["last_value"]),
+                boundary=tuple(str(h) for h in _typed(doc, "boundary", list)),
+                run_id=doc.get("run_id"),
+                updated_at=_typed(doc, "updated_at", str),
+            )
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise CheckpointError(
+                f"{where}: incremental state is damaged or hand-edited ({exc}); fix it, or start the incremental "
+                f"load over from initial_value with `{hint}`"
+            ) from None
+
+
 class CheckpointStore(Protocol):
     """Where checkpoints live. ``describe`` names the location for messages (never secrets)."""
 
@@ -178,6 +228,12 @@ class CheckpointStore(Protocol):
     def lock(self, pipeline: str, run_id: str | None) -> AbstractContextManager[None]:
         """Hold the pipeline for one run; raise PipelineBusyError if another live run holds it."""
         ...
+
+    def load_state(self, pipeline: str) -> IncrementalState | None: ...
+
+    def save_state(self, state: IncrementalState) -> None: ...
+
+    def delete_state(self, pipeline: str) -> None: ...
 
 
 def fsync_path(path: Path) -> None:
@@ -269,7 +325,35 @@ class LocalCheckpointStore:
     def list(self) -> list[str]:
         if not self.directory.is_dir():
             return []
-        return sorted(p.stem for p in self.directory.glob("*.json") if not p.name.startswith("."))
+        return sorted(
+            p.stem for p in self.directory.glob("*.json") if not p.name.startswith(".") and not p.name.endswith(".state.json")
+        )
+
+    def _state_path(self, pipeline: str) -> Path:
+        return self._path(pipeline).with_suffix(".state.json")
+
+    def list_states(self) -> "builtins.list[str]":
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.name.removesuffix(".state.json") for p in self.directory.glob("*.state.json"))
+
+    def load_state(self, pipeline: str) -> IncrementalState | None:
+        path = self._state_path(pipeline)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        return IncrementalState.from_json(text, where=str(path), pipeline=pipeline)
+
+    def save_state(self, state: IncrementalState) -> None:
+        path = self._state_path(state.pipeline)
+        try:
+            write_atomic(path, state.to_json().encode("utf-8"))  # with the directory fsync: it must outlive the run
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot write incremental state ({exc.strerror or exc})") from None
+
+    def delete_state(self, pipeline: str) -> None:
+        self._state_path(pipeline).unlink(missing_ok=True)
 
     @contextmanager
     def lock(self, pipeline: str, run_id: str | None) -> Iterator[None]:
@@ -308,6 +392,7 @@ class MemoryCheckpointStore:
 
     def __init__(self) -> None:
         self.docs: dict[str, str] = {}
+        self.states: dict[str, str] = {}
         self.held: dict[str, str | None] = {}
 
     def describe(self, pipeline: str) -> str:
@@ -325,6 +410,16 @@ class MemoryCheckpointStore:
 
     def list(self) -> list[str]:
         return sorted(self.docs)
+
+    def load_state(self, pipeline: str) -> IncrementalState | None:
+        text = self.states.get(pipeline)
+        return None if text is None else IncrementalState.from_json(text, where=f"memory:{pipeline}", pipeline=pipeline)
+
+    def save_state(self, state: IncrementalState) -> None:
+        self.states[state.pipeline] = state.to_json()
+
+    def delete_state(self, pipeline: str) -> None:
+        self.states.pop(pipeline, None)
 
     @contextmanager
     def lock(self, pipeline: str, run_id: str | None) -> Iterator[None]:

@@ -18,11 +18,19 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import pyarrow as pa
 
-from conduit_dagster.engine.checkpoint import CLEAR_HINT, Checkpoint, CheckpointStore
+from conduit_dagster.engine.checkpoint import (
+    CLEAR_HINT,
+    Checkpoint,
+    CheckpointStore,
+    IncrementalState,
+    decode_value,
+    encode_value,
+)
 from conduit_dagster.engine.destinations import Destination, open_destination
 from conduit_dagster.engine.errors import CheckpointError
 from conduit_dagster.engine.keys import KeyBuffer, check_keys
@@ -114,6 +122,91 @@ def destination_identity(resource: ResourceSpec) -> str:
     return f"{d.type}:{d.path}?format={d.format}"
 
 
+def row_hash(row: dict[str, Any]) -> str:
+    """A short, stable digest of one row's values (for the boundary rows of an incremental load)."""
+    parts = []
+    for value in row.values():
+        if isinstance(value, dt.datetime) and value.tzinfo is not None:
+            value = value.astimezone(dt.UTC)
+        parts.append(repr(value))
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:24]
+
+
+class _Incremental:
+    """One incremental run: the ``:last_value`` it binds, the boundary rows already loaded (equal to that value),
+    and the state it leaves behind.
+
+    The query selects ``incremental_column >= :last_value``. Rows equal to the stored value were partly loaded by
+    the previous run: those whose hashes are in the stored boundary are dropped, the rest (late arrivals with
+    the same value) are loaded. The checkpoint carries the bound and both boundaries, so a crashed incremental
+    run resumes with the same bound and the state advances once, at the end.
+    """
+
+    def __init__(self, resource: ResourceSpec, store: CheckpointStore, bound: Any, loaded: set[str]) -> None:
+        self.resource, self.store, self.bound, self.loaded = resource, store, bound, loaded
+
+    @classmethod
+    def open(cls, resource: ResourceSpec, store: CheckpointStore, checkpoint: Checkpoint | None) -> "_Incremental | None":
+        if resource.incremental_column is None:
+            return None
+        if checkpoint is not None and checkpoint.incremental:
+            doc = checkpoint.incremental
+            return cls(resource, store, decode_value(doc["bound"]), set(doc.get("loaded", [])))
+        state = store.load_state(resource.name)
+        if state is None:
+            return cls(resource, store, resource.initial_value, set())
+        return cls(resource, store, state.last_value, set(state.boundary))
+
+    def document(self, boundary: list[str]) -> dict[str, Any]:
+        return {"bound": encode_value(self.bound), "loaded": sorted(self.loaded), "boundary": boundary}
+
+    def drop_loaded(self, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+        """Leave out the rows equal to the bound that the previous run loaded (they come first: rows are ordered)."""
+        column = self.resource.incremental_column
+        assert column is not None
+        filtering = bool(self.loaded)
+        for chunk in chunks:
+            if filtering:
+                keys = chunk.keys.to_pylist() if isinstance(chunk.keys, pa.Array) else list(chunk.keys or [])
+                rows = chunk.data.to_pylist()
+                keep = [not (k == self.bound and row_hash(r) in self.loaded) for k, r in zip(keys, rows, strict=True)]
+                if keys and keys[-1] != self.bound:
+                    filtering = False
+                if not all(keep):
+                    mask = pa.array(keep)
+                    kept = chunk.data.filter(mask)
+                    new_keys = (
+                        chunk.keys.filter(mask)
+                        if isinstance(chunk.keys, pa.Array)
+                        else [k for k, f in zip(keys, keep, strict=True) if f]
+                    )
+                    chunk = Chunk(kept, new_keys)
+            if chunk.data.num_rows:
+                yield chunk
+
+    def boundary_of(self, table: pa.Table, batch_last: Any) -> list[str]:
+        """Hashes of the batch's rows equal to its last value (ties are never split: they are all here)."""
+        column = self.resource.incremental_column
+        assert column is not None
+        keys = table.column(column).to_pylist()
+        if isinstance(batch_last, Decimal):
+            keys = [None if k is None else Decimal(k) for k in keys]
+        start = len(keys)
+        while start > 0 and keys[start - 1] == batch_last:
+            start -= 1
+        hashes = [row_hash(r) for r in table.slice(start).to_pylist()]
+        if batch_last == self.bound:  # still at the stored value: the earlier run's boundary rows count too
+            hashes = sorted(self.loaded | set(hashes))
+        return hashes
+
+    def advance(self, last_value: Any, boundary: list[str], run_id: str | None) -> None:
+        column = self.resource.incremental_column
+        assert column is not None
+        if last_value is None:
+            return  # nothing new: the state stays
+        self.store.save_state(IncrementalState(self.resource.name, column, last_value, tuple(boundary), run_id=run_id))
+
+
 def _check_resume_value(src: Source, resource: ResourceSpec, after: Any, where: str) -> None:
     """A checkpoint value must have the column's type: compared across types, ``>`` would skip or repeat rows
     silently (in SQLite every integer sorts before every text), or a hand-edited value would change the query."""
@@ -186,7 +279,9 @@ def run_pipeline(
 ) -> Iterator[Event]:
     """Run one pipeline to the end, resuming from its checkpoint if it has one."""
     with store.lock(resource.name, run_id):
-        dest = destination or open_destination(resource.destination, resource.name)
+        dest = destination or open_destination(
+            resource.destination, resource.name, accumulate=resource.incremental_column is not None
+        )
         try:
             yield from _run_locked(resource, store, run_id=run_id, source=source, dest=dest)
         finally:
@@ -231,6 +326,7 @@ def _run_locked(
                 )
 
     src_id, dest_id = source_identity(resource), destination_identity(resource)
+    incremental = _Incremental.open(resource, store, checkpoint)
     if checkpoint is not None:
         resumption = dest.start(checkpoint.destination, checkpoint.batches_committed)
     else:
@@ -251,6 +347,7 @@ def _run_locked(
                     source_id=src_id,
                     destination_id=dest_id,
                     destination=resumption.state,
+                    incremental=incremental.document([]) if incremental else {},
                 )
             )
     resumed = checkpoint is not None
@@ -258,6 +355,8 @@ def _run_locked(
     index = checkpoint.batches_committed if checkpoint else 0
     records = checkpoint.records_processed if checkpoint else 0
     src = source or (None if resumption.already_published else open_source(resource.source))
+    if src is not None and incremental:
+        src.bind({"last_value": incremental.bound})
     if src is not None and checkpoint is not None and after is not None and column is not None:
         try:
             _check_resume_value(src, resource, after, store.describe(name))
@@ -271,7 +370,9 @@ def _run_locked(
     last_value = after
     checkpoint_s = 0.0
 
-    def commit(index: int, table: pa.Table, batch_last: Any, records: int) -> float:
+    boundary: list[str] = list(checkpoint.incremental.get("boundary", [])) if checkpoint else []
+
+    def commit(index: int, table: pa.Table, batch_last: Any, records: int, batch_boundary: list[str]) -> float:
         """Write one batch durably, then checkpoint it; returns the seconds the checkpoint took."""
         dest.write(index, table, column, batch_last)
         if not resource.resume:
@@ -290,6 +391,7 @@ def _run_locked(
                 source_id=src_id,
                 destination_id=dest_id,
                 destination=resumption.state,
+                incremental=incremental.document(batch_boundary) if incremental else {},
             )
         )
         return time.monotonic() - t0
@@ -303,7 +405,8 @@ def _run_locked(
     try:
         if src is not None and not resumption.already_published:
             chunks = src.read(resource.query, column, after, resume=after is not None, fetch_size=resource.batch_size)
-            for table, batch_last in cut_batches(chunks, resource.batch_size, column, after):
+            stream = incremental.drop_loaded(chunks) if incremental else chunks
+            for table, batch_last in cut_batches(stream, resource.batch_size, column, after):
                 if table.num_rows > TIE_WARNING_FACTOR * resource.batch_size:
                     yield RunWarning(
                         f"batch {index} holds {table.num_rows} rows sharing checkpoint value {batch_last!r}; "
@@ -316,7 +419,10 @@ def _run_locked(
                 rows_this_run += table.num_rows
                 records += table.num_rows
                 last_value = batch_last
-                inflight = (pool.submit(commit, index, table, batch_last, records), index, table.num_rows, batch_last)
+                if incremental:
+                    boundary = incremental.boundary_of(table, batch_last)
+                future = pool.submit(commit, index, table, batch_last, records, boundary)
+                inflight = (future, index, table.num_rows, batch_last)
                 index += 1
             if inflight is not None:
                 done, inflight = inflight, None
@@ -338,6 +444,8 @@ def _run_locked(
                 close()  # stops the source's stream (a COPY child or thread) now, not when it is collected
         if src is not None and source is None:
             src.close()
+    if incremental:  # advanced once, after the data is published and before the checkpoint goes
+        incremental.advance(last_value, boundary, run_id)
     if resource.resume:
         store.delete(name)
     yield RunFinished(

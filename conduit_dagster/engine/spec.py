@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from conduit_dagster.engine.errors import SpecError
-from conduit_dagster.engine.sql import clean_query
+from conduit_dagster.engine.sql import clean_query, uses_last_value
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -120,6 +120,8 @@ class ResourceSpec:
     schedule_timezone: str | None = None
     retries: int = 0
     sensor_interval: int | None = None  # seconds; None: no sensor
+    incremental_column: str | None = None  # with :last_value in the query: load only what is new since the last run
+    initial_value: Any = None
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,7 @@ class _Entry:
         self.used.add(key)
         return self.data.get(key)
 
-    def _sub(self, key: str, value: Any) -> Any:
+    def sub(self, key: str, value: Any) -> Any:
         if isinstance(value, str):
             result = substitute_env(value, lambda msg: self.fail(key, msg))
             if result != value:
@@ -220,7 +222,7 @@ class _Entry:
         return "a value from the environment (not shown)" if key in self.from_env else _show(value)
 
     def text(self, key: str, *, required: bool = False, default: str | None = None) -> str | None:
-        value = self._sub(key, self.raw(key))
+        value = self.sub(key, self.raw(key))
         if value is None:
             if required:
                 raise self.fail(None, f"missing required key {key!r}; add `{key}: ...`")
@@ -230,7 +232,7 @@ class _Entry:
         return str(value)
 
     def integer(self, key: str, *, default: int, minimum: int = 1, maximum: int | None = None) -> int:
-        value = self._sub(key, self.raw(key))
+        value = self.sub(key, self.raw(key))
         if value is None:
             return default
         if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
@@ -243,7 +245,7 @@ class _Entry:
         return value
 
     def boolean(self, key: str) -> bool | None:
-        value = self._sub(key, self.raw(key))
+        value = self.sub(key, self.raw(key))
         if value is None:
             return None
         if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
@@ -313,6 +315,8 @@ _RESOURCE_KEYS = {
     "schedule",
     "retries",
     "sensor",
+    "incremental_column",
+    "initial_value",
 }
 
 
@@ -518,9 +522,39 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
                     )
         source = sources[source_name]
         resume = e.boolean("resume")
-        column = e.text("checkpoint_column")
+        explicit_column = e.text("checkpoint_column")
         resume = source.resume if resume is None else resume
-        column = column or source.checkpoint_column
+        column = explicit_column or source.checkpoint_column
+        incremental_column = e.text("incremental_column")
+        initial_value = e.sub("initial_value", e.raw("initial_value"))
+        if uses_last_value(query) != (incremental_column is not None):
+            raise e.fail(
+                "incremental_column" if incremental_column else "query",
+                "an incremental load needs both `incremental_column:` and `:last_value` in the query "
+                "(e.g. WHERE updated_at >= :last_value); give both or neither",
+            )
+        if incremental_column is not None:
+            if initial_value is None or isinstance(initial_value, dict | list | bool):
+                raise e.fail(
+                    "initial_value" if "initial_value" in e.data else None,
+                    "an incremental load needs `initial_value:` (the :last_value of its first run), "
+                    "e.g. `initial_value: 1970-01-01` or `initial_value: 0`",
+                )
+            if explicit_column and explicit_column != incremental_column:
+                raise e.fail(
+                    "checkpoint_column",
+                    f"an incremental load checkpoints on its incremental_column "
+                    f"{incremental_column!r}; remove checkpoint_column or make them the same",
+                )
+            if e.boolean("resume") is False:
+                raise e.fail("resume", "an incremental load always resumes after a crash; remove `resume: false`")
+            column, resume = incremental_column, True
+            if isinstance(destination, PostgresDestinationSpec) and destination.mode == "replace":
+                raise e.fail(
+                    "destination",
+                    f"destination {dest_name!r} replaces its table on every run, which would keep "
+                    "only the newest rows of an incremental load; use mode append or merge",
+                )
         if resume and not column:
             raise e.fail(
                 "checkpoint_column" if "resume" in e.data else None,
@@ -546,6 +580,8 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
             schedule_timezone=timezone,
             retries=e.integer("retries", default=0, minimum=0, maximum=100),
             sensor_interval=_sensor(e, column),
+            incremental_column=incremental_column,
+            initial_value=initial_value,
         )
     return IngestSpec(
         path=path, sources=tuple(sources.values()), destinations=tuple(destinations.values()), resources=tuple(resources.values())

@@ -8,6 +8,8 @@ The user's query may have ORDER BY, GROUP BY, CTEs, subqueries, comments and a t
 The closing parenthesis sits on its own line so a trailing ``--`` comment cannot swallow it.
 """
 
+import re
+
 from conduit_dagster.engine.errors import SpecError
 
 
@@ -128,3 +130,21 @@ def wrap_query(
         value = f"CAST({param} AS {cast})" if cast else param
         sql += f"\nWHERE {col} > {value}"
     return sql + f"\nORDER BY {col}"
+
+
+LAST_VALUE = "last_value"
+_NAMED = re.compile(r"(?<![:\w]):last_value\b")
+
+
+def uses_last_value(query: str) -> bool:
+    """Whether the query has a ``:last_value`` placeholder (outside strings and comments)."""
+    return any(kind == "code" and _NAMED.search(query[s:e]) for s, e, kind in _scan(query))
+
+
+def replace_last_value(query: str, placeholder: str) -> str:
+    """The query with each ``:last_value`` (outside strings and comments) replaced by the driver's placeholder."""
+    out = []
+    for start, end, kind in _scan(query):
+        text = query[start:end]
+        out.append(_NAMED.sub(placeholder, text) if kind == "code" else text)
+    return "".join(out)

@@ -82,9 +82,12 @@ def _json_default(value: Any) -> Any:
 
 
 class LocalDestination:
-    def __init__(self, spec: LocalDestinationSpec, pipeline: str) -> None:
+    def __init__(self, spec: LocalDestinationSpec, pipeline: str, *, accumulate: bool = False) -> None:
         self.spec = spec
         self.pipeline = pipeline
+        # accumulate: every run (an incremental load) adds its parts, named part-<generation>-NNNNNN, to the
+        # output instead of replacing it; each part appears whole, by rename, when the run publishes
+        self.accumulate = accumulate
         self.root = spec.path
         self.visible = self.root / pipeline
         self.staging_root = self.root / STAGING
@@ -153,7 +156,10 @@ class LocalDestination:
         if not isinstance(generation, str) or not generation.isalnum():
             raise CheckpointError(f"pipeline {self.pipeline!r}: the checkpoint names no valid output generation")
         self.generation = generation
-        if self._marker(self.visible) == generation:
+        if self.accumulate and not self._gen_dir.exists():
+            if any(self.visible.glob(f"part-{generation[:12]}-*")):
+                return Resumption(state, already_published=True)  # crashed after publishing, before the clean-up
+        if not self.accumulate and self._marker(self.visible) == generation:
             # Crashed after publishing, before the checkpoint was deleted: finish the clean-up.
             if self._gen_dir.exists() and self._marker(self._gen_dir) != generation:
                 shutil.rmtree(self._gen_dir)
@@ -202,6 +208,22 @@ class LocalDestination:
     def close(self) -> None:
         pass
 
+    def _publish_parts(self) -> None:
+        """Move this run's parts into the output one rename at a time (each appears whole); a crash midway
+        leaves the rest in the generation folder, which the resumed run publishes."""
+        assert self.generation is not None
+        try:
+            if not self.visible.exists():
+                self.visible.mkdir(parents=True)
+                (self.visible / MARKER).write_text("accumulating output\n", encoding="utf-8")
+            for part in sorted(self._gen_dir.glob("part-*")):
+                os.rename(part, self.visible / f"part-{self.generation[:12]}-{part.name.removeprefix('part-')}")
+            fsync_path(self.visible)
+            shutil.rmtree(self._gen_dir)
+            fsync_path(self.staging_root)
+        except OSError as exc:
+            raise self._fail("publish the output", exc) from None
+
     def count(self) -> int | None:
         if not self.visible.is_dir():
             return None
@@ -220,6 +242,9 @@ class LocalDestination:
 
     def publish(self) -> None:
         self._check_visible_is_ours()
+        if self.accumulate:
+            self._publish_parts()
+            return
         try:
             if self.visible.is_dir() and not any(self.visible.iterdir()):
                 self.visible.rmdir()

@@ -95,7 +95,8 @@ def _csv_bytes(table: pa.Table) -> bytes:
 
 
 class PostgresDestination:
-    def __init__(self, spec: PostgresDestinationSpec, pipeline: str) -> None:
+    def __init__(self, spec: PostgresDestinationSpec, pipeline: str, *, accumulate: bool = False) -> None:
+        # accumulate (an incremental load) is what append and merge do already; replace is refused for it in the spec
         self.spec = spec
         self.pipeline = pipeline
         self.schema = spec.schema or "public"

@@ -26,6 +26,10 @@ class Source(Protocol):
 
     def close(self) -> None: ...
 
+    def bind(self, params: dict[str, Any]) -> None:
+        """Values for the query's named placeholders (``:last_value``), bound in every statement."""
+        ...
+
     def probe(self, query: str, column: str | None) -> list[str]:
         """Run the query for zero rows: its column names; raises if it fails or lacks ``column``."""
         ...

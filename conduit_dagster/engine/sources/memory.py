@@ -24,6 +24,9 @@ class MemorySource:
     def describe(self) -> str:
         return "memory://"
 
+    def bind(self, params: dict[str, Any]) -> None:
+        self.params = dict(params)
+
     def read(self, query: str, column: str | None, after: Any, *, resume: bool, fetch_size: int) -> Iterator[Chunk]:
         self.reads += 1
         rows = list(self.rows)

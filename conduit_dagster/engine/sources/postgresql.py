@@ -25,7 +25,7 @@ from conduit_dagster.engine.pg import connect, describe, redact
 from conduit_dagster.engine.sources.base import Chunk, key_index, rows_to_batch
 from conduit_dagster.engine.sources.pgcopy import PsqlCopy, ThreadCopy, psql_environment, psql_path
 from conduit_dagster.engine.spec import PostgresSourceSpec
-from conduit_dagster.engine.sql import clean_query, quote_ident, wrap_query
+from conduit_dagster.engine.sql import clean_query, quote_ident, replace_last_value, wrap_query
 
 _counter = itertools.count()
 
@@ -177,6 +177,7 @@ def arrow_type(column: Any) -> pa.DataType | None:
 class PostgresSource:
     def __init__(self, spec: PostgresSourceSpec, *, use_copy: bool = True, use_psql: bool = True) -> None:
         self.spec = spec
+        self.params: dict[str, Any] = {}
         self.use_copy = use_copy
         self.use_psql = use_psql
         try:
@@ -200,11 +201,19 @@ class PostgresSource:
     def _fail(self, what: str, exc: Exception) -> SourceError:
         return SourceError(f"source {self.spec.name!r} ({self.describe()}): {what}: {redact(str(exc).strip(), self.spec)}")
 
+    def bind(self, params: dict[str, Any]) -> None:
+        """Values for the query's named placeholders (``:last_value``), bound as parameters in every statement."""
+        self.params = dict(params)
+
+    def _text(self, query: str) -> str:
+        """The user's query for psycopg2: trailing ';'/comments off, literal % doubled, :last_value a parameter."""
+        return replace_last_value(clean_query(query).replace("%", "%%"), "%(last_value)s")
+
     def _probe(self, query: str, column: str | None) -> tuple[list[Any], str | None, bool]:
         """The result's column descriptions, and the checkpoint column's SQL type name and text-ness."""
-        probe = f"SELECT * FROM (\n{query}\n) AS conduit_src LIMIT 0"
+        probe = f"SELECT * FROM (\n{self._text(query)}\n) AS conduit_src LIMIT 0"
         with self.conn.cursor() as cur:
-            cur.execute(probe.replace("%", "%%"), {})
+            cur.execute(probe, self.params)
             description = list(cur.description)
             if column is None:
                 self.conn.rollback()
@@ -218,7 +227,7 @@ class PostgresSource:
 
     def probe(self, query: str, column: str | None) -> list[str]:
         try:
-            description, _, _ = self._probe(clean_query(query), column)
+            description, _, _ = self._probe(query, column)
         except psycopg2.Error as exc:
             self.conn.rollback()
             raise self._fail("query failed", exc) from None
@@ -227,7 +236,7 @@ class PostgresSource:
     def count(self, query: str) -> int:
         try:
             with self.conn.cursor() as cur:
-                cur.execute(f"SELECT count(*) FROM (\n{clean_query(query)}\n) AS conduit_src".replace("%", "%%"), {})
+                cur.execute(f"SELECT count(*) FROM (\n{self._text(query)}\n) AS conduit_src", self.params)
                 n = int(cur.fetchone()[0])
             self.conn.rollback()
             return n
@@ -237,10 +246,10 @@ class PostgresSource:
 
     def max_value(self, query: str, column: str) -> Any:
         try:
-            _, _, is_text = self._probe(clean_query(query), column)
+            _, _, is_text = self._probe(query, column)
             col = quote_ident(column) + (' COLLATE "C"' if is_text else "")
             with self.conn.cursor() as cur:
-                cur.execute(f"SELECT max({col}) FROM (\n{clean_query(query)}\n) AS conduit_src".replace("%", "%%"), {})
+                cur.execute(f"SELECT max({col}) FROM (\n{self._text(query)}\n) AS conduit_src", self.params)
                 value = cur.fetchone()[0]
             self.conn.rollback()
         except psycopg2.Error as exc:
@@ -250,7 +259,7 @@ class PostgresSource:
 
     def key_type(self, query: str, column: str) -> tuple[type, ...] | None:
         try:
-            description, _, _ = self._probe(clean_query(query), column)
+            description, _, _ = self._probe(query, column)
         except psycopg2.Error as exc:
             self.conn.rollback()
             raise self._fail("query failed", exc) from None
@@ -261,7 +270,7 @@ class PostgresSource:
         """COPY the wrapped query out as CSV and parse it with Arrow (the fast path), or, for columns
         CSV cannot carry faithfully (arrays, intervals), stream it through a server-side cursor."""
         try:
-            description, cast, is_text = self._probe(clean_query(query), column)
+            description, cast, is_text = self._probe(query, column)
         except SourceError:
             self.conn.rollback()
             raise
@@ -269,10 +278,8 @@ class PostgresSource:
             self.conn.rollback()
             raise self._fail("query failed", exc) from None
         # psycopg2 formats the text when parameters are given: a literal % must be doubled.
-        sql = wrap_query(
-            query.replace("%", "%%"), column, resume=resume, param="%(v)s", collate="C" if is_text else None, cast=cast
-        )
-        params = {"v": after} if resume else {}
+        sql = wrap_query(self._text(query), column, resume=resume, param="%(v)s", collate="C" if is_text else None, cast=cast)
+        params = {**self.params, "v": after} if resume else dict(self.params)
         schema = self._schema(description, [arrow_type(d) for d in description])
         if self.use_copy and all(d.type_code not in _CURSOR_ONLY_OIDS for d in description):
             yield from self._read_copy(sql, params, description, schema, column, fetch_size)

@@ -23,6 +23,7 @@ _TYPEOF = {"integer": pa.int64(), "real": pa.float64(), "text": pa.string(), "bl
 class SqliteSource:
     def __init__(self, spec: SqliteSourceSpec) -> None:
         self.spec = spec
+        self.params: dict[str, Any] = {}
         if not spec.path.is_file():
             raise SourceError(f"source {spec.name!r}: SQLite file {spec.path} does not exist; fix `path` in ingest.yml")
         try:
@@ -33,6 +34,10 @@ class SqliteSource:
     def describe(self) -> str:
         return f"sqlite:///{self.spec.path}"
 
+    def bind(self, params: dict[str, Any]) -> None:
+        """Values for the query's named placeholders (``:last_value``: SQLite's own syntax)."""
+        self.params = dict(params)
+
     def _fail(self, what: str, exc: Exception) -> SourceError:
         return SourceError(f"source {self.spec.name!r} ({self.spec.path}): {what}: {exc}")
 
@@ -41,12 +46,12 @@ class SqliteSource:
             f"SELECT typeof(conduit_src.{quote_ident(column)}) FROM (\n{clean_query(query)}\n) AS conduit_src "
             f"WHERE conduit_src.{quote_ident(column)} IS NOT NULL LIMIT 1"
         )
-        row = self.conn.execute(sql).fetchone()
+        row = self.conn.execute(sql, self.params).fetchone()
         return _TYPEOF.get(row[0], pa.string()) if row else pa.string()
 
     def probe(self, query: str, column: str | None) -> list[str]:
         try:
-            cur = self.conn.execute(f"SELECT * FROM (\n{clean_query(query)}\n) AS conduit_src LIMIT 0")
+            cur = self.conn.execute(f"SELECT * FROM (\n{clean_query(query)}\n) AS conduit_src LIMIT 0", self.params)
         except sqlite3.Error as exc:
             raise self._fail("query failed", exc) from None
         names = [d[0] for d in cur.description]
@@ -56,14 +61,15 @@ class SqliteSource:
 
     def count(self, query: str) -> int:
         try:
-            return int(self.conn.execute(f"SELECT count(*) FROM (\n{clean_query(query)}\n) AS conduit_src").fetchone()[0])
+            sql = f"SELECT count(*) FROM (\n{clean_query(query)}\n) AS conduit_src"
+            return int(self.conn.execute(sql, self.params).fetchone()[0])
         except sqlite3.Error as exc:
             raise self._fail("count failed", exc) from None
 
     def max_value(self, query: str, column: str) -> Any:
         sql = f"SELECT max({quote_ident(column)} COLLATE BINARY) FROM (\n{clean_query(query)}\n) AS conduit_src"
         try:
-            return self.conn.execute(sql).fetchone()[0]
+            return self.conn.execute(sql, self.params).fetchone()[0]
         except sqlite3.Error as exc:
             raise self._fail("query failed", exc) from None
 
@@ -79,7 +85,7 @@ class SqliteSource:
         # Python sees as different; BINARY on UTF-8 text is Python's str order. Numbers are unaffected.
         sql = wrap_query(query, column, resume=resume, param=":v", collate="BINARY")
         try:
-            cur = self.conn.execute(sql, {"v": after} if resume else {})
+            cur = self.conn.execute(sql, {**self.params, "v": after} if resume else self.params)
             names = [d[0] for d in cur.description]
             idx = key_index(names, column, f"source {self.spec.name!r}") if column else None
             types: list[pa.DataType | None] = [None] * len(names)
