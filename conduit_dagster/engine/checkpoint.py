@@ -176,6 +176,7 @@ class IncrementalState:
     boundary: tuple[str, ...] = ()
     run_id: str | None = None
     updated_at: str = ""
+    query_sha256: str = ""
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -183,6 +184,7 @@ class IncrementalState:
             "format_version": self.format_version,
             "pipeline": self.pipeline,
             "incremental_column": self.incremental_column,
+            "query_sha256": self.query_sha256,
             "last_value": encode_value(self.last_value),
             "boundary": list(self.boundary),
             "run_id": self.run_id,
@@ -204,6 +206,7 @@ class IncrementalState:
                 boundary=tuple(str(h) for h in _typed(doc, "boundary", list)),
                 run_id=doc.get("run_id"),
                 updated_at=_typed(doc, "updated_at", str),
+                query_sha256=_typed(doc, "query_sha256", str),
             )
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise CheckpointError(

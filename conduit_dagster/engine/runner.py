@@ -15,6 +15,7 @@ Exactness rests on four rules:
 import datetime as dt
 import hashlib
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -122,10 +123,12 @@ def destination_identity(resource: ResourceSpec) -> str:
     return f"{d.type}:{d.path}?format={d.format}"
 
 
-def row_hash(row: dict[str, Any]) -> str:
-    """A short, stable digest of one row's values (for the boundary rows of an incremental load)."""
+def row_hash(row: dict[str, Any], columns: tuple[str, ...] = ()) -> str:
+    """A short, stable digest of one row's values (of ``columns`` only, when given)."""
     parts = []
-    for value in row.values():
+    for name, value in row.items():
+        if columns and name not in columns:
+            continue
         if isinstance(value, dt.datetime) and value.tzinfo is not None:
             value = value.astimezone(dt.UTC)
         parts.append(repr(value))
@@ -137,13 +140,15 @@ class _Incremental:
     and the state it leaves behind.
 
     The query selects ``incremental_column >= :last_value``. Rows equal to the stored value were partly loaded by
-    the previous run: those whose hashes are in the stored boundary are dropped, the rest (late arrivals with
-    the same value) are loaded. The checkpoint carries the bound and both boundaries, so a crashed incremental
-    run resumes with the same bound and the state advances once, at the end.
+    the previous run: the stored boundary is the multiset of their hashes (of every column, or of
+    ``incremental_key``), and as many rows per hash are left out as it counts; the rest (late arrivals with the
+    same value, even exact copies) are loaded. The checkpoint carries the bound and both boundaries, so a crashed
+    incremental run resumes with the same bound and the state advances once, at the end.
     """
 
-    def __init__(self, resource: ResourceSpec, store: CheckpointStore, bound: Any, loaded: set[str]) -> None:
-        self.resource, self.store, self.bound, self.loaded = resource, store, bound, loaded
+    def __init__(self, resource: ResourceSpec, store: CheckpointStore, bound: Any, loaded: list[str]) -> None:
+        self.resource, self.store, self.bound, self.loaded = resource, store, bound, sorted(loaded)
+        self.key = resource.incremental_key
 
     @classmethod
     def open(cls, resource: ResourceSpec, store: CheckpointStore, checkpoint: Checkpoint | None) -> "_Incremental | None":
@@ -151,36 +156,48 @@ class _Incremental:
             return None
         if checkpoint is not None and checkpoint.incremental:
             doc = checkpoint.incremental
-            return cls(resource, store, decode_value(doc["bound"]), set(doc.get("loaded", [])))
+            return cls(resource, store, decode_value(doc["bound"]), list(doc.get("loaded", [])))
         state = store.load_state(resource.name)
         if state is None:
-            return cls(resource, store, resource.initial_value, set())
-        return cls(resource, store, state.last_value, set(state.boundary))
+            return cls(resource, store, resource.initial_value, [])
+        fingerprint = query_fingerprint(resource)
+        if state.incremental_column != resource.incremental_column or state.query_sha256 != fingerprint:
+            raise CheckpointError(
+                f"{store.describe(resource.name)}: the incremental state was stored for another query or "
+                f"incremental_column ({state.incremental_column!r}); using it would skip or repeat rows. Restore them, "
+                f"or start the incremental load over from initial_value with "
+                f"`{CLEAR_HINT.format(name=resource.name)} --state`"
+            )
+        return cls(resource, store, state.last_value, list(state.boundary))
 
     def document(self, boundary: list[str]) -> dict[str, Any]:
-        return {"bound": encode_value(self.bound), "loaded": sorted(self.loaded), "boundary": boundary}
+        return {"bound": encode_value(self.bound), "loaded": self.loaded, "boundary": boundary}
 
     def drop_loaded(self, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
         """Leave out the rows equal to the bound that the previous run loaded (they come first: rows are ordered)."""
-        column = self.resource.incremental_column
-        assert column is not None
-        filtering = bool(self.loaded)
+        remaining = Counter(self.loaded)
+        filtering = bool(remaining)
         for chunk in chunks:
             if filtering:
                 keys = chunk.keys.to_pylist() if isinstance(chunk.keys, pa.Array) else list(chunk.keys or [])
-                rows = chunk.data.to_pylist()
-                keep = [not (k == self.bound and row_hash(r) in self.loaded) for k, r in zip(keys, rows, strict=True)]
+                keep = []
+                for k, row in zip(keys, chunk.data.to_pylist(), strict=True):
+                    h = row_hash(row, self.key) if k == self.bound else None
+                    if h is not None and remaining[h] > 0:
+                        remaining[h] -= 1
+                        keep.append(False)
+                    else:
+                        keep.append(True)
                 if keys and keys[-1] != self.bound:
                     filtering = False
                 if not all(keep):
                     mask = pa.array(keep)
-                    kept = chunk.data.filter(mask)
-                    new_keys = (
+                    kept_keys = (
                         chunk.keys.filter(mask)
                         if isinstance(chunk.keys, pa.Array)
                         else [k for k, f in zip(keys, keep, strict=True) if f]
                     )
-                    chunk = Chunk(kept, new_keys)
+                    chunk = Chunk(chunk.data.filter(mask), kept_keys)
             if chunk.data.num_rows:
                 yield chunk
 
@@ -194,17 +211,20 @@ class _Incremental:
         start = len(keys)
         while start > 0 and keys[start - 1] == batch_last:
             start -= 1
-        hashes = [row_hash(r) for r in table.slice(start).to_pylist()]
-        if batch_last == self.bound:  # still at the stored value: the earlier run's boundary rows count too
-            hashes = sorted(self.loaded | set(hashes))
-        return hashes
+        hashes = [row_hash(r, self.key) for r in table.slice(start).to_pylist()]
+        if batch_last == self.bound:  # still at the stored value: the earlier runs' boundary rows count too
+            hashes = self.loaded + hashes
+        return sorted(hashes)
 
     def advance(self, last_value: Any, boundary: list[str], run_id: str | None) -> None:
         column = self.resource.incremental_column
         assert column is not None
         if last_value is None:
             return  # nothing new: the state stays
-        self.store.save_state(IncrementalState(self.resource.name, column, last_value, tuple(boundary), run_id=run_id))
+        state = IncrementalState(
+            self.resource.name, column, last_value, tuple(boundary), run_id=run_id, query_sha256=query_fingerprint(self.resource)
+        )
+        self.store.save_state(state)
 
 
 def _check_resume_value(src: Source, resource: ResourceSpec, after: Any, where: str) -> None:

@@ -122,6 +122,7 @@ class ResourceSpec:
     sensor_interval: int | None = None  # seconds; None: no sensor
     incremental_column: str | None = None  # with :last_value in the query: load only what is new since the last run
     initial_value: Any = None
+    incremental_key: tuple[str, ...] = ()  # columns that identify a row at the boundary (default: all)
 
 
 @dataclass(frozen=True)
@@ -317,6 +318,7 @@ _RESOURCE_KEYS = {
     "sensor",
     "incremental_column",
     "initial_value",
+    "incremental_key",
 }
 
 
@@ -412,6 +414,17 @@ def _schedule(e: _Entry) -> tuple[str | None, str | None]:
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             raise where.fail("timezone", f"unknown time zone {timezone!r}; use an IANA name such as Europe/Berlin") from None
     return cron, timezone
+
+
+def _columns(e: _Entry, key: str) -> tuple[str, ...]:
+    raw = e.raw(key)
+    if raw is None:
+        return ()
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw or not all(isinstance(c, str) for c in raw):
+        raise e.fail(key, f"expected a column name or a list of them, e.g. `{key}: [id]`")
+    return tuple(raw)
 
 
 def _sensor(e: _Entry, column: str | None) -> int | None:
@@ -582,6 +595,7 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
             sensor_interval=_sensor(e, column),
             incremental_column=incremental_column,
             initial_value=initial_value,
+            incremental_key=_columns(e, "incremental_key"),
         )
     return IngestSpec(
         path=path, sources=tuple(sources.values()), destinations=tuple(destinations.values()), resources=tuple(resources.values())

@@ -156,9 +156,11 @@ class LocalDestination:
         if not isinstance(generation, str) or not generation.isalnum():
             raise CheckpointError(f"pipeline {self.pipeline!r}: the checkpoint names no valid output generation")
         self.generation = generation
-        if self.accumulate and not self._gen_dir.exists():
-            if any(self.visible.glob(f"part-{generation[:12]}-*")):
-                return Resumption(state, already_published=True)  # crashed after publishing, before the clean-up
+        if self.accumulate and self._marker(self._gen_dir) != generation:
+            # The generation folder goes (marker first) only when its parts have all been moved into the output,
+            # so a missing folder, or one whose marker is gone, means the run had published: finish the clean-up.
+            shutil.rmtree(self._gen_dir, ignore_errors=True)
+            return Resumption(state, already_published=True)
         if not self.accumulate and self._marker(self.visible) == generation:
             # Crashed after publishing, before the checkpoint was deleted: finish the clean-up.
             if self._gen_dir.exists() and self._marker(self._gen_dir) != generation:
@@ -219,6 +221,8 @@ class LocalDestination:
             for part in sorted(self._gen_dir.glob("part-*")):
                 os.rename(part, self.visible / f"part-{self.generation[:12]}-{part.name.removeprefix('part-')}")
             fsync_path(self.visible)
+            (self._gen_dir / MARKER).unlink()  # from here on, a resume knows the parts are all published
+            fsync_path(self._gen_dir)
             shutil.rmtree(self._gen_dir)
             fsync_path(self.staging_root)
         except OSError as exc:

@@ -205,9 +205,13 @@ class PostgresSource:
         """Values for the query's named placeholders (``:last_value``), bound as parameters in every statement."""
         self.params = dict(params)
 
-    def _text(self, query: str) -> str:
-        """The user's query for psycopg2: trailing ';'/comments off, literal % doubled, :last_value a parameter."""
-        return replace_last_value(clean_query(query).replace("%", "%%"), "%(last_value)s")
+    def _text(self, query: str, *, text_key: bool = False) -> str:
+        """The user's query for psycopg2: trailing ';'/comments off, literal % doubled, :last_value a parameter.
+
+        ``text_key``: the incremental column is text, which conduit orders with COLLATE "C"; the user's
+        ``col >= :last_value`` must compare the same way, so the parameter carries that collation."""
+        placeholder = '(%(last_value)s COLLATE "C")' if text_key else "%(last_value)s"
+        return replace_last_value(clean_query(query).replace("%", "%%"), placeholder)
 
     def _probe(self, query: str, column: str | None) -> tuple[list[Any], str | None, bool]:
         """The result's column descriptions, and the checkpoint column's SQL type name and text-ness."""
@@ -249,7 +253,8 @@ class PostgresSource:
             _, _, is_text = self._probe(query, column)
             col = quote_ident(column) + (' COLLATE "C"' if is_text else "")
             with self.conn.cursor() as cur:
-                cur.execute(f"SELECT max({col}) FROM (\n{self._text(query)}\n) AS conduit_src", self.params)
+                inner = self._text(query, text_key=is_text and "last_value" in self.params)
+                cur.execute(f"SELECT max({col}) FROM (\n{inner}\n) AS conduit_src", self.params)
                 value = cur.fetchone()[0]
             self.conn.rollback()
         except psycopg2.Error as exc:
@@ -278,7 +283,15 @@ class PostgresSource:
             self.conn.rollback()
             raise self._fail("query failed", exc) from None
         # psycopg2 formats the text when parameters are given: a literal % must be doubled.
-        sql = wrap_query(self._text(query), column, resume=resume, param="%(v)s", collate="C" if is_text else None, cast=cast)
+        text_key = is_text and "last_value" in self.params
+        sql = wrap_query(
+            self._text(query, text_key=text_key),
+            column,
+            resume=resume,
+            param="%(v)s",
+            collate="C" if is_text else None,
+            cast=cast,
+        )
         params = {**self.params, "v": after} if resume else dict(self.params)
         schema = self._schema(description, [arrow_type(d) for d in description])
         if self.use_copy and all(d.type_code not in _CURSOR_ONLY_OIDS for d in description):
