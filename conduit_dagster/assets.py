@@ -22,7 +22,7 @@ from dagster import (
     define_asset_job,
 )
 
-from conduit_dagster.engine.checkpoint import encode_value
+from conduit_dagster.engine.checkpoint import LocalCheckpointStore, encode_value, resolve_checkpoint_dir
 from conduit_dagster.engine.destinations import open_destination
 from conduit_dagster.engine.errors import ConduitError
 from conduit_dagster.engine.runner import BatchCommitted, RunFinished, RunStarted, RunWarning, run_pipeline
@@ -126,19 +126,26 @@ def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefini
     return _ingest
 
 
-def build_row_count_check(resource: ResourceSpec) -> AssetChecksDefinition:
-    """The destination holds as many rows as the query returns now (a full-refresh output should)."""
+def build_row_count_check(spec: IngestSpec, resource: ResourceSpec) -> AssetChecksDefinition:
+    """The destination holds as many rows as the source has for the same range: all the query returns now (a
+    full refresh), or, for an incremental load, what it returns from initial_value up to the stored value."""
 
     @asset_check(
         asset=resource.name,
         name="row_count_matches_source",
-        description="Rows in the destination against rows the query returns now; both numbers are reported.",
+        description="Rows in the destination against the source's rows for the same range; both numbers are reported.",
     )
     def _check() -> AssetCheckResult:
         source = open_source(resource.source)
-        destination = open_destination(resource.destination, resource.name)
+        destination = open_destination(resource.destination, resource.name, accumulate=resource.incremental_column is not None)
         try:
-            expected = source.count(resource.query)
+            if resource.incremental_column is not None:
+                state = LocalCheckpointStore(resolve_checkpoint_dir(spec.base_dir)).load_state(resource.name)
+                source.bind({"last_value": resource.initial_value})
+                upto = (resource.incremental_column, state.last_value) if state is not None else None
+                expected = source.count(resource.query, upto) if state is not None else 0
+            else:
+                expected = source.count(resource.query)
             actual = destination.count()
         except ConduitError as exc:
             raise Failure(description=str(exc)) from None
@@ -163,12 +170,13 @@ def build_ingest_assets(spec: IngestSpec) -> list[AssetsDefinition]:
 
 
 def build_ingest_checks(spec: IngestSpec) -> list[AssetChecksDefinition]:
-    """A row-count check for every resource whose output is a full refresh (not append, merge or incremental)."""
+    """A row-count check for every full-refresh or incremental resource (append and merge outputs of
+    repeated full reads have no source range to compare with)."""
     return [
-        build_row_count_check(r)
+        build_row_count_check(spec, r)
         for r in spec.resources
-        if r.incremental_column is None
-        and not (isinstance(r.destination, PostgresDestinationSpec) and r.destination.mode != "replace")
+        if r.incremental_column is not None
+        or not (isinstance(r.destination, PostgresDestinationSpec) and r.destination.mode != "replace")
     ]
 
 

@@ -286,3 +286,31 @@ resources:
         cur.execute(f"INSERT INTO {pg_schema}.txt VALUES (3, 'b'), (4, 'A')")
     run(res, store)
     assert sorted(r[0] for r in output_rows(tmp_path / "out" / "txt")) == [1, 2, 3]  # 'A' sorts before 'a' in "C"
+
+
+def test_incremental_row_count_check_compares_the_loaded_range(tmp_path, monkeypatch):
+    from dagster import DagsterInstance
+
+    from conduit_dagster.definitions import build_definitions
+
+    monkeypatch.delenv("CONDUIT_CHECKPOINT_DIR", raising=False)
+    db = tmp_path / "events.db"
+    add(db, rows_between(0, 30))
+    defs = build_definitions(write_ingest(tmp_path, INGEST))
+    job = defs.resolve_job_def("ingest_events")
+
+    def evaluation(result):
+        (found,) = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+        return found
+
+    with DagsterInstance.ephemeral() as instance:
+        first = evaluation(job.execute_in_process(instance=instance))
+        assert first.passed and first.metadata["conduit/source_rows"].value == 30
+        add(db, rows_between(30, 45))  # new rows after the run: not in the loaded range, not a failure
+        add(db, [(999, ts(9), "late")])
+        second = evaluation(job.execute_in_process(instance=instance))
+        assert second.passed and second.metadata["conduit/destination_rows"].value == 46
+        next(iter(sorted((tmp_path / "out" / "events").glob("part-*")))).unlink()  # lose a part
+        third = evaluation(job.execute_in_process(instance=instance))
+        assert not third.passed
+        assert third.metadata["conduit/source_rows"].value > third.metadata["conduit/destination_rows"].value

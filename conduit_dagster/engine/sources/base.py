@@ -38,8 +38,8 @@ class Source(Protocol):
         """The Python type(s) the checkpoint column's values have, or None if unknown."""
         ...
 
-    def count(self, query: str) -> int:
-        """How many rows the query returns now."""
+    def count(self, query: str, upto: tuple[str, Any] | None = None) -> int:
+        """How many rows the query returns now (with ``upto=(column, value)``: those up to that value)."""
         ...
 
     def max_value(self, query: str, column: str) -> Any:

@@ -43,8 +43,10 @@ class MemorySource:
     def close(self) -> None:
         pass
 
-    def count(self, query: str) -> int:
-        return len(self.rows)
+    def count(self, query: str, upto: tuple[str, Any] | None = None) -> int:
+        if upto is None:
+            return len(self.rows)
+        return sum(1 for r in self.rows if r[upto[0]] is not None and r[upto[0]] <= upto[1])
 
     def max_value(self, query: str, column: str) -> Any:
         values = [r[column] for r in self.rows if r[column] is not None]

@@ -237,10 +237,20 @@ class PostgresSource:
             raise self._fail("query failed", exc) from None
         return [d.name for d in description]
 
-    def count(self, query: str) -> int:
+    def count(self, query: str, upto: tuple[str, Any] | None = None) -> int:
         try:
+            sql = f"SELECT count(*) FROM (\n{self._text(query)}\n) AS conduit_src"
+            params = dict(self.params)
+            if upto is not None:  # the rows up to a value, in the order resume uses
+                _, _, is_text = self._probe(query, upto[0])
+                sql = (
+                    f"SELECT count(*) FROM (\n{self._text(query, text_key=is_text and 'last_value' in params)}\n) AS conduit_src"
+                )
+                collate = ' COLLATE "C"' if is_text else ""
+                sql += f" WHERE {quote_ident(upto[0])}{collate} <= %(upto)s"
+                params["upto"] = upto[1]
             with self.conn.cursor() as cur:
-                cur.execute(f"SELECT count(*) FROM (\n{self._text(query)}\n) AS conduit_src", self.params)
+                cur.execute(sql, params)
                 n = int(cur.fetchone()[0])
             self.conn.rollback()
             return n

@@ -59,10 +59,14 @@ class SqliteSource:
             key_index(names, column, f"source {self.spec.name!r}")
         return names
 
-    def count(self, query: str) -> int:
+    def count(self, query: str, upto: tuple[str, Any] | None = None) -> int:
         try:
             sql = f"SELECT count(*) FROM (\n{clean_query(query)}\n) AS conduit_src"
-            return int(self.conn.execute(sql, self.params).fetchone()[0])
+            params = dict(self.params)
+            if upto is not None:  # the rows up to a value, in the order resume uses
+                sql += f" WHERE {quote_ident(upto[0])} COLLATE BINARY <= :conduit_upto"
+                params["conduit_upto"] = upto[1]
+            return int(self.conn.execute(sql, params).fetchone()[0])
         except sqlite3.Error as exc:
             raise self._fail("count failed", exc) from None
 
