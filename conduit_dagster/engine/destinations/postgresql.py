@@ -1,6 +1,9 @@
 """PostgreSQL destination: each batch bulk-loaded with COPY in one transaction that also records
-which batch it was, so a batch replayed after a crash (committed, not yet checkpointed) is
-recognised and not applied twice, in every mode and without a primary key.
+which batch it was and its last checkpoint value, so a batch replayed after a crash (committed,
+not yet checkpointed) is recognised: its committed rows are not applied twice, in every mode and
+without a primary key, and only rows past the recorded value (ones the source gained meanwhile)
+are added. A session advisory lock on the target table, held from start to publish, keeps two
+writers of one table apart, whichever machines they run on.
 
 Modes (``mode:`` on the destination):
 
@@ -10,7 +13,7 @@ Modes (``mode:`` on the destination):
     merge    rows are upserted on ``primary_key`` (the last row of a key within a batch wins).
 
 Bookkeeping lives in ``<schema>._conduit_batches``. Tables conduit creates carry the comment
-``conduit-dagster pipeline <name>``; replace never drops a table without it.
+``conduit-dagster pipeline <name>`` (exactly); replace never drops a table without it.
 """
 
 import hashlib
