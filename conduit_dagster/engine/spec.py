@@ -371,12 +371,7 @@ def _destination(file: Path, e: _Entry) -> DestinationSpec:
     if kind == "postgresql":
         e.finish(_PG_DEST_KEYS)
         mode = e.choice("mode", WRITE_MODES, default="replace")
-        raw_keys = e.raw("primary_key")
-        if isinstance(raw_keys, str):
-            raw_keys = [raw_keys]
-        if raw_keys is not None and (not isinstance(raw_keys, list) or not all(isinstance(k, str) for k in raw_keys)):
-            raise e.fail("primary_key", "expected a column name or a list of them, e.g. `primary_key: [id]`")
-        keys = tuple(raw_keys or ())
+        keys = _columns(e, "primary_key")
         if mode == "merge" and not keys:
             raise e.fail(None, "mode merge needs `primary_key: [column, ...]` to upsert on")
         table = e.text("table")
