@@ -22,26 +22,56 @@ from dagster import (
     define_asset_job,
 )
 
-from conduit_dagster.engine.checkpoint import LocalCheckpointStore, encode_value, resolve_checkpoint_dir
+from conduit_dagster.engine.checkpoint import encode_value
 from conduit_dagster.engine.destinations import open_destination
 from conduit_dagster.engine.errors import ConduitError
 from conduit_dagster.engine.runner import BatchCommitted, RunFinished, RunStarted, RunWarning, run_pipeline
 from conduit_dagster.engine.sources import open_source
-from conduit_dagster.engine.spec import IngestSpec, LocalDestinationSpec, PostgresDestinationSpec, ResourceSpec
+from conduit_dagster.engine.spec import (
+    FileSourceSpec,
+    IngestSpec,
+    LocalDestinationSpec,
+    PostgresDestinationSpec,
+    ResourceSpec,
+    S3DestinationSpec,
+)
 from conduit_dagster.resources import CheckpointStoreResource
 
-_SOURCE_KINDS = {"postgresql": "postgres", "sqlite": "sqlite"}
+_SOURCE_KINDS = {"postgresql": "postgres", "sqlite": "sqlite", "file": "file"}
 _FORMAT_KINDS = {"parquet": "parquet", "csv": "csv", "jsonl": "json"}
 
 
 def asset_description(resource: ResourceSpec) -> str:
     head = f"{resource.description}\n\n" if resource.description else ""
+    if isinstance(resource.source, FileSourceSpec):
+        return f"{head}{resource.source.format} files: `{resource.source.path}`"
     return f"{head}```sql\n{resource.query.strip()}\n```"
 
 
 def asset_kinds(resource: ResourceSpec) -> set[str]:
+    s, d = resource.source, resource.destination
+    kinds = {_SOURCE_KINDS[s.type]}
+    if isinstance(s, FileSourceSpec):
+        kinds = {"s3" if s.is_s3 else "file", _FORMAT_KINDS[s.format]}
+    if isinstance(d, LocalDestinationSpec | S3DestinationSpec):
+        kinds.add(_FORMAT_KINDS[d.format])
+    if isinstance(d, S3DestinationSpec):
+        kinds.add("s3")
+    if isinstance(d, PostgresDestinationSpec):
+        kinds.add("postgres")
+    return kinds
+
+
+def destination_uri(resource: ResourceSpec) -> str:
+    """Where the asset's data lives, as a URI (``dagster/uri``); never a secret."""
     d = resource.destination
-    return {_SOURCE_KINDS[resource.source.type], _FORMAT_KINDS[d.format] if isinstance(d, LocalDestinationSpec) else "postgres"}
+    if isinstance(d, S3DestinationSpec):
+        return d.uri(resource.name)
+    if isinstance(d, LocalDestinationSpec):
+        return (d.path / resource.name).as_uri()
+    from conduit_dagster.engine.pg import describe
+
+    return f"{describe(d)}/{d.schema or 'public'}.{d.table or resource.name}"
 
 
 def job_name(resource: ResourceSpec) -> str:
@@ -86,10 +116,14 @@ def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefini
             "conduit/checkpoint_column": resource.checkpoint_column or "",
             "conduit/resume": resource.resume,
             "conduit/batch_size": resource.batch_size,
+            "dagster/uri": destination_uri(resource),
         },
     )
     def _ingest(context: AssetExecutionContext, checkpoints: CheckpointStoreResource) -> MaterializeResult:
-        store = checkpoints.open_store(spec.base_dir)
+        try:
+            store = checkpoints.open_store(spec)
+        except ConduitError as exc:
+            raise Failure(description=str(exc)) from None
         name = resource.name
         finished: RunFinished | None = None
         try:
@@ -121,7 +155,8 @@ def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefini
             f"{name}: done, {finished.rows_this_run:,} rows this run ({finished.records_processed:,} in total) in "
             f"{finished.duration_s:.1f} s, {finished.rows_per_second:,.0f} rows/s; output in {finished.destination}"
         )
-        return MaterializeResult(metadata=finished_metadata(finished, resource.checkpoint_column))
+        metadata = finished_metadata(finished, resource.checkpoint_column)
+        return MaterializeResult(metadata={**metadata, "dagster/uri": destination_uri(resource)})
 
     return _ingest
 
@@ -135,12 +170,21 @@ def build_row_count_check(spec: IngestSpec, resource: ResourceSpec) -> AssetChec
         name="row_count_matches_source",
         description="Rows in the destination against the source's rows for the same range; both numbers are reported.",
     )
-    def _check() -> AssetCheckResult:
-        source = open_source(resource.source)
-        destination = open_destination(resource.destination, resource.name, accumulate=resource.incremental_column is not None)
+    def _check(checkpoints: CheckpointStoreResource) -> AssetCheckResult:
+        try:
+            source = open_source(resource.source)
+        except ConduitError as exc:
+            raise Failure(description=str(exc)) from None
+        try:
+            destination = open_destination(
+                resource.destination, resource.name, accumulate=resource.incremental_column is not None
+            )
+        except ConduitError as exc:
+            source.close()
+            raise Failure(description=str(exc)) from None
         try:
             if resource.incremental_column is not None:
-                state = LocalCheckpointStore(resolve_checkpoint_dir(spec.base_dir)).load_state(resource.name)
+                state = checkpoints.open_store(spec).load_state(resource.name)
                 source.bind({"last_value": resource.initial_value})
                 upto = (resource.incremental_column, state.last_value) if state is not None else None
                 expected = source.count(resource.query, upto) if state is not None else 0

@@ -9,7 +9,6 @@
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from dagster import (
@@ -24,10 +23,11 @@ from dagster import (
 )
 
 from conduit_dagster.assets import job_name
-from conduit_dagster.engine.checkpoint import LocalCheckpointStore, decode_value, encode_value, resolve_checkpoint_dir
+from conduit_dagster.engine.checkpoint import CheckpointStore, decode_value, encode_value
 from conduit_dagster.engine.errors import ConduitError
 from conduit_dagster.engine.sources import open_source
 from conduit_dagster.engine.spec import IngestSpec, ResourceSpec
+from conduit_dagster.resources import CheckpointStoreResource
 
 
 def build_ingest_schedules(spec: IngestSpec, jobs: Sequence[Any]) -> list[ScheduleDefinition]:
@@ -45,9 +45,8 @@ def build_ingest_schedules(spec: IngestSpec, jobs: Sequence[Any]) -> list[Schedu
     ]
 
 
-def held_value(context: SensorEvaluationContext, resource: ResourceSpec, base_dir: Path) -> tuple[bool, Any]:
+def held_value(context: SensorEvaluationContext, resource: ResourceSpec, store: CheckpointStore) -> tuple[bool, Any]:
     """(found, value): the pipeline's checkpoint value, else its latest materialization's last value."""
-    store = LocalCheckpointStore(resolve_checkpoint_dir(base_dir))
     checkpoint = store.load(resource.name)
     if checkpoint is not None:
         return True, checkpoint.last_value
@@ -63,9 +62,9 @@ def held_value(context: SensorEvaluationContext, resource: ResourceSpec, base_di
     return True, decode_value(json.loads(str(raw.value)))
 
 
-def bound_value(resource: ResourceSpec, base_dir: Path) -> Any:
+def bound_value(resource: ResourceSpec, store: CheckpointStore) -> Any:
     """The :last_value an incremental run would bind now: the stored state's, else initial_value."""
-    state = LocalCheckpointStore(resolve_checkpoint_dir(base_dir)).load_state(resource.name)
+    state = store.load_state(resource.name)
     return state.last_value if state is not None else resource.initial_value
 
 
@@ -80,13 +79,14 @@ def build_ingest_sensor(spec: IngestSpec, resource: ResourceSpec, job: Any) -> S
         default_status=DefaultSensorStatus.RUNNING,
         description=f"Runs {job.name} when {resource.source.name} has rows beyond the last {column} it loaded",
     )
-    def _sensor(context: SensorEvaluationContext) -> RunRequest | SkipReason:
+    def _sensor(context: SensorEvaluationContext, checkpoints: CheckpointStoreResource) -> RunRequest | SkipReason:
         try:
-            found, held = held_value(context, resource, spec.base_dir)
+            store = checkpoints.open_store(spec)
+            found, held = held_value(context, resource, store)
             source = open_source(resource.source)
             try:
                 if resource.incremental_column is not None:
-                    source.bind({"last_value": bound_value(resource, spec.base_dir)})
+                    source.bind({"last_value": bound_value(resource, store)})
                 newest = source.max_value(resource.query, column)
             finally:
                 source.close()

@@ -12,7 +12,7 @@ from dagster import Definitions
 from conduit_dagster.assets import build_ingest_assets, build_ingest_checks, build_ingest_jobs
 from conduit_dagster.automation import build_ingest_schedules, build_ingest_sensors
 from conduit_dagster.engine.spec import INGEST_FILE_ENV, load_spec
-from conduit_dagster.resources import LocalCheckpointStoreResource
+from conduit_dagster.resources import checkpoint_resource
 
 
 def find_spec_path(start: Path | None = None) -> Path:
@@ -35,7 +35,7 @@ def build_definitions(path: str | os.PathLike[str]) -> Definitions:
         jobs=jobs,
         schedules=build_ingest_schedules(spec, jobs),
         sensors=build_ingest_sensors(spec, jobs),
-        resources={"checkpoints": LocalCheckpointStoreResource()},
+        resources={"checkpoints": checkpoint_resource(spec)},
     )
 
 

@@ -1,22 +1,27 @@
 """Dagster ConfigurableResources that hand back engine objects.
 
-``CheckpointStoreResource`` is the base type assets ask for; any subclass bound under the
-``checkpoints`` key works (the local one today, an S3 one next to it).
+``CheckpointStoreResource`` is the base type assets, checks and sensors ask for; the definitions bind
+the local or the S3 one under the ``checkpoints`` key, as ingest.yml or the environment choose
+(``conduit_dagster.engine.stores``). Every field is optional: an unset field falls back, at run time,
+to the environment and then ingest.yml, so a launchpad config that sets one field keeps the rest.
 """
 
-from pathlib import Path
-
 from dagster import ConfigurableResource
+from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
 from conduit_dagster.engine.checkpoint import CheckpointStore, LocalCheckpointStore, resolve_checkpoint_dir
+from conduit_dagster.engine.checkpoint_s3 import S3CheckpointStore
+from conduit_dagster.engine.errors import SpecError
+from conduit_dagster.engine.spec import IngestSpec
+from conduit_dagster.engine.stores import CHECKPOINTS_ENV, checkpoint_settings
 
 
 class CheckpointStoreResource(ConfigurableResource):
     """Where pipeline checkpoints are kept."""
 
-    def open_store(self, base_dir: Path) -> CheckpointStore:
-        """The store to use; ``base_dir`` is ingest.yml's folder, for relative locations."""
+    def open_store(self, spec: IngestSpec) -> CheckpointStore:
+        """The store to use for the pipelines of ``spec`` (its folder anchors relative locations)."""
         raise NotImplementedError
 
 
@@ -24,17 +29,63 @@ class LocalCheckpointStoreResource(CheckpointStoreResource):
     """Checkpoints as JSON files in a local directory.
 
     The directory is, first found: this resource's ``directory`` config (set it from the
-    launchpad), $CONDUIT_CHECKPOINT_DIR, then ``.checkpoints/`` beside ingest.yml. Relative
-    paths are taken from ingest.yml's folder. Read at run time, never at import.
+    launchpad), $CONDUIT_CHECKPOINTS / $CONDUIT_CHECKPOINT_DIR, ingest.yml's ``checkpoints.directory``,
+    then ``.checkpoints/`` beside ingest.yml. Relative paths are taken from ingest.yml's folder.
     """
 
     directory: str | None = Field(
         default=None,
-        description="Checkpoint directory; default $CONDUIT_CHECKPOINT_DIR, else .checkpoints/ beside ingest.yml",
+        description="Checkpoint directory; default $CONDUIT_CHECKPOINT_DIR, ingest.yml's checkpoints.directory, "
+        "else .checkpoints/ beside ingest.yml",
     )
 
-    def resolve_directory(self, base_dir: Path) -> Path:
-        return resolve_checkpoint_dir(base_dir, self.directory)
+    def open_store(self, spec: IngestSpec) -> CheckpointStore:
+        settings = checkpoint_settings(spec.checkpoints)
+        configured = self.directory or (settings.directory if settings.type == "local" else None)
+        return LocalCheckpointStore(resolve_checkpoint_dir(spec.base_dir, configured))
 
-    def open_store(self, base_dir: Path) -> CheckpointStore:
-        return LocalCheckpointStore(self.resolve_directory(base_dir))
+
+class S3CheckpointStoreResource(CheckpointStoreResource, S3Resource):
+    """Checkpoints as JSON objects under ``s3://<bucket>/<prefix>/``, one run owning each pipeline (a lease
+    object and conditional writes; see ``conduit_dagster.engine.checkpoint_s3``).
+
+    Built on dagster-aws's ``S3Resource``: its fields (endpoint_url, region_name, aws_access_key_id,
+    aws_secret_access_key with ``dagster.EnvVar``, profile_name, ...) say how to reach S3; unset, they come
+    from ingest.yml's ``checkpoints:`` section and the usual AWS environment.
+    """
+
+    bucket: str | None = Field(default=None, description="Bucket; default from $CONDUIT_CHECKPOINTS or ingest.yml")
+    prefix: str | None = Field(default=None, description="Key prefix; default from $CONDUIT_CHECKPOINTS or ingest.yml")
+    lease_seconds: int | None = Field(
+        default=None, description="A dead run's lease is taken over this long after its last renewal (default 60)"
+    )
+    conditional_writes: bool | None = Field(
+        default=None, description="Require S3 conditional writes (If-None-Match / If-Match) to guard ownership (default true)"
+    )
+
+    def open_store(self, spec: IngestSpec) -> CheckpointStore:
+        settings = checkpoint_settings(spec.checkpoints)
+        bucket = self.bucket or (settings.bucket if settings.type == "s3" else None)
+        if not bucket:
+            raise SpecError(
+                f"the checkpoints resource (S3) has no bucket: set its `bucket` config, ${CHECKPOINTS_ENV}=s3://bucket/prefix, "
+                f"or `checkpoints: {{type: s3, bucket: ...}}` in {spec.path}"
+            )
+        s3 = settings.s3
+        fields = {name: getattr(self, name) for name in S3Resource.model_fields}
+        fields.update(endpoint_url=self.endpoint_url or s3.endpoint_url, region_name=self.region_name or s3.region)
+        client = S3Resource(**fields).get_client()
+        return S3CheckpointStore(
+            client,
+            bucket,
+            self.prefix if self.prefix is not None else settings.prefix,
+            lease_seconds=self.lease_seconds or settings.lease_seconds,
+            conditional_writes=settings.conditional_writes if self.conditional_writes is None else self.conditional_writes,
+        )
+
+
+def checkpoint_resource(spec: IngestSpec) -> CheckpointStoreResource:
+    """The resource the environment and ingest.yml choose; its settings are read again at run time."""
+    if checkpoint_settings(spec.checkpoints).type == "s3":
+        return S3CheckpointStoreResource()
+    return LocalCheckpointStoreResource()

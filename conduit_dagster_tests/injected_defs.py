@@ -9,7 +9,7 @@ from dagster import Definitions, JobDefinition
 
 from conduit_dagster.assets import build_ingest_assets, build_ingest_jobs
 from conduit_dagster.engine.checkpoint import Checkpoint, CheckpointStore
-from conduit_dagster.engine.spec import load_spec
+from conduit_dagster.engine.spec import IngestSpec, load_spec
 from conduit_dagster.resources import LocalCheckpointStoreResource
 
 
@@ -38,8 +38,8 @@ class FailingCheckpointStoreResource(LocalCheckpointStoreResource):
     fail_at_save: int
     flag_file: str
 
-    def open_store(self, base_dir: Path) -> CheckpointStore:
-        return _FailingStore(super().open_store(base_dir), self.fail_at_save, Path(self.flag_file))  # type: ignore[return-value]
+    def open_store(self, spec: IngestSpec) -> CheckpointStore:
+        return _FailingStore(super().open_store(spec), self.fail_at_save, Path(self.flag_file))  # type: ignore[return-value]
 
 
 def build_job(ingest_path: str, checkpoint_dir: str, fail_at_save: int, flag_file: str, job_name: str) -> JobDefinition:

@@ -139,16 +139,16 @@ def test_sensor_launches_only_for_rows_beyond_what_is_held(shop, tmp_path, monke
     assert set(sensors) == {"orders_sensor"}
     orders_sensor = sensors["orders_sensor"]
     with DagsterInstance.ephemeral() as instance:
-        first = orders_sensor(build_sensor_context(instance=instance))
+        first = orders_sensor(build_sensor_context(instance=instance, resources=defs.resources))
         assert isinstance(first, RunRequest) and first.run_key == 'orders:{"type": "int", "value": "1000"}'
         assert defs.resolve_job_def("ingest_orders").execute_in_process(instance=instance).success
-        quiet = orders_sensor(build_sensor_context(instance=instance))
+        quiet = orders_sensor(build_sensor_context(instance=instance, resources=defs.resources))
         assert isinstance(quiet, SkipReason) and "no rows beyond id = 1000" in quiet.skip_message
         conn = sqlite3.connect(tmp_path / "shop.db")
         conn.execute("INSERT INTO orders VALUES (1001, 1.0, 'late')")
         conn.commit()
         conn.close()
-        again = orders_sensor(build_sensor_context(instance=instance))
+        again = orders_sensor(build_sensor_context(instance=instance, resources=defs.resources))
         assert isinstance(again, RunRequest) and again.run_key.endswith('"1001"}')
         # an unfinished run's checkpoint is what the pipeline holds: the sensor launches the run that resumes it
         store = LocalCheckpointStore(tmp_path / "cps")
@@ -158,7 +158,7 @@ def test_sensor_launches_only_for_rows_beyond_what_is_held(shop, tmp_path, monke
                 break
         run.close()
         assert store.load("orders").last_value == 100
-        resume = orders_sensor(build_sensor_context(instance=instance))
+        resume = orders_sensor(build_sensor_context(instance=instance, resources=defs.resources))
         assert isinstance(resume, RunRequest)
 
 
@@ -198,13 +198,31 @@ def test_materialize_reports_metadata_and_writes_rows(shop, tmp_path):
     assert not list((tmp_path / "cps").glob("*.json"))
 
 
-def test_checkpoint_directory_precedence(tmp_path, monkeypatch):
+def test_checkpoint_location_precedence(tmp_path, monkeypatch):
+    """resource config > $CONDUIT_CHECKPOINTS > $CONDUIT_CHECKPOINT_DIR > ingest.yml checkpoints: > .checkpoints/"""
+    from conduit_dagster.engine.spec import load_spec_text
+    from conduit_dagster.resources import S3CheckpointStoreResource, checkpoint_resource
+
     base = tmp_path / "project"
-    monkeypatch.delenv("CONDUIT_CHECKPOINT_DIR", raising=False)
-    assert LocalCheckpointStoreResource().resolve_directory(base) == base / ".checkpoints"
+    plain = load_spec_text(INGEST, base / "ingest.yml")
+    with_dir = load_spec_text(INGEST + "checkpoints:\n  directory: yml-cps\n", base / "ingest.yml")
+    with_s3 = load_spec_text(INGEST + "checkpoints:\n  type: s3\n  bucket: yml-bucket\n  prefix: cp\n", base / "ingest.yml")
+    for var in ("CONDUIT_CHECKPOINT_DIR", "CONDUIT_CHECKPOINTS"):
+        monkeypatch.delenv(var, raising=False)
+    assert LocalCheckpointStoreResource().open_store(plain).location == str(base / ".checkpoints")
+    assert LocalCheckpointStoreResource().open_store(with_dir).location == str(base / "yml-cps")
+    assert isinstance(checkpoint_resource(with_s3), S3CheckpointStoreResource)
+    assert S3CheckpointStoreResource().open_store(with_s3).location == "s3://yml-bucket/cp/"
     monkeypatch.setenv("CONDUIT_CHECKPOINT_DIR", str(tmp_path / "env"))
-    assert LocalCheckpointStoreResource().resolve_directory(base) == tmp_path / "env"
-    assert LocalCheckpointStoreResource(directory="cfg").resolve_directory(base) == base / "cfg"
+    assert LocalCheckpointStoreResource().open_store(with_dir).location == str(tmp_path / "env")
+    assert LocalCheckpointStoreResource(directory="cfg").open_store(with_dir).location == str(base / "cfg")
+    monkeypatch.setenv("CONDUIT_CHECKPOINTS", "s3://env-bucket/some/prefix/")
+    assert isinstance(checkpoint_resource(plain), S3CheckpointStoreResource)
+    assert S3CheckpointStoreResource().open_store(with_s3).location == "s3://env-bucket/some/prefix/"
+    assert S3CheckpointStoreResource(prefix="lp").open_store(with_s3).location == "s3://env-bucket/lp/"
+    monkeypatch.setenv("CONDUIT_CHECKPOINTS", str(tmp_path / "env2"))
+    assert not isinstance(checkpoint_resource(with_s3), S3CheckpointStoreResource)
+    assert LocalCheckpointStoreResource().open_store(with_s3).location == str(tmp_path / "env2")
 
 
 def test_launchpad_config_overrides_checkpoint_directory(shop, tmp_path):

@@ -9,7 +9,7 @@ from dagster import Definitions
 
 from conduit_dagster.assets import build_ingest_assets, build_ingest_jobs
 from conduit_dagster.engine.checkpoint import Checkpoint, CheckpointStore
-from conduit_dagster.engine.spec import load_spec
+from conduit_dagster.engine.spec import IngestSpec, load_spec
 from conduit_dagster.resources import LocalCheckpointStoreResource
 from conduit_dagster_tests.injected_defs import InjectedFailure
 
@@ -33,8 +33,8 @@ class FailOnceCheckpointStoreResource(LocalCheckpointStoreResource):
     fail_at_save: int = 5
     flag_file: str = ""
 
-    def open_store(self, base_dir: Path) -> CheckpointStore:
-        return _FailOnce(super().open_store(base_dir), self.fail_at_save, Path(self.flag_file))  # type: ignore[return-value]
+    def open_store(self, spec: IngestSpec) -> CheckpointStore:
+        return _FailOnce(super().open_store(spec), self.fail_at_save, Path(self.flag_file))  # type: ignore[return-value]
 
 
 _spec = load_spec(os.environ["CONDUIT_INGEST_FILE"])

@@ -238,6 +238,21 @@ class CheckpointStore(Protocol):
 
     def delete_state(self, pipeline: str) -> None: ...
 
+    def list_states(self) -> "builtins.list[str]": ...
+
+    def has_checkpoint(self, pipeline: str) -> bool:
+        """A checkpoint exists (readable or not)."""
+        ...
+
+    def assert_owner(self, pipeline: str) -> None:
+        """Raise CheckpointError if this run no longer holds the pipeline (called before every write)."""
+        ...
+
+    @property
+    def location(self) -> str:
+        """Where the checkpoints are, for messages."""
+        ...
+
 
 def fsync_path(path: Path) -> None:
     """fsync a file, or a directory (which makes the renames and deletions in it durable)."""
@@ -293,6 +308,16 @@ class LocalCheckpointStore:
 
     def describe(self, pipeline: str) -> str:
         return str(self._path(pipeline))
+
+    @property
+    def location(self) -> str:
+        return str(self.directory)
+
+    def has_checkpoint(self, pipeline: str) -> bool:
+        return self._path(pipeline).exists()
+
+    def assert_owner(self, pipeline: str) -> None:
+        """An flock cannot be lost while its holder lives."""
 
     def load(self, pipeline: str) -> Checkpoint | None:
         path = self._path(pipeline)
@@ -400,6 +425,17 @@ class MemoryCheckpointStore:
 
     def describe(self, pipeline: str) -> str:
         return f"memory:{pipeline}"
+
+    location = "memory"
+
+    def has_checkpoint(self, pipeline: str) -> bool:
+        return pipeline in self.docs
+
+    def assert_owner(self, pipeline: str) -> None:
+        pass
+
+    def list_states(self) -> list[str]:
+        return sorted(self.states)
 
     def load(self, pipeline: str) -> Checkpoint | None:
         text = self.docs.get(pipeline)

@@ -36,7 +36,13 @@ from conduit_dagster.engine.destinations import Destination, open_destination
 from conduit_dagster.engine.errors import CheckpointError
 from conduit_dagster.engine.keys import KeyBuffer, check_keys
 from conduit_dagster.engine.sources import Chunk, Source, open_source
-from conduit_dagster.engine.spec import PostgresDestinationSpec, PostgresSourceSpec, ResourceSpec
+from conduit_dagster.engine.spec import (
+    FileSourceSpec,
+    PostgresDestinationSpec,
+    PostgresSourceSpec,
+    ResourceSpec,
+    S3DestinationSpec,
+)
 from conduit_dagster.engine.sql import clean_query
 
 # A tie group larger than this many batches is reported: it has to sit in memory whole.
@@ -95,7 +101,10 @@ Event = RunStarted | BatchCommitted | RunWarning | RunFinished
 
 
 def query_fingerprint(resource: ResourceSpec) -> str:
-    text = f"{clean_query(resource.query).strip()}\n--conduit checkpoint_column={resource.checkpoint_column}"
+    """What the checkpoint's rows were selected by: the query, or for a file source its files and format."""
+    s = resource.source
+    selection = f"files {s.format} {s.path}" if isinstance(s, FileSourceSpec) else clean_query(resource.query).strip()
+    text = f"{selection}\n--conduit checkpoint_column={resource.checkpoint_column}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -110,6 +119,8 @@ def source_identity(resource: ResourceSpec) -> str:
             url = make_url(s.url.reveal())
             host, port, database = url.host or "", url.port or 5432, url.database
         return f"postgresql://{host}:{port}/{database}?schema={s.schema or ''}"
+    if isinstance(s, FileSourceSpec) and s.is_s3:
+        return f"file:{s.path}?endpoint={s.s3.endpoint_url or ''}"
     return f"{s.type}:{getattr(s, 'path', '')}"
 
 
@@ -120,6 +131,8 @@ def destination_identity(resource: ResourceSpec) -> str:
         from conduit_dagster.engine.pg import describe
 
         return f"{describe(d)}/{d.schema or 'public'}.{d.table or resource.name}?mode={d.mode}"
+    if isinstance(d, S3DestinationSpec):
+        return f"{d.uri(resource.name)}?format={d.format}&endpoint={d.s3.endpoint_url or ''}"
     return f"{d.type}:{d.path}?format={d.format}"
 
 
@@ -394,6 +407,7 @@ def _run_locked(
 
     def commit(index: int, table: pa.Table, batch_last: Any, records: int, batch_boundary: list[str]) -> float:
         """Write one batch durably, then checkpoint it; returns the seconds the checkpoint took."""
+        store.assert_owner(name)  # a run that lost the pipeline (its lease taken over) writes nothing more
         dest.write(index, table, column, batch_last)
         if not resource.resume:
             return 0.0
@@ -448,6 +462,7 @@ def _run_locked(
                 done, inflight = inflight, None
                 checkpoint_s += done[0].result()
                 yield BatchCommitted(done[1], done[2], rows_this_run, records, last_value, time.monotonic() - started)
+            store.assert_owner(name)
             dest.publish()
     except BaseException as failure:
         if inflight is not None:  # the read failed or the caller stopped: let the commit in progress end first

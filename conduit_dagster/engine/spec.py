@@ -23,8 +23,8 @@ _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 DEFAULT_BATCH_SIZE = 10_000
 INGEST_FILE_ENV = "CONDUIT_INGEST_FILE"
-SOURCE_TYPES = ("postgresql", "sqlite")
-DESTINATION_TYPES = ("local", "postgresql")
+SOURCE_TYPES = ("postgresql", "sqlite", "file")
+DESTINATION_TYPES = ("local", "postgresql", "s3")
 WRITE_MODES = ("replace", "append", "merge")
 FORMATS = ("parquet", "csv", "jsonl")
 
@@ -82,7 +82,37 @@ class SqliteSourceSpec:
     type: str = "sqlite"
 
 
-SourceSpec = PostgresSourceSpec | SqliteSourceSpec
+@dataclass(frozen=True)
+class S3ConnectionSpec:
+    """How to reach S3 or an S3-compatible store. Unset credentials come from the usual AWS chain
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, instance roles); an unset endpoint_url
+    from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS itself."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: Secret | None = None
+    secret_access_key: Secret | None = None
+    session_token: Secret | None = None
+
+
+@dataclass(frozen=True)
+class FileSourceSpec:
+    """CSV, JSON Lines or Parquet files: a local path or glob, or s3://bucket/key, a prefix (ending in /) or a glob."""
+
+    name: str
+    path: str
+    format: str
+    s3: S3ConnectionSpec = field(default_factory=S3ConnectionSpec)
+    resume: bool = False
+    checkpoint_column: str | None = None
+    type: str = "file"
+
+    @property
+    def is_s3(self) -> bool:
+        return self.path.startswith("s3://")
+
+
+SourceSpec = PostgresSourceSpec | SqliteSourceSpec | FileSourceSpec
 
 
 @dataclass(frozen=True)
@@ -101,7 +131,35 @@ class PostgresDestinationSpec(PostgresConnectionSpec):
     type: str = "postgresql"
 
 
-DestinationSpec = LocalDestinationSpec | PostgresDestinationSpec
+@dataclass(frozen=True)
+class S3DestinationSpec:
+    """Part files under s3://bucket/prefix/<resource>/."""
+
+    name: str
+    bucket: str
+    prefix: str = ""
+    format: str = "parquet"
+    s3: S3ConnectionSpec = field(default_factory=S3ConnectionSpec)
+    type: str = "s3"
+
+    def uri(self, pipeline: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix + '/' if self.prefix else ''}{pipeline}/"
+
+
+DestinationSpec = LocalDestinationSpec | PostgresDestinationSpec | S3DestinationSpec
+
+
+@dataclass(frozen=True)
+class CheckpointsSpec:
+    """Where checkpoints live: ``type: local`` with a ``directory``, or ``type: s3`` with a ``bucket`` and ``prefix``."""
+
+    type: str = "local"
+    directory: str | None = None
+    bucket: str | None = None
+    prefix: str = "conduit/checkpoints"
+    s3: S3ConnectionSpec = field(default_factory=S3ConnectionSpec)
+    lease_seconds: int = 60
+    conditional_writes: bool = True
 
 
 @dataclass(frozen=True)
@@ -131,6 +189,7 @@ class IngestSpec:
     sources: tuple[SourceSpec, ...]
     destinations: tuple[DestinationSpec, ...]
     resources: tuple[ResourceSpec, ...] = field(default_factory=tuple)
+    checkpoints: CheckpointsSpec | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -303,6 +362,20 @@ def substitute_env(value: str, fail: Any = None, env: Mapping[str, str] | None =
 _PG_KEYS = {"name", "type", "resume", "checkpoint_column", "host", "port", "database", "user", "password", "schema", "url"}
 _SQLITE_KEYS = {"name", "type", "resume", "checkpoint_column", "path"}
 _LOCAL_KEYS = {"name", "type", "path", "format"}
+_S3_KEYS = {"endpoint_url", "region", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
+_FILE_KEYS = {"name", "type", "resume", "checkpoint_column", "path", "format"} | _S3_KEYS
+_S3_DEST_KEYS = {"name", "type", "bucket", "prefix", "format"} | _S3_KEYS
+_CHECKPOINT_KEYS = {"type", "directory", "bucket", "prefix", "lease_seconds", "conditional_writes", "endpoint_url", "region"}
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_EXTENSIONS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 _PG_DEST_KEYS = {"name", "type", "host", "port", "database", "user", "password", "schema", "url", "table", "mode", "primary_key"}
 _RESOURCE_KEYS = {
     "name",
@@ -332,11 +405,79 @@ def _path(e: _Entry, base: Path) -> Path:
     return p if p.is_absolute() else (base / p).resolve()
 
 
+def _s3_connection(e: _Entry) -> S3ConnectionSpec:
+    """The keys that say how to reach S3; credentials should come from ${VAR}s or the AWS environment."""
+    endpoint = e.text("endpoint_url")
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        raise e.fail("endpoint_url", "must start with http:// or https://, e.g. http://127.0.0.1:9000")
+
+    def secret(key: str) -> Secret | None:
+        value = e.text(key)
+        return None if value is None else Secret(value)
+
+    key_id, secret_key = secret("aws_access_key_id"), secret("aws_secret_access_key")
+    if (key_id is None) != (secret_key is None):
+        raise e.fail(None, "give both aws_access_key_id and aws_secret_access_key (e.g. from ${VARS}), or neither")
+    return S3ConnectionSpec(
+        endpoint_url=endpoint or None,
+        region=e.text("region") or None,
+        access_key_id=key_id,
+        secret_access_key=secret_key,
+        session_token=secret("aws_session_token"),
+    )
+
+
+def _bucket(e: _Entry, value: str | None, key: str = "bucket") -> str:
+    if value is None or not _BUCKET_RE.match(value) or ".." in value:
+        raise e.fail(
+            key if value is not None else None,
+            f"{'missing `bucket:`' if value is None else f'{e.show(key, value)} is not a valid S3 bucket name'}; "
+            "a bucket name has 3 to 63 lowercase letters, digits, dots or hyphens",
+        )
+    return value
+
+
+def _prefix(e: _Entry, key: str = "prefix", default: str = "") -> str:
+    value = (e.text(key) or default).strip("/")
+    if any(part in ("", ".", "..") for part in value.split("/")) and value:
+        raise e.fail(key, f"{e.show(key, value)} is not a clean key prefix; write it like raw/shop (no //, . or ..)")
+    return value
+
+
+def _file_source(file: Path, e: _Entry, name: str, resume: bool, column: str | None) -> "FileSourceSpec":
+    raw = e.text("path", required=True)
+    assert raw is not None
+    if raw.startswith("s3://"):
+        bucket, _, key = raw.removeprefix("s3://").partition("/")
+        _bucket(e, bucket, "path")
+        path = raw
+        s3 = _s3_connection(e)
+    else:
+        for key in _S3_KEYS:
+            if e.data.get(key) is not None:
+                raise e.fail(key, f"{key} applies to s3:// paths only; remove it")
+        path = str(_path(e, file.parent))
+        key = path
+        s3 = S3ConnectionSpec()
+    fmt = e.text("format")
+    if fmt is None:
+        stem = key.removesuffix(".gz")
+        fmt = next((f for ext, f in _EXTENSIONS.items() if stem.lower().endswith(ext)), None)
+        if fmt is None:
+            raise e.fail("path", "cannot tell the file format from the path; add `format: csv`, `jsonl` or `parquet`")
+    elif fmt not in FORMATS:
+        raise e.fail("format", f"unknown value {e.show('format', fmt)}; use one of: {', '.join(FORMATS)}")
+    e.finish(_FILE_KEYS)
+    return FileSourceSpec(name=name, path=path, format=fmt, s3=s3, resume=resume, checkpoint_column=column)
+
+
 def _source(file: Path, e: _Entry) -> SourceSpec:
     name = e.name()
     kind = e.choice("type", SOURCE_TYPES)
     resume = bool(e.boolean("resume"))
     column = e.text("checkpoint_column")
+    if kind == "file":
+        return _file_source(file, e, name, resume, column)
     if kind == "sqlite":
         e.finish(_SQLITE_KEYS)
         return SqliteSourceSpec(name=name, path=_path(e, file.parent), resume=resume, checkpoint_column=column)
@@ -378,6 +519,15 @@ def _destination(file: Path, e: _Entry) -> DestinationSpec:
         if table is not None and not NAME_RE.match(table):
             raise e.fail("table", f"{table!r} is not a valid table name; use letters, digits and _")
         return PostgresDestinationSpec(name=name, table=table, mode=mode, primary_key=keys, **_pg_connection(e))
+    if kind == "s3":
+        e.finish(_S3_DEST_KEYS)
+        return S3DestinationSpec(
+            name=name,
+            bucket=_bucket(e, e.text("bucket")),
+            prefix=_prefix(e),
+            format=e.choice("format", FORMATS, default="parquet"),
+            s3=_s3_connection(e),
+        )
     e.finish(_LOCAL_KEYS)
     path = _path(e, file.parent)
     return LocalDestinationSpec(name=name, path=path, format=e.choice("format", FORMATS, default="parquet"))
@@ -440,6 +590,39 @@ def _sensor(e: _Entry, column: str | None) -> int | None:
     return interval
 
 
+def _checkpoints(file: Path, doc: "_LineDict") -> CheckpointsSpec | None:
+    """``checkpoints: {type: s3, bucket: ..., prefix: ...}`` or ``{type: local, directory: ...}``."""
+    raw = doc.get("checkpoints")
+    if raw is None:
+        return None
+    line = doc.lines.get("checkpoints", 1)
+    if not isinstance(raw, dict):
+        raise SpecError(
+            f"{file}:{line}: checkpoints: expected a mapping, "
+            "e.g. `checkpoints: {type: s3, bucket: my-bucket, prefix: conduit}`"
+        )
+    e = _Entry(file, raw, "checkpoints", getattr(raw, "line", line))
+    kind = e.choice("type", ("local", "s3"), default="local")
+    e.finish(_CHECKPOINT_KEYS)
+    lease = e.integer("lease_seconds", default=60, minimum=5, maximum=3600)
+    conditional = e.boolean("conditional_writes")
+    if kind == "local":
+        for key in ("bucket", "prefix", "endpoint_url", "region", "lease_seconds", "conditional_writes"):
+            if e.data.get(key) is not None:
+                raise e.fail(key, f"{key} applies to `type: s3` only; remove it or set `type: s3`")
+        return CheckpointsSpec(type="local", directory=e.text("directory"))
+    if e.data.get("directory") is not None:
+        raise e.fail("directory", "directory applies to `type: local` only; an S3 store uses bucket and prefix")
+    return CheckpointsSpec(
+        type="s3",
+        bucket=_bucket(e, e.text("bucket")),
+        prefix=_prefix(e, default="conduit/checkpoints"),
+        s3=_s3_connection(e),
+        lease_seconds=lease,
+        conditional_writes=True if conditional is None else conditional,
+    )
+
+
 def _entries(file: Path, doc: _LineDict, section: str, required: bool) -> list[_Entry]:
     value = doc.get(section)
     line = doc.lines.get(section, 1) if isinstance(doc, _LineDict) else 1
@@ -477,9 +660,9 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
     if not isinstance(doc, dict):
         raise SpecError(f"{path}:1: expected a mapping with `sources:`, `destinations:` and `resources:`")
     for key in doc:
-        if key not in ("sources", "destinations", "resources"):
+        if key not in ("sources", "destinations", "resources", "checkpoints"):
             line = doc.lines.get(key, 1) if isinstance(doc, _LineDict) else 1
-            raise SpecError(f"{path}:{line}: unknown top-level key {key!r}; use sources, destinations, resources")
+            raise SpecError(f"{path}:{line}: unknown top-level key {key!r}; use sources, destinations, resources, checkpoints")
     if not isinstance(doc, _LineDict):  # pragma: no cover - the loader always builds _LineDict
         raise SpecError(f"{path}: could not read the document")
 
@@ -513,12 +696,17 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
             raise e.fail(
                 "destination", f"unknown destination {dest_name!r}; declared destinations: {', '.join(destinations) or 'none'}"
             )
-        query = e.text("query", required=True)
-        assert query is not None
-        try:
-            clean_query(query)
-        except SpecError as exc:
-            raise e.fail("query", f"{exc}") from None
+        source = sources[source_name]
+        if isinstance(source, FileSourceSpec):
+            if e.data.get("query") is not None:
+                raise e.fail("query", f"source {source_name!r} reads files, which have no query; remove `query`")
+            query = ""
+        else:
+            query = e.text("query", required=True) or ""
+            try:
+                clean_query(query)
+            except SpecError as exc:
+                raise e.fail("query", f"{exc}") from None
         destination = destinations[dest_name]
         if isinstance(destination, PostgresDestinationSpec) and destination.table:
             for other in resources.values():
@@ -528,13 +716,18 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
                         f"resources {other.name!r} and {name!r} would both write table {destination.table!r} of destination "
                         f"{dest_name!r}; give each its own destination, or leave `table` out (it defaults to the resource name)",
                     )
-        source = sources[source_name]
         resume = e.boolean("resume")
         explicit_column = e.text("checkpoint_column")
         resume = source.resume if resume is None else resume
         column = explicit_column or source.checkpoint_column
         incremental_column = e.text("incremental_column")
         initial_value = e.sub("initial_value", e.raw("initial_value"))
+        if isinstance(source, FileSourceSpec) and incremental_column is not None:
+            raise e.fail(
+                "incremental_column",
+                "file sources have no query to bind :last_value in; drop incremental_column (resume: true with a "
+                "checkpoint_column resumes a crashed run)",
+            )
         if uses_last_value(query) != (incremental_column is not None):
             raise e.fail(
                 "incremental_column" if incremental_column else "query",
@@ -593,7 +786,11 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
             incremental_key=_columns(e, "incremental_key"),
         )
     return IngestSpec(
-        path=path, sources=tuple(sources.values()), destinations=tuple(destinations.values()), resources=tuple(resources.values())
+        path=path,
+        sources=tuple(sources.values()),
+        destinations=tuple(destinations.values()),
+        resources=tuple(resources.values()),
+        checkpoints=_checkpoints(path, doc),
     )
 
 

@@ -28,9 +28,11 @@ def open_destination(spec: Any, pipeline: str, *, accumulate: bool = False) -> D
 def _register_builtins() -> None:
     from conduit_dagster.engine.destinations.local import LocalDestination
     from conduit_dagster.engine.destinations.postgresql import PostgresDestination
+    from conduit_dagster.engine.destinations.s3 import S3Destination
 
     register_destination("local", LocalDestination)
     register_destination("postgresql", PostgresDestination)
+    register_destination("s3", S3Destination)
 
 
 _register_builtins()

@@ -1,0 +1,172 @@
+"""S3 plumbing shared by the S3 checkpoint store, the S3 destination and file sources.
+
+The engine takes a boto3 client (the Dagster glue builds one with dagster-aws's ``S3Resource``;
+the engine and CLI build one from an ``S3ConnectionSpec``). Errors are turned into messages that
+name what failed, where, and the fix, and never carry a credential.
+"""
+
+import fnmatch
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from conduit_dagster.engine.spec import S3ConnectionSpec
+
+_GLOB_CHARS = "*?["
+
+
+def client_kwargs(conn: S3ConnectionSpec) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if conn.endpoint_url:
+        kwargs["endpoint_url"] = conn.endpoint_url
+    if conn.region:
+        kwargs["region_name"] = conn.region
+    if conn.access_key_id is not None and conn.secret_access_key is not None:
+        kwargs["aws_access_key_id"] = conn.access_key_id.reveal()
+        kwargs["aws_secret_access_key"] = conn.secret_access_key.reveal()
+    if conn.session_token is not None:
+        kwargs["aws_session_token"] = conn.session_token.reveal()
+    return kwargs
+
+
+def client_config() -> Any:
+    """Short connect timeout and a few retries: an endpoint that is down fails in seconds, not minutes."""
+    from botocore.config import Config
+
+    return Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
+
+
+def make_client(conn: S3ConnectionSpec) -> Any:
+    import boto3
+
+    return boto3.session.Session().client("s3", config=client_config(), **client_kwargs(conn))
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key)."""
+    bucket, _, key = url.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def join_key(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+def error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def is_precondition_failed(exc: BaseException) -> bool:
+    return error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict")
+
+
+def is_unsupported(exc: BaseException) -> bool:
+    return error_code(exc) in ("NotImplemented", "501")
+
+
+def is_missing(exc: BaseException) -> bool:
+    return error_code(exc) in ("NoSuchKey", "404", "NotFound")
+
+
+def explain(exc: BaseException, *, bucket: str, endpoint: str | None) -> str:
+    """A short reason and fix for a failed S3 call; never a credential."""
+    code = error_code(exc)
+    where = f"bucket {bucket!r}" + (f" at {endpoint}" if endpoint else "")
+    if code == "NoSuchBucket":
+        return f"{where} does not exist; create it or fix `bucket`"
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "InvalidClientTokenId"):
+        return (
+            f"the credentials were rejected by {where} ({code}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+            "or the aws_* keys of ingest.yml"
+        )
+    if code in ("AccessDenied", "Forbidden", "403"):
+        return f"access denied to {where}; grant s3:GetObject, s3:PutObject, s3:DeleteObject and s3:ListBucket"
+    name = type(exc).__name__
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError"):
+        return f"cannot reach the S3 endpoint {endpoint or '(AWS default)'} ({name}); is it up? check `endpoint_url`"
+    if name == "NoCredentialsError":
+        return "no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or aws_* keys in ingest.yml"
+    if code:
+        return f"{where}: S3 said {code}"
+    return f"{where}: {name}"
+
+
+def endpoint_of(client: Any) -> str | None:
+    try:
+        return str(client.meta.endpoint_url)
+    except AttributeError:
+        return None
+
+
+@dataclass(frozen=True)
+class S3Object:
+    key: str
+    size: int
+    etag: str
+
+
+def list_objects(client: Any, bucket: str, prefix: str) -> Iterator[S3Object]:
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            yield S3Object(item["Key"], int(item["Size"]), str(item.get("ETag", "")))
+
+
+def match_objects(client: Any, url: str) -> list[S3Object]:
+    """The objects an ``s3://`` path names, sorted by key: one key, every object under a prefix ending in
+    ``/`` (except names starting with ``_`` or ``.``), or the keys matching a glob (``*`` stays within one
+    folder level, as in a shell)."""
+    bucket, pattern = split_url(url)
+    if pattern.endswith("/") or pattern == "":
+        found = [o for o in list_objects(client, bucket, pattern) if not o.key.rsplit("/", 1)[-1].startswith(("_", "."))]
+        return sorted((o for o in found if not o.key.endswith("/")), key=lambda o: o.key)
+    if not any(c in pattern for c in _GLOB_CHARS):
+        head = client.head_object(Bucket=bucket, Key=pattern)
+        return [S3Object(pattern, int(head["ContentLength"]), str(head.get("ETag", "")))]
+    cut = min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)
+    depth = pattern.count("/")
+    return sorted(
+        (
+            o
+            for o in list_objects(client, bucket, pattern[:cut])
+            if o.key.count("/") == depth and fnmatch.fnmatchcase(o.key, pattern)
+        ),
+        key=lambda o: o.key,
+    )
+
+
+class RangeReader(io.RawIOBase):
+    """A seekable, read-only view of one S3 object through ranged GETs (for Parquet footers and row groups)."""
+
+    def __init__(self, client: Any, bucket: str, key: str, size: int) -> None:
+        self.client, self.bucket, self.key, self.size = client, bucket, key, size
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self.size - self.pos)
+        if want <= 0:
+            return 0
+        body = self.client.get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-{self.pos + want - 1}")["Body"]
+        data = body.read()
+        n = len(data)
+        buffer[:n] = data
+        self.pos += n
+        return n
