@@ -120,11 +120,11 @@ def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefini
         },
     )
     def _ingest(context: AssetExecutionContext, checkpoints: CheckpointStoreResource) -> MaterializeResult:
+        name = resource.name
         try:
             store = checkpoints.open_store(spec)
         except ConduitError as exc:
-            raise Failure(description=str(exc)) from None
-        name = resource.name
+            raise Failure(description=f"{name}: {exc}") from None
         finished: RunFinished | None = None
         try:
             for event in run_pipeline(resource, store, run_id=context.run.run_id):
@@ -149,7 +149,7 @@ def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefini
                 elif isinstance(event, RunFinished):
                     finished = event
         except ConduitError as exc:
-            raise Failure(description=str(exc)) from None
+            raise Failure(description=f"{name}: {exc}") from None
         assert finished is not None
         context.log.info(
             f"{name}: done, {finished.rows_this_run:,} rows this run ({finished.records_processed:,} in total) in "

@@ -5,8 +5,9 @@
     conduit checkpoints [--file ingest.yml] [--dir DIR]
     conduit clear-checkpoints [--pipeline-name NAME] [--file ingest.yml] [--dir DIR]
 
-The checkpoint directory is found as the Dagster resource finds it: --dir, else
-$CONDUIT_CHECKPOINT_DIR, else .checkpoints/ beside ingest.yml.
+The checkpoint store is found as the Dagster resource finds it: --dir (a directory or
+s3://bucket/prefix), else $CONDUIT_CHECKPOINTS / $CONDUIT_CHECKPOINT_DIR, else ingest.yml's
+``checkpoints:`` section, else .checkpoints/ beside ingest.yml.
 """
 
 import argparse
@@ -18,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conduit_dagster.engine.checkpoint import LocalCheckpointStore, encode_value, resolve_checkpoint_dir
+from conduit_dagster.engine.checkpoint import CheckpointStore, encode_value
 from conduit_dagster.engine.errors import ConduitError, DestinationError
-from conduit_dagster.engine.spec import INGEST_FILE_ENV, LocalDestinationSpec
+from conduit_dagster.engine.spec import INGEST_FILE_ENV, CheckpointsSpec, LocalDestinationSpec, S3DestinationSpec, load_spec
+from conduit_dagster.engine.stores import CHECKPOINTS_ENV, checkpoint_settings, open_checkpoint_store
 
 
 def _ingest_file(arg: str | None) -> Path:
@@ -30,8 +32,15 @@ def _ingest_file(arg: str | None) -> Path:
     return Path(env).resolve() if env else Path("ingest.yml").resolve()
 
 
-def _store(args: argparse.Namespace) -> LocalCheckpointStore:
-    return LocalCheckpointStore(resolve_checkpoint_dir(_ingest_file(args.file).parent, args.dir))
+def _store(args: argparse.Namespace) -> CheckpointStore:
+    path = _ingest_file(args.file)
+    configured: CheckpointsSpec | None = None
+    try:
+        configured = load_spec(path).checkpoints
+    except ConduitError as exc:  # checkpoints can still be listed and cleared with a broken or missing ingest.yml
+        print(f"warning: {exc}; using the checkpoint store from --dir or the environment", file=sys.stderr)
+    env = {**os.environ, CHECKPOINTS_ENV: args.dir} if args.dir else None
+    return open_checkpoint_store(checkpoint_settings(configured, env), path.parent)
 
 
 def _age(updated_at: str) -> str:
@@ -49,7 +58,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     store = _store(args)
     names = store.list()
     if not names and not store.list_states():
-        print(f"no checkpoints in {store.directory}")
+        print(f"no checkpoints in {store.location}")
         return 0
     rows = [("pipeline", "column", "last value", "type", "records", "age", "run id")]
     for name in names:
@@ -94,7 +103,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    print(f"({store.directory})")
+    print(f"({store.location})")
     return 0
 
 
@@ -103,21 +112,21 @@ def cmd_clear(args: argparse.Namespace) -> int:
     names = [args.pipeline_name] if args.pipeline_name else store.list()
     cleared = []
     for name in names:
-        path = Path(store.describe(name))
-        if path.exists():
+        if store.has_checkpoint(name):
             with store.lock(name, "conduit clear-checkpoints"):  # never pull a checkpoint from under a live run
                 store.delete(name)
             cleared.append(name)
         elif args.pipeline_name:
-            print(f"no checkpoint for {name!r} in {store.directory}")
+            print(f"no checkpoint for {name!r} in {store.location}")
             return 0
     if not cleared and not args.state:
-        print(f"no checkpoints in {store.directory}")
+        print(f"no checkpoints in {store.location}")
     for name in cleared:
         print(f"cleared {name} ({store.describe(name)}); its next run is a full refresh")
     if args.state:  # incremental state: the next run starts again from initial_value
-        for name in [args.pipeline_name] if args.pipeline_name else store.list_states():
-            if store.load_state(name) is not None or (store.directory / f"{name}.state.json").exists():
+        states = store.list_states()
+        for name in [args.pipeline_name] if args.pipeline_name else states:
+            if name in states:
                 with store.lock(name, "conduit clear-checkpoints"):
                     store.delete_state(name)
                 print(f"cleared the incremental state of {name}; its next run loads from initial_value again")
@@ -132,6 +141,17 @@ def _check_destination(dest: Any) -> str:
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise DestinationError(f"destination {dest.name!r}: {existing} is not a writable directory")
         return f"{dest.path} ({dest.format})"
+    if isinstance(dest, S3DestinationSpec):
+        from conduit_dagster.engine.s3 import explain, make_client
+
+        client = make_client(dest.s3)
+        try:
+            client.head_bucket(Bucket=dest.bucket)
+        except Exception as exc:  # noqa: BLE001 - botocore raises many types; each is explained
+            raise DestinationError(
+                f"destination {dest.name!r}: {explain(exc, bucket=dest.bucket, endpoint=dest.s3.endpoint_url)}"
+            ) from None
+        return f"{dest.uri('<resource>')} ({dest.format})"
     from conduit_dagster.engine.pg import connect, describe
 
     connect(dest, "destination").close()
@@ -141,13 +161,17 @@ def _check_destination(dest: Any) -> str:
 def cmd_validate(args: argparse.Namespace) -> int:
     """ingest.yml's syntax, every connection and query, and what a run would do; never a secret."""
     from conduit_dagster.engine.sources import open_source
-    from conduit_dagster.engine.spec import load_spec
-
     path = _ingest_file(args.file)
     spec = load_spec(path)
-    store = LocalCheckpointStore(resolve_checkpoint_dir(spec.base_dir, args.dir))
+    store = _store(args)
     print(f"{path}: {len(spec.sources)} source(s), {len(spec.destinations)} destination(s), {len(spec.resources)} resource(s)")
     problems = 0
+    try:
+        pending = store.list()
+        print(f"  checkpoints: ok, {store.location} ({len(pending)} unfinished run(s))")
+    except ConduitError as exc:
+        problems += 1
+        print(f"  checkpoints: FAILED: {exc}")
     sources: dict[str, Any] = {}
     for source in spec.sources:
         try:
@@ -200,7 +224,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 class _Progress:
     """Per-pipeline progress from the checkpoints the run saves: a live line on a terminal, plain lines otherwise."""
 
-    def __init__(self, store: LocalCheckpointStore, names: list[str], stream: Any) -> None:
+    def __init__(self, store: CheckpointStore, names: list[str], stream: Any) -> None:
         self.store, self.names, self.stream = store, names, stream
         self.tty = stream.isatty()
         self.seen: dict[str, int] = {}
@@ -258,7 +282,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return cmd_validate(args)
     defs = build_definitions(path)
     job = defs.resolve_implicit_global_asset_job_def()
-    store = LocalCheckpointStore(resolve_checkpoint_dir(spec.base_dir, args.dir))
+    if args.dir:
+        os.environ[CHECKPOINTS_ENV] = args.dir  # the run's resource resolves the same store
+    store = _store(args)
     home = os.environ.get("DAGSTER_HOME")
     instance = DagsterInstance.get() if home else DagsterInstance.ephemeral()
     print(f"running {', '.join(names)} from {path}" + (f" (runs recorded in {home})" if home else ""), flush=True)
@@ -298,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, help_text in commands:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--file", help="ingest.yml (default: $CONDUIT_INGEST_FILE or ./ingest.yml)")
-        p.add_argument("--dir", help="checkpoint directory (default: $CONDUIT_CHECKPOINT_DIR or .checkpoints/ beside ingest.yml)")
+        p.add_argument(
+            "--dir",
+            help="checkpoint store: a directory or s3://bucket/prefix (default: $CONDUIT_CHECKPOINTS, "
+            "ingest.yml's checkpoints:, .checkpoints/ beside ingest.yml)",
+        )
         if name == "clear-checkpoints":
             p.add_argument("--pipeline-name", help="the pipeline (resource) whose checkpoint to clear; default all")
             p.add_argument("--state", action="store_true", help="also clear incremental state (reload from initial_value)")

@@ -54,3 +54,26 @@ def assert_same_rows(expected: list[tuple[Any, ...]], actual: list[tuple[Any, ..
         f"destination differs from source: {sum(lost.values())} rows lost, {sum(extra.values())} rows extra "
         f"(of {len(expected)} expected, {len(actual)} present); lost e.g. {list(lost)[:3]}, extra e.g. {list(extra)[:3]}"
     )
+
+
+def s3_output_rows(client, bucket: str, output: str) -> list[tuple[Any, ...]]:
+    """Every row of an S3 destination's visible output (``output``: the key prefix ending in '/'), read from the
+    parts its manifest names; also checks that a reader listing the prefix sees exactly those parts."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    manifest = json.loads(client.get_object(Bucket=bucket, Key=output + "_conduit_manifest.json")["Body"].read())
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=output)
+    listed = sorted(item["Key"][len(output) :] for page in pages for item in page.get("Contents", []))
+    assert listed == sorted([*manifest["parts"], "_conduit_manifest.json"]), f"listing {listed} vs manifest {manifest['parts']}"
+    rows: list[tuple[Any, ...]] = []
+    for name in manifest["parts"]:
+        body = client.get_object(Bucket=bucket, Key=output + name)["Body"].read()
+        if manifest["format"] == "parquet":
+            rows.extend(tuple(r.values()) for r in pq.read_table(io.BytesIO(body)).to_pylist())
+        elif manifest["format"] == "jsonl":
+            rows.extend(tuple(json.loads(line).values()) for line in body.decode().splitlines())
+        else:
+            rows.extend(tuple(r.values()) for r in pacsv.read_csv(io.BytesIO(body)).to_pylist())
+    return rows

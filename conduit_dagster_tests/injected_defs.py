@@ -10,7 +10,7 @@ from dagster import Definitions, JobDefinition
 from conduit_dagster.assets import build_ingest_assets, build_ingest_jobs
 from conduit_dagster.engine.checkpoint import Checkpoint, CheckpointStore
 from conduit_dagster.engine.spec import IngestSpec, load_spec
-from conduit_dagster.resources import LocalCheckpointStoreResource
+from conduit_dagster.resources import LocalCheckpointStoreResource, S3CheckpointStoreResource
 
 
 class InjectedFailure(RuntimeError):
@@ -52,5 +52,24 @@ def build_job(ingest_path: str, checkpoint_dir: str, fail_at_save: int, flag_fil
                 directory=checkpoint_dir, fail_at_save=fail_at_save, flag_file=flag_file
             )
         },
+    )
+    return defs.resolve_job_def(job_name)
+
+
+class FailingS3CheckpointStoreResource(S3CheckpointStoreResource):
+    fail_at_save: int
+    flag_file: str
+
+    def open_store(self, spec: IngestSpec) -> CheckpointStore:
+        return _FailingStore(super().open_store(spec), self.fail_at_save, Path(self.flag_file))  # type: ignore[return-value]
+
+
+def build_s3_job(ingest_path: str, fail_at_save: int, flag_file: str, job_name: str) -> JobDefinition:
+    """The checkpoint store (S3) comes from ingest.yml's checkpoints: section, as in production."""
+    spec = load_spec(ingest_path)
+    defs = Definitions(
+        assets=build_ingest_assets(spec),
+        jobs=build_ingest_jobs(spec),
+        resources={"checkpoints": FailingS3CheckpointStoreResource(fail_at_save=fail_at_save, flag_file=flag_file)},
     )
     return defs.resolve_job_def(job_name)

@@ -1,6 +1,6 @@
 """Run pipelines with the engine alone, without Dagster (benchmarks, the crash harness, scripts).
 
-    python -m conduit_dagster.engine run --file ingest.yml --pipeline NAME [--checkpoint-dir DIR] [--run-id ID]
+    python -m conduit_dagster.engine run --file ingest.yml --pipeline NAME [--checkpoint-dir DIR|s3://bucket/prefix] [--run-id ID]
 
 Prints one line per committed batch and a summary; exits 0 on success, 1 on a ConduitError
 (its message on stderr), 2 on usage errors. Runs started from Dagster (the usual way) show in
@@ -8,14 +8,15 @@ its UI; these do not.
 """
 
 import argparse
+import os
 import sys
 import uuid
 from pathlib import Path
 
-from conduit_dagster.engine.checkpoint import LocalCheckpointStore, resolve_checkpoint_dir
 from conduit_dagster.engine.errors import ConduitError
 from conduit_dagster.engine.runner import BatchCommitted, RunFinished, RunStarted, RunWarning, run_pipeline
 from conduit_dagster.engine.spec import load_spec
+from conduit_dagster.engine.stores import CHECKPOINTS_ENV, checkpoint_settings, open_checkpoint_store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,13 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run pipelines to the end, resuming from their checkpoints")
     run.add_argument("--file", default="ingest.yml")
     run.add_argument("--pipeline", action="append", help="a resource name (repeatable); default all")
-    run.add_argument("--checkpoint-dir", help="default: $CONDUIT_CHECKPOINT_DIR, else .checkpoints/ beside ingest.yml")
+    run.add_argument(
+        "--checkpoint-dir",
+        help="a directory or s3://bucket/prefix; default: $CONDUIT_CHECKPOINTS, ingest.yml's checkpoints:, .checkpoints/",
+    )
     run.add_argument("--run-id", default=None)
     args = parser.parse_args(argv)
     run_id = args.run_id or f"engine-{uuid.uuid4().hex[:12]}"
     try:
         spec = load_spec(Path(args.file))
-        store = LocalCheckpointStore(resolve_checkpoint_dir(spec.base_dir, args.checkpoint_dir))
+        env = {**os.environ, CHECKPOINTS_ENV: args.checkpoint_dir} if args.checkpoint_dir else None
+        store = open_checkpoint_store(checkpoint_settings(spec.checkpoints, env), spec.base_dir)
         names = args.pipeline or [r.name for r in spec.resources]
         for name in names:
             for event in run_pipeline(spec.resource(name), store, run_id=run_id):
