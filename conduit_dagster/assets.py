@@ -156,7 +156,9 @@ def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefini
             f"{finished.duration_s:.1f} s, {finished.rows_per_second:,.0f} rows/s; output in {finished.destination}"
         )
         metadata = finished_metadata(finished, resource.checkpoint_column)
-        return MaterializeResult(metadata={**metadata, "dagster/uri": destination_uri(resource)})
+        return MaterializeResult(
+            metadata={**metadata, "dagster/uri": destination_uri(resource), "conduit/checkpoint_store": store.location}
+        )
 
     return _ingest
 
