@@ -6,6 +6,8 @@ the local or the S3 one under the ``checkpoints`` key, as ingest.yml or the envi
 to the environment and then ingest.yml, so a launchpad config that sets one field keeps the rest.
 """
 
+import os
+
 from dagster import ConfigurableResource
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
@@ -13,16 +15,26 @@ from pydantic import Field
 from conduit_dagster.engine.checkpoint import CheckpointStore, LocalCheckpointStore, resolve_checkpoint_dir
 from conduit_dagster.engine.checkpoint_s3 import S3CheckpointStore
 from conduit_dagster.engine.errors import SpecError
-from conduit_dagster.engine.spec import IngestSpec
-from conduit_dagster.engine.stores import CHECKPOINTS_ENV, checkpoint_settings
+from conduit_dagster.engine.spec import CheckpointsSpec, IngestSpec
+from conduit_dagster.engine.stores import CHECKPOINTS_ENV, checkpoint_settings, open_checkpoint_store
 
 
 class CheckpointStoreResource(ConfigurableResource):
     """Where pipeline checkpoints are kept."""
 
+    location: str | None = Field(
+        default=None,
+        description="A directory or s3://bucket/prefix for this run's checkpoints: overrides the environment and "
+        "ingest.yml, and may switch between a local and an S3 store",
+    )
+
     def open_store(self, spec: IngestSpec) -> CheckpointStore:
         """The store to use for the pipelines of ``spec`` (its folder anchors relative locations)."""
         raise NotImplementedError
+
+    def _settings(self, spec: IngestSpec) -> CheckpointsSpec:
+        env = {**os.environ, CHECKPOINTS_ENV: self.location} if self.location else None
+        return checkpoint_settings(spec.checkpoints, env)
 
 
 class LocalCheckpointStoreResource(CheckpointStoreResource):
@@ -40,8 +52,10 @@ class LocalCheckpointStoreResource(CheckpointStoreResource):
     )
 
     def open_store(self, spec: IngestSpec) -> CheckpointStore:
-        settings = checkpoint_settings(spec.checkpoints)
-        configured = self.directory or (settings.directory if settings.type == "local" else None)
+        settings = self._settings(spec)
+        if settings.type == "s3" and self.location:  # the launchpad switched this run to S3
+            return open_checkpoint_store(settings, spec.base_dir)
+        configured = (None if self.location else self.directory) or (settings.directory if settings.type == "local" else None)
         return LocalCheckpointStore(resolve_checkpoint_dir(spec.base_dir, configured))
 
 
@@ -64,8 +78,15 @@ class S3CheckpointStoreResource(CheckpointStoreResource, S3Resource):
     )
 
     def open_store(self, spec: IngestSpec) -> CheckpointStore:
-        settings = checkpoint_settings(spec.checkpoints)
-        bucket = self.bucket or (settings.bucket if settings.type == "s3" else None)
+        settings = self._settings(spec)
+        if settings.type == "local" and self.location:  # the launchpad switched this run to a directory
+            return open_checkpoint_store(settings, spec.base_dir)
+        if self.location:  # s3://bucket/prefix given here wins over the bucket and prefix fields
+            return self._open(spec, settings.bucket, settings.prefix, settings)
+        return self._open(spec, self.bucket, self.prefix, settings)
+
+    def _open(self, spec: IngestSpec, bucket: str | None, prefix: str | None, settings: CheckpointsSpec) -> CheckpointStore:
+        bucket = bucket or (settings.bucket if settings.type == "s3" else None)
         if not bucket:
             raise SpecError(
                 f"the checkpoints resource (S3) has no bucket: set its `bucket` config, ${CHECKPOINTS_ENV}=s3://bucket/prefix, "
@@ -78,7 +99,7 @@ class S3CheckpointStoreResource(CheckpointStoreResource, S3Resource):
         return S3CheckpointStore(
             client,
             bucket,
-            self.prefix if self.prefix is not None else settings.prefix,
+            prefix if prefix is not None else settings.prefix,
             lease_seconds=self.lease_seconds or settings.lease_seconds,
             conditional_writes=settings.conditional_writes if self.conditional_writes is None else self.conditional_writes,
         )

@@ -220,6 +220,10 @@ def test_checkpoint_location_precedence(tmp_path, monkeypatch):
     assert isinstance(checkpoint_resource(plain), S3CheckpointStoreResource)
     assert S3CheckpointStoreResource().open_store(with_s3).location == "s3://env-bucket/some/prefix/"
     assert S3CheckpointStoreResource(prefix="lp").open_store(with_s3).location == "s3://env-bucket/lp/"
+    # `location` (the launchpad's one switch) overrides everything, and may change the kind of store
+    assert LocalCheckpointStoreResource(location="s3://lp-bucket/lp").open_store(plain).location == "s3://lp-bucket/lp/"
+    assert S3CheckpointStoreResource(location=str(tmp_path / "lp")).open_store(with_s3).location == str(tmp_path / "lp")
+    assert S3CheckpointStoreResource(location="s3://b2/x", prefix="ignored").open_store(with_s3).location == "s3://b2/x/"
     monkeypatch.setenv("CONDUIT_CHECKPOINTS", str(tmp_path / "env2"))
     assert not isinstance(checkpoint_resource(with_s3), S3CheckpointStoreResource)
     assert LocalCheckpointStoreResource().open_store(with_s3).location == str(tmp_path / "env2")

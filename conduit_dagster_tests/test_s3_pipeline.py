@@ -211,3 +211,31 @@ def test_bad_destination_fails_clearly_and_keeps_the_checkpoint(tmp_path, pg, pg
     finally:
         if broken == "missing bucket":
             server.stop()
+
+
+def test_launchpad_config_switches_a_local_deployment_to_s3_checkpoints(
+    tmp_path, pg, pg_schema, postgres_dsn, s3, s3_endpoint, bucket, monkeypatch
+):
+    """No checkpoints: section and no environment setting: the local store is bound. A run whose config sets
+    `location: s3://...` (as the launchpad does) keeps its checkpoints in S3 instead."""
+    from conduit_dagster.definitions import build_definitions
+    from conduit_dagster.resources import LocalCheckpointStoreResource
+
+    for var in ("CONDUIT_CHECKPOINTS", "CONDUIT_CHECKPOINT_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)  # the usual AWS environment names the endpoint
+    make_table(pg, pg_schema, rows=1_000)
+    text = ingest_text(pg_schema, s3_endpoint, bucket)
+    ingest = write_ingest(tmp_path, text[text.index("sources:") :])
+    defs = build_definitions(ingest)
+    assert isinstance(defs.resources["checkpoints"], LocalCheckpointStoreResource)
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("ingest_events").execute_in_process(
+            instance=instance,
+            run_config={"resources": {"checkpoints": {"config": {"location": f"s3://{bucket}/from-launchpad"}}}},
+        )
+        assert result.success
+        meta = latest_metadata(instance)
+    assert meta["conduit/checkpoint_store"] == f"s3://{bucket}/from-launchpad/"
+    assert not (tmp_path / ".checkpoints").exists() or not any((tmp_path / ".checkpoints").glob("*.json"))
+    assert_same_rows(source_rows(postgres_dsn, pg_schema), s3_output_rows(s3, bucket, OUTPUT))
