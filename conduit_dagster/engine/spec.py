@@ -410,6 +410,8 @@ def _s3_connection(e: _Entry) -> S3ConnectionSpec:
     endpoint = e.text("endpoint_url")
     if endpoint is not None and not endpoint.startswith(("http://", "https://")):
         raise e.fail("endpoint_url", "must start with http:// or https://, e.g. http://127.0.0.1:9000")
+    if endpoint is not None and "@" in endpoint.split("://", 1)[1].split("/", 1)[0]:
+        raise e.fail("endpoint_url", "must not hold credentials; give them as aws_access_key_id / aws_secret_access_key")
 
     def secret(key: str) -> Secret | None:
         value = e.text(key)
