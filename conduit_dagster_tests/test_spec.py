@@ -224,3 +224,102 @@ def test_engine_never_imports_dagster():
     code = "import sys, conduit_dagster.engine, conduit_dagster.engine.runner; print('dagster' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+S3_SPEC = """
+checkpoints:
+  type: s3
+  bucket: ops-bucket
+  prefix: /conduit/cp/
+  endpoint_url: http://127.0.0.1:9000
+  lease_seconds: 30
+sources:
+  - name: landed
+    type: file
+    path: s3://landing/events/2026-*.jsonl.gz
+    aws_access_key_id: ${KEY_ID}
+    aws_secret_access_key: ${SECRET_KEY}
+    resume: true
+    checkpoint_column: id
+  - name: local_files
+    type: file
+    path: data/*.parquet
+destinations:
+  - name: data_lake_s3
+    type: s3
+    bucket: data-lake
+    prefix: raw/shop
+    region: eu-central-1
+resources:
+  - name: events
+    source: landed
+    destination: data_lake_s3
+  - name: snapshots
+    source: local_files
+    destination: data_lake_s3
+"""
+
+
+def test_spec_s3_destination_file_sources_and_checkpoints(tmp_path, monkeypatch):
+    from conduit_dagster.engine.spec import FileSourceSpec, S3DestinationSpec, load_spec_text
+
+    monkeypatch.setenv("KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("SECRET_KEY", "s3cr3t-value")
+    spec = load_spec_text(S3_SPEC, tmp_path / "ingest.yml")
+    assert spec.checkpoints is not None
+    assert (spec.checkpoints.type, spec.checkpoints.bucket, spec.checkpoints.prefix) == ("s3", "ops-bucket", "conduit/cp")
+    assert spec.checkpoints.s3.endpoint_url == "http://127.0.0.1:9000" and spec.checkpoints.lease_seconds == 30
+    landed, local_files = spec.sources
+    assert isinstance(landed, FileSourceSpec) and landed.is_s3 and landed.format == "jsonl"
+    assert landed.s3.secret_access_key is not None and landed.s3.secret_access_key.reveal() == "s3cr3t-value"
+    assert "s3cr3t" not in repr(landed)
+    assert isinstance(local_files, FileSourceSpec) and local_files.path == str(tmp_path / "data" / "*.parquet")
+    assert local_files.format == "parquet" and not local_files.is_s3
+    (dest,) = spec.destinations
+    assert isinstance(dest, S3DestinationSpec) and dest.uri("events") == "s3://data-lake/raw/shop/events/"
+    assert dest.s3.region == "eu-central-1"
+    events = spec.resource("events")
+    assert events.query == "" and events.resume and events.checkpoint_column == "id"
+
+
+@pytest.mark.parametrize(
+    "change,fragments",
+    [
+        (("bucket: data-lake", "bucket: Data_Lake"), ["destinations[0].bucket", "not a valid S3 bucket name", "lowercase"]),
+        (("prefix: raw/shop", "prefix: raw//shop"), ["destinations[0].prefix", "not a clean key prefix"]),
+        (("path: data/*.parquet", "path: data/files"), ["sources[1].path", "cannot tell the file format", "format: csv"]),
+        (
+            (
+                "    destination: data_lake_s3\n  - name: snapshots",
+                "    destination: data_lake_s3\n    query: SELECT 1\n  - name: snapshots",
+            ),
+            ["resources[0].query", "reads files, which have no query"],
+        ),
+        (
+            ("  type: s3\n  bucket: ops-bucket", "  type: local\n  bucket: ops-bucket"),
+            ["checkpoints.bucket", "applies to `type: s3` only"],
+        ),
+        (("  lease_seconds: 30", "  lease_second: 30"), ["checkpoints.lease_second", "unknown key"]),
+        (("endpoint_url: http://127.0.0.1:9000", "endpoint_url: 127.0.0.1:9000"), ["checkpoints.endpoint_url", "http://"]),
+        (("endpoint_url: http://127.0.0.1:9000", "endpoint_url: http://me:pw@127.0.0.1:9000"), ["must not hold credentials"]),
+        (("    aws_access_key_id: ${KEY_ID}\n", ""), ["sources[0]", "give both aws_access_key_id and aws_secret_access_key"]),
+        (
+            ("    path: data/*.parquet", "    path: data/*.parquet\n    endpoint_url: http://x:1"),
+            ["sources[1].endpoint_url", "s3:// paths only"],
+        ),
+    ],
+)
+def test_spec_s3_errors_name_file_key_and_fix(tmp_path, monkeypatch, change, fragments):
+    from conduit_dagster.engine.spec import load_spec_text
+
+    monkeypatch.setenv("KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("SECRET_KEY", "s3cr3t-value")
+    old, new = change
+    assert old in S3_SPEC
+    with pytest.raises(SpecError) as info:
+        load_spec_text(S3_SPEC.replace(old, new, 1), tmp_path / "ingest.yml")
+    message = str(info.value)
+    assert str(tmp_path / "ingest.yml") in message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert "s3cr3t" not in message and "AKIAEXAMPLE" not in message
