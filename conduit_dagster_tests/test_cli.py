@@ -156,3 +156,46 @@ def test_run_materializes_through_dagster_records_the_run_and_fails_clearly(tmp_
     failed = subprocess.run([CONDUIT, "run", "--pipeline", "orders"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert failed.returncode == 1
     assert "orders: FAILED" in failed.stderr and "conduit clear-checkpoints --pipeline-name orders" in failed.stderr
+
+
+def test_cli_lists_validates_and_clears_s3_checkpoints(tmp_path, s3, s3_endpoint, bucket):
+    """ingest.yml keeps checkpoints in S3: the commands find them there, with the AWS environment only."""
+    import os
+
+    from conduit_dagster.engine.stores import checkpoint_settings, open_checkpoint_store
+
+    conn = sqlite3.connect(tmp_path / "shop.db")
+    conn.execute("CREATE TABLE orders (id INTEGER)")
+    conn.executemany("INSERT INTO orders VALUES (?)", [(i,) for i in range(1, 51)])
+    conn.commit()
+    conn.close()
+    text = f"checkpoints:\n  type: s3\n  bucket: {bucket}\n  prefix: cps\n  endpoint_url: {s3_endpoint}\n" + INGEST
+    spec = load_spec(write_ingest(tmp_path, text))
+    store = open_checkpoint_store(checkpoint_settings(spec.checkpoints, env={}), spec.base_dir)
+    run = run_pipeline(spec.resource("orders"), store, run_id="crashed-run")
+    for event in run:
+        if type(event).__name__ == "BatchCommitted" and event.index == 1:
+            break
+    run.close()  # the run stops after its second batch: its checkpoint stays, its lease is released
+    assert [k for k in s3.list_objects_v2(Bucket=bucket)["Contents"]] and store.load("orders") is not None
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        env = {
+            "PATH": "/usr/bin:/bin",
+            **{k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")},
+        }
+        return subprocess.run([CONDUIT, *args], cwd=tmp_path, capture_output=True, text=True, env=env)
+
+    listed = cli("checkpoints")
+    assert listed.returncode == 0, listed.stderr
+    assert "orders" in listed.stdout and "crashed-run" in listed.stdout and "20" in listed.stdout
+    assert f"s3://{bucket}/cps/" in listed.stdout
+    checked = cli("validate")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"checkpoints: ok, s3://{bucket}/cps/ (1 unfinished run(s))" in checked.stdout
+    assert "resumes after id = 20" in checked.stdout
+    cleared = cli("clear-checkpoints", "--pipeline-name", "orders")
+    assert cleared.returncode == 0 and "cleared orders" in cleared.stdout, cleared.stdout + cleared.stderr
+    assert store.load("orders") is None
+    assert s3.list_objects_v2(Bucket=bucket, Prefix="cps/").get("KeyCount") == 0  # no lease left by the command
+    assert "no checkpoints in s3://" in cli("checkpoints", "--dir", f"s3://{bucket}/cps").stdout
