@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conduit_dagster.engine.checkpoint import CLEAR_HINT, Checkpoint, IncrementalState
-from conduit_dagster.engine.errors import CheckpointError, PipelineBusyError
+from conduit_dagster.engine.errors import CheckpointError, PipelineBusyError, SpecError
 from conduit_dagster.engine.s3 import (
     endpoint_of,
     explain,
@@ -53,12 +53,23 @@ from conduit_dagster.engine.s3 import (
 
 _UNKNOWN = "?"  # no ETag known for a key: this store has neither read nor written it
 SAFETY_MARGIN_S = 3.0  # the owner stops this long before others may see its lease as expired
+# Below this, the owner (which stops SAFETY_MARGIN_S before expiry) would have too little time between renewals
+# (every third of the lease) to survive one slow or failed request.
+MIN_LEASE_SECONDS = 10
 
 
 def _boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
             return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _pid_ns() -> str:
+    """This process's PID namespace: two containers may share a host name and boot id, not their PIDs."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
 
@@ -78,7 +89,7 @@ class _Lease:
     key: str
     etag: str
     body: bytes
-    renewed_at: float  # time.monotonic() after the last successful write
+    renewed_at: float  # time.monotonic() when the last successful write was sent (never later than the server stamped it)
     lost: str | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
@@ -94,6 +105,12 @@ class S3CheckpointStore:
         lease_seconds: int = 60,
         conditional_writes: bool = True,
     ) -> None:
+        if isinstance(lease_seconds, bool) or not isinstance(lease_seconds, int) or lease_seconds < MIN_LEASE_SECONDS:
+            raise SpecError(
+                f"checkpoints: lease_seconds {lease_seconds!r} is too short for the S3 checkpoint store; give at least "
+                f"{MIN_LEASE_SECONDS} (the default is 60): a run stops {SAFETY_MARGIN_S:.0f} s before its lease could "
+                "expire, and renews it every third of lease_seconds"
+            )
         self.client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/")
@@ -107,7 +124,14 @@ class S3CheckpointStore:
     # --- naming ---------------------------------------------------------------------------------------
 
     def _key(self, pipeline: str, suffix: str = ".json") -> str:
-        if not pipeline or "/" in pipeline or "\\" in pipeline or "\x00" in pipeline or pipeline.startswith("."):
+        if (
+            not pipeline
+            or "/" in pipeline
+            or "\\" in pipeline
+            or "\x00" in pipeline
+            or pipeline.startswith(".")
+            or pipeline.endswith((".state", ".lease"))  # its objects would be another pipeline's state or lease
+        ):
             raise CheckpointError(f"invalid pipeline name {pipeline!r} for a checkpoint object")
         return join_key(self.prefix, pipeline + suffix)
 
@@ -156,7 +180,7 @@ class S3CheckpointStore:
                 Bucket=self.bucket, Key=key, Body=body, ContentType="application/json", **conditions
             )
         except Exception as exc:  # noqa: BLE001
-            if is_precondition_failed(exc) and conditions:
+            if conditions and (is_precondition_failed(exc) or ("IfMatch" in conditions and is_missing(exc))):
                 if self._landed(key, body):  # our own write, retried after a lost response
                     return
                 raise CheckpointError(
@@ -187,7 +211,8 @@ class S3CheckpointStore:
         except Exception as exc:  # noqa: BLE001
             if is_precondition_failed(exc):
                 raise CheckpointError(
-                    f"{self._url(key)}: another run changed the {what} after this run read it; it is left in place"
+                    f"{self._url(key)}: another run changed the {what} after this run read it, so this run no longer "
+                    f"owns pipeline {pipeline!r}; the other run's {what} is left in place"
                 ) from None
             if not is_missing(exc):
                 raise CheckpointError(f"{self._url(key)}: cannot delete the {what} ({self._why(exc)})") from None
@@ -266,6 +291,7 @@ class S3CheckpointStore:
             "host": socket.gethostname(),
             "boot_id": _boot_id(),
             "pid": os.getpid(),
+            "pid_ns": _pid_ns(),
             "lease_seconds": self.lease_seconds,
             "renewed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
@@ -288,7 +314,13 @@ class S3CheckpointStore:
                 raise ValueError
         except ValueError:
             doc = {}
-        server_now = email.utils.parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
+        date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        try:
+            server_now = email.utils.parsedate_to_datetime(date) if date else dt.datetime.now(dt.UTC)
+        except (TypeError, ValueError):  # no usable Date header: this machine's clock is the best there is
+            server_now = dt.datetime.now(dt.UTC)
+        if server_now.tzinfo is None:
+            server_now = server_now.replace(tzinfo=dt.UTC)
         age = (server_now - response["LastModified"]).total_seconds()
         return doc, str(response["ETag"]), age
 
@@ -298,8 +330,14 @@ class S3CheckpointStore:
         if age > ttl:
             return True
         pid = doc.get("pid")
-        same_machine = doc.get("host") == socket.gethostname() and doc.get("boot_id") == _boot_id() and _boot_id()
-        return bool(same_machine and isinstance(pid, int) and pid != os.getpid() and not _alive(pid))
+        same_machine = (
+            doc.get("host") == socket.gethostname()
+            and doc.get("boot_id") == _boot_id() != ""
+            and doc.get("pid_ns") == _pid_ns() != ""  # a process of another container is not ours to see
+        )
+        return bool(
+            same_machine and isinstance(pid, int) and not isinstance(pid, bool) and pid != os.getpid() and not _alive(pid)
+        )
 
     def _acquire(self, pipeline: str, run_id: str | None) -> _Lease:
         key = self._key(pipeline, ".lease.json")
@@ -313,11 +351,9 @@ class S3CheckpointStore:
                 if found is not None and not self._stale(found[0], found[2]):
                     busy = (found[0], found[2])
                     break
+            sent = time.monotonic()  # the server stamps the lease no earlier than this: count its age from here
             try:
                 response = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **conditions)
-                lease = _Lease(key, str(response["ETag"]), body, time.monotonic())
-                self._verify(lease, pipeline)
-                return lease
             except Exception as exc:  # noqa: BLE001
                 if is_unsupported(exc):
                     raise self._unsupported() from None
@@ -325,6 +361,16 @@ class S3CheckpointStore:
                     raise CheckpointError(
                         f"{self._url(key)}: cannot take the pipeline's lease ({self._why(exc)}); nothing was read or written"
                     ) from None
+            else:
+                lease = _Lease(key, str(response["ETag"]), body, sent)
+                try:
+                    self._verify(lease, pipeline)
+                except PipelineBusyError:
+                    raise  # the lease is the other run's now
+                except BaseException:
+                    self._release(lease)  # not left behind to block the next run (e.g. with conditional_writes: false)
+                    raise
+                return lease
             found = self._holder(key)
             if found is None:
                 continue  # released in between: try again
@@ -332,12 +378,15 @@ class S3CheckpointStore:
             if not self._stale(doc, age):
                 busy = (doc, age)
                 break
-            try:  # take over the dead run's lease, unless another run does first
+            sent = time.monotonic()
+            try:  # take over the dead run's lease, unless another run does first (or it is released meanwhile)
                 response = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfMatch=etag)
-                return _Lease(key, str(response["ETag"]), body, time.monotonic())
+                return _Lease(key, str(response["ETag"]), body, sent)
             except Exception as exc:  # noqa: BLE001
-                if not is_precondition_failed(exc):
-                    raise CheckpointError(f"{self._url(key)}: cannot take over the lease ({self._why(exc)})") from None
+                if not (is_precondition_failed(exc) or is_missing(exc)):
+                    raise CheckpointError(
+                        f"{self._url(key)}: cannot take over the lease ({self._why(exc)}); nothing was read or written"
+                    ) from None
         doc, age = busy if busy is not None else ({}, 0.0)
         ttl = doc.get("lease_seconds", self.lease_seconds)
         raise PipelineBusyError(
@@ -379,18 +428,59 @@ class S3CheckpointStore:
 
     def _renew(self, lease: _Lease, run_id: str | None, token: str) -> None:
         interval = self.lease_seconds / 3
-        while not lease.stop.wait(interval):
+        wait = interval
+        while not lease.stop.wait(wait):
             body = self._lease_body(run_id, token)
             conditions = {"IfMatch": lease.etag} if self.conditional_writes else {}
+            sent = time.monotonic()  # the renewal counts from when it was sent, not answered: never later than the server's
             try:
                 response = self.client.put_object(Bucket=self.bucket, Key=lease.key, Body=body, **conditions)
+                etag = str(response["ETag"])
             except Exception as exc:  # noqa: BLE001
-                if is_precondition_failed(exc):
-                    lease.lost = "another run took over its lease"
-                    return
-                continue  # a network blip: try again; assert_owner stops the run if it lasts too long
+                if is_precondition_failed(exc) or (conditions and is_missing(exc)):
+                    found = self._landed_etag(lease.key, body)  # our own renewal, retried after a lost response?
+                    if found is None:
+                        lease.lost = "another run took over its lease"
+                        return
+                    etag = found
+                else:
+                    wait = min(interval, 1.0)  # a network blip: try again soon; assert_owner stops the run if it lasts
+                    continue
+            wait = interval
             with self._mutex:
-                lease.etag, lease.body, lease.renewed_at = str(response["ETag"]), body, time.monotonic()
+                lease.etag, lease.body, lease.renewed_at = etag, body, sent
+
+    def _landed_etag(self, key: str, body: bytes) -> str | None:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
+            if response["Body"].read() == body:
+                return str(response["ETag"])
+        except Exception:  # noqa: BLE001 - then it did not land
+            return None
+        return None
+
+    def _release(self, lease: _Lease) -> None:
+        """Delete the lease if it is still this run's (with conditional writes, even after losing it by time: the
+        If-Match leaves a lease another run took alone). A lease left behind expires by itself."""
+        if lease.lost is not None and not self.conditional_writes:
+            return
+        try:
+            conditions = {"IfMatch": lease.etag} if self.conditional_writes else {}
+            self.client.delete_object(Bucket=self.bucket, Key=lease.key, **conditions)
+        except Exception:  # noqa: BLE001, S110 - a lease left behind expires by itself
+            pass
+
+    def _refresh(self, key: str) -> None:
+        """Learn ``key``'s ETag now, so that this run's writes to it fail if another run writes it meanwhile, and an
+        ETag remembered from an earlier run of this store does not fail them."""
+        try:
+            response = self.client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            if not is_missing(exc):
+                raise CheckpointError(f"{self._url(key)}: cannot read ({self._why(exc)}); nothing was read or written") from None
+            self._etags[key] = None
+            return
+        self._etags[key] = str(response["ETag"])
 
     @contextmanager
     def lock(self, pipeline: str, run_id: str | None) -> Iterator[None]:
@@ -398,6 +488,12 @@ class S3CheckpointStore:
         if pipeline in self._leases:
             raise PipelineBusyError(f"pipeline {pipeline!r} is already being run by this process")
         lease = self._acquire(pipeline, run_id)
+        try:
+            for suffix in (".json", ".state.json"):
+                self._refresh(self._key(pipeline, suffix))
+        except BaseException:
+            self._release(lease)
+            raise
         token = json.loads(lease.body)["token"]
         lease.thread = threading.Thread(target=self._renew, args=(lease, run_id, token), daemon=True, name=f"lease-{pipeline}")
         self._leases[pipeline] = lease
@@ -408,12 +504,7 @@ class S3CheckpointStore:
             lease.stop.set()
             lease.thread.join()
             del self._leases[pipeline]
-            if lease.lost is None:
-                try:
-                    conditions = {"IfMatch": lease.etag} if self.conditional_writes else {}
-                    self.client.delete_object(Bucket=self.bucket, Key=lease.key, **conditions)
-                except Exception:  # noqa: BLE001, S110 - a lease left behind expires by itself
-                    pass
+            self._release(lease)
 
 
 __all__ = ["CLEAR_HINT", "S3CheckpointStore"]

@@ -19,6 +19,7 @@ Bookkeeping lives in ``<schema>._conduit_batches``. Tables conduit creates carry
 import hashlib
 import io
 import json
+import time
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -186,9 +187,18 @@ class PostgresDestination:
 
     def _fence(self, cur: Any) -> None:
         """A session advisory lock on the target table, held until this connection closes (or its holder dies):
-        two runs writing one table, even from machines whose checkpoint locks never meet, cannot interleave."""
-        cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (f"conduit:{self.schema}.{self.table}",))
-        if not cur.fetchone()[0]:
+        two runs writing one table, even from machines whose checkpoint locks never meet, cannot interleave.
+
+        A run that just ended (or crashed) releases the lock when its server process notices the closed
+        connection, a moment after the client closed it: the lock is tried for up to two seconds."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (f"conduit:{self.schema}.{self.table}",))
+            locked = bool(cur.fetchone()[0])
+            if locked or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if not locked:
             raise DestinationError(
                 f"destination {self.spec.name!r}: table {self.schema}.{self.table} is being written by another run "
                 "(it holds the table's advisory lock); nothing was written. Wait for that run to finish"

@@ -25,11 +25,13 @@ def open_source(spec: Any) -> Source:
 
 
 def _register_builtins() -> None:
+    from conduit_dagster.engine.sources.files import FileSource
     from conduit_dagster.engine.sources.postgresql import PostgresSource
     from conduit_dagster.engine.sources.sqlite import SqliteSource
 
     register_source("postgresql", PostgresSource)
     register_source("sqlite", SqliteSource)
+    register_source("file", FileSource)
 
 
 _register_builtins()
