@@ -611,3 +611,23 @@ def test_endpoint_ignoring_conditional_writes_is_refused_with_the_way_out():
     assert fake.objects == {}
     conditional = [kw for _, _, kw in fake.calls[first:] if {"IfMatch", "IfNoneMatch"} & set(kw)]
     assert len(fake.calls) > first and conditional == [], "no conditional headers once they are off"
+
+
+def test_the_dagster_resource_fails_fast_when_its_endpoint_is_down(tmp_path, s3_endpoint):
+    """The checkpoints resource builds its client from S3Resource's fields; an endpoint that is down fails in seconds."""
+    import time
+
+    from conduit_dagster.engine.errors import CheckpointError as Refused
+    from conduit_dagster.engine.spec import load_spec_text
+    from conduit_dagster.resources import S3CheckpointStoreResource
+
+    spec = load_spec_text(
+        "sources: [{name: s, type: sqlite, path: x.db}]\ndestinations: [{name: d, type: local, path: out}]\n"
+        "resources: [{name: p, source: s, destination: d, query: SELECT 1}]\n",
+        tmp_path / "ingest.yml",
+    )
+    store = S3CheckpointStoreResource(bucket="some-bucket", endpoint_url="http://127.0.0.1:9", max_attempts=2).open_store(spec)
+    started = time.monotonic()
+    with pytest.raises(Refused, match=r"cannot reach the S3 endpoint http://127\.0\.0\.1:9"):
+        store.load("p")
+    assert time.monotonic() - started < 15

@@ -89,7 +89,7 @@ def explain(exc: BaseException, *, bucket: str, endpoint: str | None) -> str:
     if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError"):
         return f"cannot reach the S3 endpoint {endpoint or '(AWS default)'} ({name}); is it up? check `endpoint_url`"
     if name == "NoCredentialsError":
-        return "no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or aws_* keys in ingest.yml"
+        return "no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or give aws_* keys"
     if code:
         return f"{where}: S3 said {code}"
     return f"{where}: {name}"

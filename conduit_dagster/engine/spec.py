@@ -606,7 +606,7 @@ def _checkpoints(file: Path, doc: "_LineDict") -> CheckpointsSpec | None:
     e = _Entry(file, raw, "checkpoints", getattr(raw, "line", line))
     kind = e.choice("type", ("local", "s3"), default="local")
     e.finish(_CHECKPOINT_KEYS)
-    lease = e.integer("lease_seconds", default=60, minimum=5, maximum=3600)
+    lease = e.integer("lease_seconds", default=60, minimum=10, maximum=3600)  # checkpoint_s3.MIN_LEASE_SECONDS
     conditional = e.boolean("conditional_writes")
     if kind == "local":
         for key in ("bucket", "prefix", "endpoint_url", "region", "lease_seconds", "conditional_writes"):
