@@ -107,14 +107,17 @@ def child_dlt(rows: int, out: Path, backend: str) -> dict:
     return {"rows": rows}
 
 
-def write_ingest(rows: int, out: Path, *, empty: bool = False, to_postgres: bool = False) -> Path:
+def write_ingest(
+    rows: int, out: Path, *, empty: bool = False, to_postgres: bool = False, destination: str = "", head: str = ""
+) -> Path:
+    """The benchmark's ingest.yml; ``destination`` (the destination's keys) and ``head`` (text before
+    ``sources:``) let bench/pg_to_s3.py reuse it."""
     path = out / "ingest.yml"
     if to_postgres:  # PostgreSQL -> PostgreSQL: a replace-mode table in schema conduit_bench_out
         destination = "    type: postgresql\n    database: test\n    user: postgres\n    schema: conduit_bench_out\n"
-    else:
-        destination = f"    type: local\n    path: {out / 'lake'}\n"
+    destination = destination or f"    type: local\n    path: {out / 'lake'}\n"
     path.write_text(
-        f"""
+        f"""{head}
 sources:
   - name: pg
     type: postgresql

@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pg_to_parquet import BATCH, COLUMNS, URL, ensure_table, run_measured, summary, table_name  # noqa: E402
+import pg_to_parquet  # noqa: E402
+from pg_to_parquet import COLUMNS, ensure_table, run_measured, summary, table_name  # noqa: E402
 
 ALL_METHODS = ["floor-s3", "engine-local", "engine-s3", "engine-s3-cp"]
 BUCKET = "conduit-bench"
@@ -48,26 +49,7 @@ def write_ingest(rows: int, out: Path, endpoint: str, *, to_s3: bool, s3_checkpo
         if s3_checkpoints
         else f"checkpoints:\n  directory: {out / 'checkpoints'}\n"
     )
-    path = out / "ingest.yml"
-    path.write_text(
-        f"""{checkpoints}
-sources:
-  - name: pg
-    type: postgresql
-    url: {URL}
-    resume: true
-    checkpoint_column: id
-destinations:
-  - name: lake
-{destination}resources:
-  - name: bench
-    source: pg
-    destination: lake
-    batch_size: {BATCH}
-    query: SELECT {COLUMNS} FROM public.{table_name(rows)}
-"""
-    )
-    return path
+    return pg_to_parquet.write_ingest(rows, out, destination=destination, head=checkpoints)
 
 
 def child_engine(method: str, rows: int, out: Path, endpoint: str) -> dict:

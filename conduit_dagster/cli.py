@@ -161,6 +161,7 @@ def _check_destination(dest: Any) -> str:
 def cmd_validate(args: argparse.Namespace) -> int:
     """ingest.yml's syntax, every connection and query, and what a run would do; never a secret."""
     from conduit_dagster.engine.sources import open_source
+
     path = _ingest_file(args.file)
     spec = load_spec(path)
     store = _store(args)

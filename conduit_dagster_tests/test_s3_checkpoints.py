@@ -31,23 +31,13 @@ from conduit_dagster.engine.s3 import make_client
 from conduit_dagster.engine.spec import S3ConnectionSpec
 from conduit_dagster_tests.conftest import s3_keys, write_ingest
 from conduit_dagster_tests.helpers import assert_same_rows, output_rows
+from conduit_dagster_tests.test_checkpoint import make as make_checkpoint
 
 PREFIX = "conduit/checkpoints"
 
 
 def make(value: Any = 7, **kw: Any) -> Checkpoint:
-    base: dict[str, Any] = dict(
-        pipeline="orders",
-        checkpoint_column="id",
-        last_value=value,
-        records_processed=30_000,
-        batches_committed=3,
-        run_id="run-1",
-        query_sha256="ab" * 32,
-        destination={"generation": "g1"},
-    )
-    base.update(kw)
-    return Checkpoint(**base)
+    return make_checkpoint(value, **kw)
 
 
 def client(endpoint: str) -> Any:
