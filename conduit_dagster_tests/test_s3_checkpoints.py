@@ -621,3 +621,46 @@ def test_the_dagster_resource_fails_fast_when_its_endpoint_is_down(tmp_path, s3_
     with pytest.raises(Refused, match=r"cannot reach the S3 endpoint http://127\.0\.0\.1:9"):
         store.load("p")
     assert time.monotonic() - started < 15
+
+
+class HonoursOnlyIfNoneMatch(IgnoringS3):
+    """Refuses a second create (If-None-Match) but ignores If-Match: checkpoint fencing would silently do nothing."""
+
+    def put_object(self, *, Bucket: str, Key: str, Body: bytes, **kw: Any) -> dict[str, Any]:  # noqa: N803
+        if kw.get("IfNoneMatch") == "*" and Key in self.objects:
+            raise ClientError({"Error": {"Code": "PreconditionFailed", "Message": "exists"}}, "PutObject")
+        return super().put_object(Bucket=Bucket, Key=Key, Body=Body, **kw)
+
+
+def test_endpoint_ignoring_if_match_only_is_refused_too():
+    fake = HonoursOnlyIfNoneMatch()
+    with pytest.raises(CheckpointError, match="does not honour conditional writes"):
+        with S3CheckpointStore(fake, "bkt", PREFIX).lock("orders", "run-1"):
+            pytest.fail("ran with If-Match ignored")
+    assert fake.objects == {}
+
+
+def test_a_lease_create_whose_response_was_lost_is_still_ours(s3, s3_endpoint, bucket):
+    """botocore retries a PUT whose response was lost; the retry of our own If-None-Match create gets 412. The run
+    must recognise its own lease (by its token) instead of refusing itself and leaving the lease behind."""
+    real = client(s3_endpoint)
+
+    class LosesFirstResponse:
+        def __init__(self) -> None:
+            self.lost = False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def put_object(self, **kw: Any) -> Any:
+            response = real.put_object(**kw)
+            if not self.lost and kw.get("IfNoneMatch") == "*" and kw["Key"].endswith(".lease.json"):
+                self.lost = True  # the create landed, then its response was lost and the retry was refused
+                raise ClientError({"Error": {"Code": "PreconditionFailed", "Message": "exists"}}, "PutObject")
+            return response
+
+    store = S3CheckpointStore(LosesFirstResponse(), bucket, PREFIX)
+    with store.lock("orders", "run-1"):
+        store.save(make(5, run_id="run-1"))
+        assert lease_doc(s3, bucket)["run_id"] == "run-1"
+    assert f"{PREFIX}/orders.lease.json" not in objects(s3, bucket)

@@ -165,3 +165,147 @@ def test_incremental_runs_add_parts_to_the_output(s3, s3_endpoint, bucket):
     assert_same_rows(rows(table(0, 20)), s3_output_rows(s3, bucket, "raw/events/"))
     manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"raw/events/{MANIFEST}")["Body"].read())
     assert len(manifest["generations"]) == 2 and len(manifest["parts"]) == 2
+
+
+# --- a run that lost the pipeline while paused (its lease expired and another run took over) ------------------------
+
+
+def zombie_setup(s3, s3_endpoint, bucket, tmp_path):
+    import boto3
+
+    from conduit_dagster.engine.checkpoint_s3 import S3CheckpointStore
+
+    text = f"""
+sources: [{{name: mem, type: sqlite, path: unused.db}}]
+destinations: [{{name: lake, type: s3, bucket: {bucket}, prefix: raw, endpoint_url: {s3_endpoint}}}]
+resources:
+  - {{name: orders, source: mem, destination: lake, resume: true, checkpoint_column: id, batch_size: 10, query: SELECT id FROM o}}
+"""
+    resource = load_spec_text(text, tmp_path / "ingest.yml").resource("orders")
+    data = pa.table({"id": list(range(100))})
+
+    def client():
+        return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+
+    def store():
+        return S3CheckpointStore(client(), bucket, "cp")
+
+    def source():
+        return MemorySource(data.to_pylist(), data.schema)
+
+    return resource, data, client, store, source
+
+
+def run_in_thread(target):
+    import threading
+
+    errors: list[BaseException] = []
+
+    def body():
+        try:
+            target()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    return thread, errors
+
+
+def test_a_paused_run_waking_at_publish_cannot_wipe_the_output(s3, s3_endpoint, bucket, tmp_path):
+    """Z freezes just before publishing; its lease expires; N resumes Z's checkpoint and publishes. When Z wakes, its
+    publish must not replace or delete N's output."""
+    import threading
+
+    resource, data, client, store, source = zombie_setup(s3, s3_endpoint, bucket, tmp_path)
+    at_publish, go = threading.Event(), threading.Event()
+
+    class Paused(S3Destination):
+        def publish(self, *args):
+            at_publish.set()
+            go.wait()
+            super().publish(*args)
+
+    zombie = Paused(resource.destination, "orders", client=client())
+    thread, errors = run_in_thread(lambda: list(run_pipeline(resource, store(), run_id="Z", source=source(), destination=zombie)))
+    assert at_publish.wait(30)
+    s3.delete_object(Bucket=bucket, Key="cp/orders.lease.json")  # Z's lease expired while it was frozen
+    events = list(run_pipeline(resource, store(), run_id="N", source=source()))
+    assert events[-1].records_processed == 100
+    assert_same_rows(rows(data), s3_output_rows(s3, bucket, "raw/orders/"))
+    go.set()
+    thread.join(30)
+    assert_same_rows(rows(data), s3_output_rows(s3, bucket, "raw/orders/"))  # still all of N's rows
+
+
+def test_a_paused_run_waking_at_start_cannot_delete_the_owners_staged_parts(s3, s3_endpoint, bucket, tmp_path):
+    """Z takes the pipeline and freezes before starting its destination; N takes over and writes half its batches;
+    Z wakes and starts (then is fenced off at its first checkpoint). N must still publish every row."""
+    import threading
+
+    resource, data, client, store, source = zombie_setup(s3, s3_endpoint, bucket, tmp_path)
+    z_at_start, z_go, n_mid, z_done = (threading.Event() for _ in range(4))
+
+    class ZDest(S3Destination):
+        def start(self, *args, **kwargs):
+            z_at_start.set()
+            z_go.wait()
+            return super().start(*args, **kwargs)
+
+    class NDest(S3Destination):
+        def write(self, index, *args, **kwargs):
+            if index == 5:
+                n_mid.set()
+                z_done.wait(30)
+            return super().write(index, *args, **kwargs)
+
+    def zombie_run():
+        try:
+            list(
+                run_pipeline(
+                    resource,
+                    store(),
+                    run_id="Z",
+                    source=source(),
+                    destination=ZDest(resource.destination, "orders", client=client()),
+                )
+            )
+        finally:
+            z_done.set()
+
+    z_thread, z_errors = run_in_thread(zombie_run)
+    assert z_at_start.wait(30)
+    s3.delete_object(Bucket=bucket, Key="cp/orders.lease.json")  # Z's lease expired while it was frozen
+    n_events: list = []
+    n_thread, n_errors = run_in_thread(
+        lambda: n_events.extend(
+            run_pipeline(
+                resource, store(), run_id="N", source=source(), destination=NDest(resource.destination, "orders", client=client())
+            )
+        )
+    )
+    assert n_mid.wait(30)
+    z_go.set()
+    z_thread.join(30)
+    n_thread.join(60)
+    assert not n_errors, n_errors
+    assert z_errors and "no longer owns" in str(z_errors[0]), z_errors
+    assert n_events[-1].records_processed == 100
+    assert_same_rows(rows(data), s3_output_rows(s3, bucket, "raw/orders/"))
+
+
+def test_publish_refuses_when_committed_parts_are_missing(s3, s3_endpoint, bucket):
+    dest = S3Destination(spec(bucket, s3_endpoint), "orders")
+    state = dest.start(None).state
+    dest.write(0, table(0, 5))
+    dest.write(1, table(5, 5))
+    s3.delete_object(Bucket=bucket, Key=f"raw/_conduit_staging/orders/{state['generation']}/part-000000.parquet")
+    with pytest.raises(DestinationError, match=r"1 committed part\(s\) of this run are missing.*part 0"):
+        dest.publish(2)
+    assert s3_keys(s3, bucket, "raw/orders/") == []  # nothing published
+
+
+def test_a_damaged_manifest_is_named(s3, s3_endpoint, bucket):
+    s3.put_object(Bucket=bucket, Key=f"raw/orders/{MANIFEST}", Body=b"{not json")
+    with pytest.raises(DestinationError, match=r"raw/orders/_conduit_manifest.json is damaged.*Nothing was changed"):
+        S3Destination(spec(bucket, s3_endpoint), "orders").start(None)

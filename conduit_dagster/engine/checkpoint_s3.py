@@ -375,6 +375,11 @@ class S3CheckpointStore:
             if found is None:
                 continue  # released in between: try again
             doc, etag, age = found
+            if doc.get("token") == json.loads(body)["token"]:
+                # our own create, retried by botocore after its response was lost: the lease is ours
+                lease = _Lease(key, etag, body, sent)
+                self._verify(lease, pipeline)
+                return lease
             if not self._stale(doc, age):
                 busy = (doc, age)
                 break
@@ -408,15 +413,17 @@ class S3CheckpointStore:
                 )
             lease.etag = found[1]
             return
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=lease.key, Body=lease.body, IfNoneMatch="*")
-        except Exception as exc:  # noqa: BLE001
-            if is_precondition_failed(exc):
-                return
-            if is_unsupported(exc):
-                raise self._unsupported() from None
-            raise CheckpointError(f"{self._url(lease.key)}: cannot check the lease ({self._why(exc)})") from None
-        raise self._unsupported()
+        # Both conditions: If-None-Match guards the lease, If-Match every checkpoint save; each must refuse here.
+        for condition in ({"IfNoneMatch": "*"}, {"IfMatch": '"00000000000000000000000000000000"'}):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=lease.key, Body=lease.body, **condition)
+            except Exception as exc:  # noqa: BLE001
+                if is_precondition_failed(exc):
+                    continue
+                if is_unsupported(exc):
+                    raise self._unsupported() from None
+                raise CheckpointError(f"{self._url(lease.key)}: cannot check the lease ({self._why(exc)})") from None
+            raise self._unsupported()
 
     def _unsupported(self) -> CheckpointError:
         return CheckpointError(

@@ -360,6 +360,7 @@ def _run_locked(
 
     src_id, dest_id = source_identity(resource), destination_identity(resource)
     incremental = _Incremental.open(resource, store, checkpoint)
+    store.assert_owner(name)  # starting a destination may clean up: only the pipeline's owner does
     if checkpoint is not None:
         resumption = dest.start(checkpoint.destination, checkpoint.batches_committed)
     else:
@@ -463,7 +464,7 @@ def _run_locked(
                 checkpoint_s += done[0].result()
                 yield BatchCommitted(done[1], done[2], rows_this_run, records, last_value, time.monotonic() - started)
             store.assert_owner(name)
-            dest.publish()
+            dest.publish(index)
     except BaseException as failure:
         if inflight is not None:  # the read failed or the caller stopped: let the commit in progress end first
             wait([inflight[0]])

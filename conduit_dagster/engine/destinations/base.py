@@ -9,7 +9,8 @@ The runner drives a destination through one output *generation*:
                                 durable when it returns; writing an index again replaces it (or, where
                                 a committed batch cannot be replaced, adds only its rows past the
                                 recorded last key)
-    publish()                   make the generation the visible output, atomically, replacing the old
+    publish(batches)            make the generation (parts 0..batches-1) the visible output, atomically,
+                                replacing the old
 
 ``state`` is a small JSON-able dict the checkpoint carries for the destination.
 """
@@ -31,7 +32,9 @@ class Destination(Protocol):
 
     def write(self, index: int, table: pa.Table, key_column: str | None = None, last_key: Any = None) -> None: ...
 
-    def publish(self) -> None: ...
+    def publish(self, batches: int | None = None) -> None:
+        """``batches``: how many parts the run committed (0..batches-1), where the destination can check them."""
+        ...
 
     def describe(self) -> str:
         """Where the output is visible (a path or URI), for logs and metadata."""

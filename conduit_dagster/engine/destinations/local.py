@@ -201,7 +201,7 @@ class LocalDestination:
             return int(ds.dataset(self.visible, format="parquet").count_rows())
         return sum(count_rows(self.spec.format, str(p)) for p in self.visible.glob(f"part-*.{_EXT[self.spec.format]}"))
 
-    def publish(self) -> None:
+    def publish(self, batches: int | None = None) -> None:
         self._check_visible_is_ours()
         if self.accumulate:
             self._publish_parts()

@@ -316,7 +316,7 @@ class PostgresDestination:
             f"ON CONFLICT ({', '.join(keys)}) DO " + (f"UPDATE SET {update}" if update else "NOTHING")
         )
 
-    def publish(self) -> None:
+    def publish(self, batches: int | None = None) -> None:
         try:
             with self.conn, self.conn.cursor() as cur:
                 if self.mode == "replace":

@@ -29,7 +29,16 @@ import pyarrow as pa
 from conduit_dagster.engine.destinations.base import Resumption
 from conduit_dagster.engine.destinations.formats import EXTENSIONS, count_rows, write_part
 from conduit_dagster.engine.errors import CheckpointError, DestinationError
-from conduit_dagster.engine.s3 import RangeReader, endpoint_of, explain, is_missing, join_key, list_objects, make_client
+from conduit_dagster.engine.s3 import (
+    RangeReader,
+    endpoint_of,
+    explain,
+    is_missing,
+    is_precondition_failed,
+    join_key,
+    list_objects,
+    make_client,
+)
 from conduit_dagster.engine.spec import S3DestinationSpec
 
 MANIFEST = "_conduit_manifest.json"
@@ -108,14 +117,19 @@ class S3Destination:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
 
     def manifest(self) -> dict[str, Any] | None:
+        return self._manifest_etag()[0]
+
+    def _parse_manifest(self, body: bytes) -> dict[str, Any]:
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self.output + MANIFEST)["Body"].read()
-        except Exception as exc:  # noqa: BLE001 - botocore raises many types; each is explained
-            if is_missing(exc):
-                return None
-            raise self._fail("read the manifest", exc) from None
-        doc = json.loads(body)
-        return doc if isinstance(doc, dict) else None
+            doc = json.loads(body)
+            if not isinstance(doc, dict) or not isinstance(doc.get("parts", []), list):
+                raise ValueError("not a manifest object")
+        except ValueError as exc:
+            raise DestinationError(
+                f"destination {self.spec.name!r}: s3://{self.bucket}/{self.output}{MANIFEST} is damaged ({exc}); it names "
+                "the parts of the output. Restore it, or delete the output prefix for a full reload. Nothing was changed"
+            ) from None
+        return doc
 
     def _check_output_is_ours(self, manifest: dict[str, Any] | None) -> None:
         if manifest is not None:
@@ -140,9 +154,8 @@ class S3Destination:
             raise self._fail("prepare the output", exc) from None
 
     def _start_fresh(self) -> Resumption:
-        # Leftovers of runs that died before their first checkpoint.
-        self._abort_uploads(self.staging)
-        self._delete(self._keys(self.staging))
+        # Staging left by runs that died before their first checkpoint is removed after this run publishes, not
+        # now: a run that lost the pipeline while paused must never delete the staged parts of the run that owns it.
         self.generation = uuid.uuid4().hex
         return Resumption({"generation": self.generation})
 
@@ -182,23 +195,48 @@ class S3Destination:
             except Exception as exc:  # noqa: BLE001
                 raise self._fail(f"write part {index}", exc) from None
 
-    def _staged_parts(self) -> list[str]:
-        return sorted(k for k in self._keys(self._gen_prefix) if _PART_RE.match(k[len(self._gen_prefix) :]))
+    def _manifest_etag(self) -> tuple[dict[str, Any] | None, str | None]:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self.output + MANIFEST)
+        except Exception as exc:  # noqa: BLE001
+            if is_missing(exc):
+                return None, None
+            raise self._fail("read the manifest", exc) from None
+        return self._parse_manifest(response["Body"].read()), str(response["ETag"])
 
-    def publish(self) -> None:
+    def publish(self, batches: int | None = None) -> None:
+        """Copy parts 0..batches-1 into the output, then commit them with one conditional PUT of the manifest.
+
+        Every step is safe even when run by a process that lost the pipeline while paused: a committed part that is
+        missing stops the publish loudly; a generation the manifest already names is left alone; and the manifest is
+        written only if nobody changed it since this publish read it, so two publishers can never both commit."""
         assert self.generation is not None
         try:
-            manifest = self.manifest()
+            manifest, etag = self._manifest_etag()
             self._check_output_is_ours(manifest)
-            staged = self._staged_parts()
-            names = [f"part-{self.generation[:12]}-{k[len(self._gen_prefix) :].removeprefix('part-')}" for k in staged]
+            if manifest is not None and self.generation in manifest.get("generations", []):
+                return  # already published (by a resumed run of this generation): nothing left to do
+            staged = {
+                int(m.group(1)): k for k in self._keys(self._gen_prefix) if (m := _PART_RE.match(k[len(self._gen_prefix) :]))
+            }
+            count = len(staged) if batches is None else batches
+            missing = [i for i in range(count) if i not in staged]
+            if missing:
+                raise DestinationError(
+                    f"destination {self.spec.name!r}: {len(missing)} committed part(s) of this run are missing from "
+                    f"s3://{self.bucket}/{self._gen_prefix} (e.g. part {missing[0]}), so its output was not published; "
+                    f"another process may have removed them. Start over with `conduit clear-checkpoints --pipeline-name "
+                    f"{self.pipeline}`"
+                )
+            keys = [staged[i] for i in range(count)]
+            names = [f"part-{self.generation[:12]}-{k[len(self._gen_prefix) :].removeprefix('part-')}" for k in keys]
 
             def copy(pair: tuple[str, str]) -> None:
                 source, name = pair
                 self.client.copy({"Bucket": self.bucket, "Key": source}, self.bucket, self.output + name, Config=self.transfer)
 
             with ThreadPoolExecutor(max_workers=8, thread_name_prefix="conduit-publish") as pool:
-                list(pool.map(copy, zip(staged, names, strict=True)))
+                list(pool.map(copy, zip(keys, names, strict=True)))
             previous = manifest or {}
             parts = (list(previous.get("parts", [])) + names) if self.accumulate else names
             generations = (list(previous.get("generations", [])) + [self.generation]) if self.accumulate else [self.generation]
@@ -212,7 +250,18 @@ class S3Destination:
                 "published_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             }
             body = (json.dumps(doc, indent=1) + "\n").encode("utf-8")
-            self.client.put_object(Bucket=self.bucket, Key=self.output + MANIFEST, Body=body, ContentType="application/json")
+            condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket, Key=self.output + MANIFEST, Body=body, ContentType="application/json", **condition
+                )
+            except Exception as exc:  # noqa: BLE001
+                if not is_precondition_failed(exc):
+                    raise
+                raise DestinationError(
+                    f"destination {self.spec.name!r}: another run published s3://{self.bucket}/{self.output} while this "
+                    "one was publishing; this run's output was not published and nothing was deleted"
+                ) from None
             self._finish(doc)
         except (DestinationError, CheckpointError):
             raise
@@ -220,11 +269,13 @@ class S3Destination:
             raise self._fail("publish the output", exc) from None
 
     def _finish(self, manifest: dict[str, Any]) -> None:
-        """After the manifest: drop the parts it does not name, and this run's staged objects."""
+        """After the manifest: drop the parts it does not name, and everything staged for this pipeline (this run's
+        parts, and those of runs that died before their first checkpoint)."""
         keep = set(manifest.get("parts", []))
         old = [k for k in self._keys(self.output + "part-") if k[len(self.output) :] not in keep]
         self._delete(old)
-        self._delete(self._keys(self._gen_prefix))
+        self._abort_uploads(self.staging)
+        self._delete(self._keys(self.staging))
 
     def count(self) -> int | None:
         manifest = self.manifest()
