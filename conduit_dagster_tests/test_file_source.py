@@ -454,9 +454,26 @@ def test_s3_missing_key_bucket_and_endpoint(s3, bucket, s3_endpoint):
         SourceError, match=r"cannot read s3://no-such-bucket-here/x/: bucket 'no-such-bucket-here'.*does not exist"
     ):
         source("s3://no-such-bucket-here/x/", "csv", s3_endpoint).probe("", None)
+    with pytest.raises(
+        SourceError, match=r"cannot read s3://no-such-bucket-here/x\.csv: bucket 'no-such-bucket-here'.*does not exist"
+    ):
+        source("s3://no-such-bucket-here/x.csv", "csv", s3_endpoint).probe("", None)
     with pytest.raises(SourceError, match="cannot reach the S3 endpoint") as info:
         source(f"s3://{bucket}/x/", "csv", "http://127.0.0.1:9").probe("", None)
     assert "conduit-test-secret" not in str(info.value)
+
+
+def test_folders_and_files_named_with_underscore_or_dot_are_skipped(tmp_path, s3, bucket, s3_endpoint):
+    """Bookkeeping below a prefix (conduit's own _conduit_staging, Spark's _temporary, .hidden) is never read: it
+    would hold in-flight or crashed copies of the same rows."""
+    text = csv_text(ALL)
+    for rel in ("data/a.csv", "data/_conduit_staging/orders/g1/part-000000.csv", "data/.hidden/b.csv", "data/_c.csv"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+        s3.put_object(Bucket=bucket, Key=rel, Body=text.encode())
+    for path in (str(tmp_path / "data"), str(tmp_path / "data" / "*.csv"), f"s3://{bucket}/data/", f"s3://{bucket}/data/*.csv"):
+        got = source(path, "csv", s3_endpoint if path.startswith("s3://") else None)
+        assert [f.url.rsplit("/", 1)[-1] for f in got.files()] == ["a.csv"], path
 
 
 # --- end to end through the engine ---------------------------------------------------------------------------

@@ -116,13 +116,26 @@ def list_objects(client: Any, bucket: str, prefix: str) -> Iterator[S3Object]:
             yield S3Object(item["Key"], int(item["Size"]), str(item.get("ETag", "")))
 
 
+def hidden_below(base: str, name: str) -> bool:
+    """A folder or file below ``base`` whose name starts with ``_`` or ``.``: bookkeeping (conduit's own
+    ``_conduit_staging``, Spark's ``_temporary``, ``.hidden``) that readers of a dataset skip."""
+    rest = name[len(base) :] if name.startswith(base) else name
+    return any(part.startswith(("_", ".")) for part in rest.split("/") if part)
+
+
+def fixed_base(pattern: str) -> str:
+    """The part of a glob before its first wildcard, cut back to a folder boundary (ends in '/', or '')."""
+    cut = min((pattern.index(c) for c in _GLOB_CHARS if c in pattern), default=len(pattern))
+    return pattern[: pattern.rfind("/", 0, cut) + 1]
+
+
 def match_objects(client: Any, url: str) -> list[S3Object]:
     """The objects an ``s3://`` path names, sorted by key: one key, every object under a prefix ending in
-    ``/`` (except names starting with ``_`` or ``.``), or the keys matching a glob (``*`` stays within one
-    folder level, as in a shell)."""
+    ``/``, or the keys matching a glob (``*`` stays within one folder level, as in a shell); below a prefix or
+    a glob's fixed part, files and folders whose names start with ``_`` or ``.`` are skipped."""
     bucket, pattern = split_url(url)
     if pattern.endswith("/") or pattern == "":
-        found = [o for o in list_objects(client, bucket, pattern) if not o.key.rsplit("/", 1)[-1].startswith(("_", "."))]
+        found = [o for o in list_objects(client, bucket, pattern) if not hidden_below(pattern, o.key)]
         return sorted((o for o in found if not o.key.endswith("/")), key=lambda o: o.key)
     if not any(c in pattern for c in _GLOB_CHARS):
         head = client.head_object(Bucket=bucket, Key=pattern)
@@ -133,7 +146,7 @@ def match_objects(client: Any, url: str) -> list[S3Object]:
         (
             o
             for o in list_objects(client, bucket, pattern[:cut])
-            if o.key.count("/") == depth and fnmatch.fnmatchcase(o.key, pattern)
+            if o.key.count("/") == depth and fnmatch.fnmatchcase(o.key, pattern) and not hidden_below(fixed_base(pattern), o.key)
         ),
         key=lambda o: o.key,
     )

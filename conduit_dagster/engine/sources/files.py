@@ -28,7 +28,17 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from conduit_dagster.engine.errors import OrderingError, SourceError
-from conduit_dagster.engine.s3 import RangeReader, endpoint_of, explain, is_missing, make_client, match_objects, split_url
+from conduit_dagster.engine.s3 import (
+    RangeReader,
+    endpoint_of,
+    explain,
+    fixed_base,
+    hidden_below,
+    is_missing,
+    make_client,
+    match_objects,
+    split_url,
+)
 from conduit_dagster.engine.sources.base import Chunk, key_index
 from conduit_dagster.engine.spec import FileSourceSpec
 
@@ -325,18 +335,25 @@ class FileSource:
             try:
                 objects = match_objects(self.client, path)
             except _s3_errors() as exc:
-                if is_missing(exc):
-                    raise self._no_files() from None
-                raise self._s3_error(path, exc) from None
+                if not is_missing(exc):
+                    raise self._s3_error(path, exc) from None
+                try:  # a HEAD of a missing key says 404 whether the key or the whole bucket is missing: tell which
+                    self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+                except _s3_errors() as bucket_exc:
+                    raise self._s3_error(path, bucket_exc) from None
+                raise self._no_files() from None
             found = [(f"s3://{self.bucket}/{o.key}", o.key, o.size) for o in objects]
         else:
+            base = ""
             if any(c in path for c in _GLOB_CHARS):
                 names = glob.glob(path, recursive=True)
+                base = fixed_base(path)
             elif os.path.isdir(path):  # every file below it, as under an S3 prefix
                 names = [os.path.join(top, n) for top, _, files in os.walk(path) for n in files]
+                base = path.rstrip("/") + "/"
             else:
                 names = [path]
-            names = sorted(n for n in names if os.path.isfile(n) and not os.path.basename(n).startswith(("_", ".")))
+            names = sorted(n for n in names if os.path.isfile(n) and not (base and hidden_below(base, n)))
             found = [(n, n, os.path.getsize(n)) for n in names]
         if not found:
             raise self._no_files()
