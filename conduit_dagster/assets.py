@@ -21,6 +21,7 @@ from dagster import (
     asset_check,
     define_asset_job,
 )
+from dagster_aws.s3 import S3Resource
 
 from conduit_dagster.engine.checkpoint import encode_value
 from conduit_dagster.engine.destinations import open_destination
@@ -35,7 +36,7 @@ from conduit_dagster.engine.spec import (
     ResourceSpec,
     S3DestinationSpec,
 )
-from conduit_dagster.resources import CheckpointStoreResource
+from conduit_dagster.resources import CheckpointStoreResource, data_lake_clients, uses_s3
 
 _SOURCE_KINDS = {"postgresql": "postgres", "sqlite": "sqlite", "file": "file"}
 _FORMAT_KINDS = {"parquet": "parquet", "csv": "csv", "jsonl": "json"}
@@ -102,7 +103,7 @@ def finished_metadata(event: RunFinished, column: str | None) -> dict[str, Any]:
 
 
 def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefinition:
-    @asset(
+    decorate = asset(
         name=resource.name,
         group_name=resource.source.name,
         kinds=asset_kinds(resource),
@@ -119,7 +120,8 @@ def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefini
             "dagster/uri": destination_uri(resource),
         },
     )
-    def _ingest(context: AssetExecutionContext, checkpoints: CheckpointStoreResource) -> MaterializeResult:
+
+    def materialize(context: AssetExecutionContext, checkpoints: CheckpointStoreResource, s3: S3Resource | None) -> Any:
         name = resource.name
         try:
             store = checkpoints.open_store(spec)
@@ -127,27 +129,28 @@ def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefini
             raise Failure(description=f"{name}: {exc}") from None
         finished: RunFinished | None = None
         try:
-            for event in run_pipeline(resource, store, run_id=context.run.run_id):
-                if isinstance(event, RunStarted):
-                    if event.resumed and event.resumed_from is None:
-                        context.log.info(f"{name}: resuming an unfinished run that had committed no batch yet")
-                    elif event.resumed:
+            with data_lake_clients(s3):
+                for event in run_pipeline(resource, store, run_id=context.run.run_id):
+                    if isinstance(event, RunStarted):
+                        if event.resumed and event.resumed_from is None:
+                            context.log.info(f"{name}: resuming an unfinished run that had committed no batch yet")
+                        elif event.resumed:
+                            context.log.info(
+                                f"{name}: resuming after {resource.checkpoint_column} = {event.resumed_from!r} "
+                                f"({event.records_before:,} rows already written) from {store.describe(name)}"
+                            )
+                        else:
+                            context.log.info(f"{name}: full load from {event.source} into {event.destination}")
+                    elif isinstance(event, BatchCommitted):
                         context.log.info(
-                            f"{name}: resuming after {resource.checkpoint_column} = {event.resumed_from!r} "
-                            f"({event.records_before:,} rows already written) from {store.describe(name)}"
+                            f"{name}: batch {event.index} committed, {event.rows:,} rows; {event.rows_this_run:,} this run, "
+                            f"{event.records_processed:,} in total, {event.rows_per_second:,.0f} rows/s; "
+                            f"last {resource.checkpoint_column or 'row'} = {event.last_value!r}"
                         )
-                    else:
-                        context.log.info(f"{name}: full load from {event.source} into {event.destination}")
-                elif isinstance(event, BatchCommitted):
-                    context.log.info(
-                        f"{name}: batch {event.index} committed, {event.rows:,} rows; {event.rows_this_run:,} this run, "
-                        f"{event.records_processed:,} in total, {event.rows_per_second:,.0f} rows/s; "
-                        f"last {resource.checkpoint_column or 'row'} = {event.last_value!r}"
-                    )
-                elif isinstance(event, RunWarning):
-                    context.log.warning(f"{name}: {event.message}")
-                elif isinstance(event, RunFinished):
-                    finished = event
+                    elif isinstance(event, RunWarning):
+                        context.log.warning(f"{name}: {event.message}")
+                    elif isinstance(event, RunFinished):
+                        finished = event
         except ConduitError as exc:
             raise Failure(description=f"{name}: {exc}") from None
         assert finished is not None
@@ -160,30 +163,44 @@ def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefini
             metadata={**metadata, "dagster/uri": destination_uri(resource), "conduit/checkpoint_store": store.location}
         )
 
-    return _ingest
+    # `s3` (dagster-aws's S3Resource) only for pipelines that read or write S3 data: it fills the connection settings
+    # ingest.yml leaves unset (EnvVar credentials, endpoint, region), and the launchpad can set them
+    if uses_s3(resource):
+
+        def _ingest_s3(context: AssetExecutionContext, checkpoints: CheckpointStoreResource, s3: S3Resource) -> Any:
+            return materialize(context, checkpoints, s3)
+
+        return decorate(_ingest_s3)
+
+    def _ingest(context: AssetExecutionContext, checkpoints: CheckpointStoreResource) -> Any:
+        return materialize(context, checkpoints, None)
+
+    return decorate(_ingest)
 
 
 def build_row_count_check(spec: IngestSpec, resource: ResourceSpec) -> AssetChecksDefinition:
     """The destination holds as many rows as the source has for the same range: all the query returns now (a
     full refresh), or, for an incremental load, what it returns from initial_value up to the stored value."""
 
-    @asset_check(
+    decorate = asset_check(
         asset=resource.name,
         name="row_count_matches_source",
         description="Rows in the destination against the source's rows for the same range; both numbers are reported.",
     )
-    def _check(checkpoints: CheckpointStoreResource) -> AssetCheckResult:
-        try:
-            source = open_source(resource.source)
-        except ConduitError as exc:
-            raise Failure(description=str(exc)) from None
-        try:
-            destination = open_destination(
-                resource.destination, resource.name, accumulate=resource.incremental_column is not None
-            )
-        except ConduitError as exc:
-            source.close()
-            raise Failure(description=str(exc)) from None
+
+    def evaluate(checkpoints: CheckpointStoreResource, s3: S3Resource | None) -> AssetCheckResult:
+        with data_lake_clients(s3):
+            try:
+                source = open_source(resource.source)
+            except ConduitError as exc:
+                raise Failure(description=str(exc)) from None
+            try:
+                destination = open_destination(
+                    resource.destination, resource.name, accumulate=resource.incremental_column is not None
+                )
+            except ConduitError as exc:
+                source.close()
+                raise Failure(description=str(exc)) from None
         try:
             if resource.incremental_column is not None:
                 state = checkpoints.open_store(spec).load_state(resource.name)
@@ -208,7 +225,17 @@ def build_row_count_check(spec: IngestSpec, resource: ResourceSpec) -> AssetChec
             description=f"source {expected:,} rows, destination {'no output' if actual is None else f'{actual:,} rows'}",
         )
 
-    return _check
+    if uses_s3(resource):
+
+        def _check_s3(checkpoints: CheckpointStoreResource, s3: S3Resource) -> AssetCheckResult:
+            return evaluate(checkpoints, s3)
+
+        return decorate(_check_s3)
+
+    def _check(checkpoints: CheckpointStoreResource) -> AssetCheckResult:
+        return evaluate(checkpoints, None)
+
+    return decorate(_check)
 
 
 def build_ingest_assets(spec: IngestSpec) -> list[AssetsDefinition]:

@@ -21,13 +21,14 @@ from dagster import (
     SkipReason,
     sensor,
 )
+from dagster_aws.s3 import S3Resource
 
 from conduit_dagster.assets import job_name
 from conduit_dagster.engine.checkpoint import CheckpointStore, decode_value, encode_value
 from conduit_dagster.engine.errors import ConduitError
 from conduit_dagster.engine.sources import open_source
 from conduit_dagster.engine.spec import IngestSpec, ResourceSpec
-from conduit_dagster.resources import CheckpointStoreResource
+from conduit_dagster.resources import CheckpointStoreResource, data_lake_clients, uses_s3
 
 
 def build_ingest_schedules(spec: IngestSpec, jobs: Sequence[Any]) -> list[ScheduleDefinition]:
@@ -72,18 +73,12 @@ def build_ingest_sensor(spec: IngestSpec, resource: ResourceSpec, job: Any) -> S
     assert resource.checkpoint_column is not None and resource.sensor_interval is not None
     column = resource.checkpoint_column
 
-    @sensor(
-        name=f"{resource.name}_sensor",
-        job=job,
-        minimum_interval_seconds=resource.sensor_interval,
-        default_status=DefaultSensorStatus.RUNNING,
-        description=f"Runs {job.name} when {resource.source.name} has rows beyond the last {column} it loaded",
-    )
-    def _sensor(context: SensorEvaluationContext, checkpoints: CheckpointStoreResource) -> RunRequest | SkipReason:
+    def evaluate(context: SensorEvaluationContext, checkpoints: CheckpointStoreResource, s3: S3Resource | None) -> Any:
         try:
             store = checkpoints.open_store(spec)
             found, held = held_value(context, resource, store)
-            source = open_source(resource.source)
+            with data_lake_clients(s3):
+                source = open_source(resource.source)
             try:
                 if resource.incremental_column is not None:
                     source.bind({"last_value": bound_value(resource, store)})
@@ -99,7 +94,25 @@ def build_ingest_sensor(spec: IngestSpec, resource: ResourceSpec, job: Any) -> S
         key = json.dumps(encode_value(newest), sort_keys=True)
         return RunRequest(run_key=f"{resource.name}:{key}", tags={"conduit/newest": str(newest)[:60]})
 
-    return _sensor
+    decorate = sensor(
+        name=f"{resource.name}_sensor",
+        job=job,
+        minimum_interval_seconds=resource.sensor_interval,
+        default_status=DefaultSensorStatus.RUNNING,
+        description=f"Runs {job.name} when {resource.source.name} has rows beyond the last {column} it loaded",
+    )
+    # the `s3` resource is asked for only by pipelines that read or write S3 data
+    if uses_s3(resource):
+
+        def _sensor_s3(context: SensorEvaluationContext, checkpoints: CheckpointStoreResource, s3: S3Resource) -> Any:
+            return evaluate(context, checkpoints, s3)
+
+        return decorate(_sensor_s3)
+
+    def _sensor(context: SensorEvaluationContext, checkpoints: CheckpointStoreResource) -> Any:
+        return evaluate(context, checkpoints, None)
+
+    return decorate(_sensor)
 
 
 def build_ingest_sensors(spec: IngestSpec, jobs: Sequence[Any]) -> list[SensorDefinition]:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from dagster import Definitions
+from dagster_aws.s3 import S3Resource
 
 from conduit_dagster.assets import build_ingest_assets, build_ingest_checks, build_ingest_jobs
 from conduit_dagster.automation import build_ingest_schedules, build_ingest_sensors
@@ -35,7 +36,7 @@ def build_definitions(path: str | os.PathLike[str]) -> Definitions:
         jobs=jobs,
         schedules=build_ingest_schedules(spec, jobs),
         sensors=build_ingest_sensors(spec, jobs),
-        resources={"checkpoints": checkpoint_resource(spec)},
+        resources={"checkpoints": checkpoint_resource(spec), "s3": S3Resource()},
     )
 
 

@@ -7,6 +7,8 @@ to the environment and then ingest.yml, so a launchpad config that sets one fiel
 """
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from dagster import ConfigurableResource
@@ -16,7 +18,15 @@ from pydantic import Field
 from conduit_dagster.engine.checkpoint import CheckpointStore, LocalCheckpointStore, resolve_checkpoint_dir
 from conduit_dagster.engine.checkpoint_s3 import S3CheckpointStore
 from conduit_dagster.engine.errors import SpecError
-from conduit_dagster.engine.spec import CheckpointsSpec, IngestSpec
+from conduit_dagster.engine.s3 import client_factory
+from conduit_dagster.engine.spec import (
+    CheckpointsSpec,
+    FileSourceSpec,
+    IngestSpec,
+    ResourceSpec,
+    S3ConnectionSpec,
+    S3DestinationSpec,
+)
 from conduit_dagster.engine.stores import CHECKPOINTS_ENV, checkpoint_settings, open_checkpoint_store
 
 
@@ -94,7 +104,9 @@ class S3CheckpointStoreResource(CheckpointStoreResource, S3Resource):
                 f"or `checkpoints: {{type: s3, bucket: ...}}` in {spec.path}"
             )
         s3 = settings.s3
-        client = self._client(self.endpoint_url or s3.endpoint_url, self.region_name or s3.region)
+        # this resource's own fields (code, launchpad) win over ingest.yml's checkpoints: section
+        conn = S3ConnectionSpec(endpoint_url=self.endpoint_url or s3.endpoint_url, region=self.region_name or s3.region)
+        client = boto_client(self, conn)
         return S3CheckpointStore(
             client,
             bucket,
@@ -103,24 +115,43 @@ class S3CheckpointStoreResource(CheckpointStoreResource, S3Resource):
             conditional_writes=settings.conditional_writes if self.conditional_writes is None else self.conditional_writes,
         )
 
-    def _client(self, endpoint_url: str | None, region_name: str | None) -> Any:
-        """A client from S3Resource's fields, as its get_client() builds one, plus a 5 s connect timeout: a checkpoint
-        store that cannot be reached fails the run in seconds, not after boto's 60 s per attempt."""
-        import boto3
-        from botocore.config import Config
 
-        session = boto3.session.Session(profile_name=self.profile_name)
-        return session.client(
-            "s3",
-            region_name=region_name,
-            endpoint_url=endpoint_url,
-            use_ssl=self.use_ssl,
-            verify=self.verify,
-            aws_access_key_id=self.aws_access_key_id,
-            aws_secret_access_key=self.aws_secret_access_key,
-            aws_session_token=self.aws_session_token,
-            config=Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": self.max_attempts, "mode": "standard"}),
-        )
+def boto_client(resource: S3Resource | None, conn: S3ConnectionSpec) -> Any:
+    """An S3 client: ingest.yml's settings (``conn``) first, then the dagster-aws ``S3Resource``'s fields (EnvVar
+    credentials, endpoint, region, profile), then the usual AWS environment. Built as ``S3Resource.get_client()``
+    builds one, plus a 5 s connect timeout so that an unreachable endpoint fails in seconds, not minutes."""
+    import boto3
+    from botocore.config import Config
+
+    r = resource if resource is not None else S3Resource()
+    use_conn_keys = conn.access_key_id is not None and conn.secret_access_key is not None
+    session = boto3.session.Session(profile_name=None if use_conn_keys else r.profile_name)
+    return session.client(
+        "s3",
+        region_name=conn.region or r.region_name,
+        endpoint_url=conn.endpoint_url or r.endpoint_url,
+        use_ssl=r.use_ssl,
+        verify=r.verify,
+        aws_access_key_id=conn.access_key_id.reveal() if use_conn_keys and conn.access_key_id else r.aws_access_key_id,
+        aws_secret_access_key=conn.secret_access_key.reveal()
+        if use_conn_keys and conn.secret_access_key
+        else r.aws_secret_access_key,
+        aws_session_token=conn.session_token.reveal() if conn.session_token else (None if use_conn_keys else r.aws_session_token),
+        config=Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": r.max_attempts, "mode": "standard"}),
+    )
+
+
+@contextmanager
+def data_lake_clients(resource: S3Resource | None) -> Iterator[None]:
+    """S3 sources and destinations opened in this block reach S3 through ``resource`` (the ``s3`` resource)."""
+    with client_factory(lambda conn: boto_client(resource, conn)):
+        yield
+
+
+def uses_s3(resource: ResourceSpec) -> bool:
+    """The pipeline reads or writes S3 data (and so asks for the ``s3`` resource)."""
+    s, d = resource.source, resource.destination
+    return isinstance(d, S3DestinationSpec) or (isinstance(s, FileSourceSpec) and s.is_s3)
 
 
 def checkpoint_resource(spec: IngestSpec) -> CheckpointStoreResource:

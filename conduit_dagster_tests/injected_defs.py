@@ -6,6 +6,7 @@ duplicating a row. Product code has no switch for this; the test binds this reso
 from pathlib import Path
 
 from dagster import Definitions, JobDefinition
+from dagster_aws.s3 import S3Resource
 
 from conduit_dagster.assets import build_ingest_assets, build_ingest_jobs
 from conduit_dagster.engine.checkpoint import Checkpoint, CheckpointStore
@@ -70,6 +71,9 @@ def build_s3_job(ingest_path: str, fail_at_save: int, flag_file: str, job_name: 
     defs = Definitions(
         assets=build_ingest_assets(spec),
         jobs=build_ingest_jobs(spec),
-        resources={"checkpoints": FailingS3CheckpointStoreResource(fail_at_save=fail_at_save, flag_file=flag_file)},
+        resources={
+            "checkpoints": FailingS3CheckpointStoreResource(fail_at_save=fail_at_save, flag_file=flag_file),
+            "s3": S3Resource(),
+        },
     )
     return defs.resolve_job_def(job_name)

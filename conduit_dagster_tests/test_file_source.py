@@ -476,6 +476,22 @@ def test_folders_and_files_named_with_underscore_or_dot_are_skipped(tmp_path, s3
         assert [f.url.rsplit("/", 1)[-1] for f in got.files()] == ["a.csv"], path
 
 
+def test_s3_wrong_credentials_are_named_without_revealing_them(s3, bucket, s3_endpoint):
+    from conduit_dagster.engine.spec import Secret
+    from conduit_dagster_tests.test_s3_checkpoints import moto_checks_credentials
+
+    s3.put_object(Bucket=bucket, Key="in/a.csv", Body=csv_text(ALL).encode())
+    conn = S3ConnectionSpec(
+        endpoint_url=s3_endpoint, access_key_id=Secret("AKIAWRONGKEY0000001"), secret_access_key=Secret("never-print-me-42")
+    )
+    with moto_checks_credentials(s3_endpoint):
+        with pytest.raises(SourceError) as info:
+            FileSource(FileSourceSpec(name="landed", path=f"s3://{bucket}/in/", format="csv", s3=conn)).probe("", "id")
+    message = str(info.value)
+    assert "source 'landed'" in message and "credentials were rejected" in message, message
+    assert "never-print-me-42" not in message and "AKIAWRONGKEY0000001" not in message
+
+
 # --- end to end through the engine ---------------------------------------------------------------------------
 
 INGEST = """

@@ -239,3 +239,60 @@ def test_launchpad_config_switches_a_local_deployment_to_s3_checkpoints(
     assert meta["conduit/checkpoint_store"] == f"s3://{bucket}/from-launchpad/"
     assert not (tmp_path / ".checkpoints").exists() or not any((tmp_path / ".checkpoints").glob("*.json"))
     assert_same_rows(source_rows(postgres_dsn, pg_schema), s3_output_rows(s3, bucket, OUTPUT))
+
+
+def test_data_lake_reached_through_the_s3_resource_with_env_credentials(
+    tmp_path, pg, pg_schema, postgres_dsn, s3, s3_endpoint, bucket, monkeypatch
+):
+    """ingest.yml names only the bucket; the `s3` resource (dagster-aws S3Resource, here set in run config as the
+    launchpad does, its credentials from environment variables) says how to reach it. Wrong credentials fail the run
+    with the pipeline, the destination and the reason named, no secret shown and no checkpoint written."""
+    import uuid
+
+    import boto3
+
+    from conduit_dagster.definitions import build_definitions
+    from conduit_dagster_tests.test_s3_checkpoints import moto_checks_credentials
+
+    iam = boto3.client("iam", endpoint_url=s3_endpoint, region_name="us-east-1")
+    user = f"lake-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    arn = iam.create_policy(PolicyName=f"{user}-s3", PolicyDocument=json.dumps(policy))["Policy"]["Arn"]
+    iam.attach_user_policy(UserName=user, PolicyArn=arn)
+    for var in ("CONDUIT_CHECKPOINTS", "CONDUIT_CHECKPOINT_DIR", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("LAKE_KEY_ID", key["AccessKeyId"])
+    make_table(pg, pg_schema, rows=2_000)
+    text = ingest_text(pg_schema, s3_endpoint, bucket)
+    text = text[text.index("sources:") :].replace(
+        f"    prefix: raw/shop\n    endpoint_url: {s3_endpoint}\n", "    prefix: raw/shop\n"
+    )
+    assert s3_endpoint not in text
+    defs = build_definitions(write_ingest(tmp_path, text))
+    run_config = {
+        "resources": {
+            "s3": {
+                "config": {
+                    "endpoint_url": s3_endpoint,
+                    "aws_access_key_id": {"env": "LAKE_KEY_ID"},
+                    "aws_secret_access_key": {"env": "LAKE_SECRET"},
+                }
+            }
+        }
+    }
+    job = defs.resolve_job_def("ingest_events")
+    with moto_checks_credentials(s3_endpoint), DagsterInstance.ephemeral() as instance:
+        monkeypatch.setenv("LAKE_SECRET", "wrong-secret-never-shown")
+        failed = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
+        assert not failed.success
+        message = next(e for e in failed.all_events if e.event_type_value == "STEP_FAILURE").step_failure_data.error.message
+        assert "events:" in message and "destination 'data_lake_s3'" in message, message
+        assert "credentials were rejected" in message and "SignatureDoesNotMatch" in message, message
+        assert "wrong-secret-never-shown" not in message and key["AccessKeyId"] not in message
+        assert not list((tmp_path / ".checkpoints").glob("events*.json"))
+
+        monkeypatch.setenv("LAKE_SECRET", key["SecretAccessKey"])
+        assert job.execute_in_process(instance=instance, run_config=run_config).success
+    assert_same_rows(source_rows(postgres_dsn, pg_schema), s3_output_rows(s3, bucket, OUTPUT))

@@ -1,13 +1,16 @@
 """S3 plumbing shared by the S3 checkpoint store, the S3 destination and file sources.
 
-The engine takes a boto3 client (the Dagster glue builds one with dagster-aws's ``S3Resource``;
-the engine and CLI build one from an ``S3ConnectionSpec``). Errors are turned into messages that
+Clients are built from an ``S3ConnectionSpec`` (ingest.yml's keys over the usual AWS environment);
+inside Dagster the glue installs a ``client_factory`` built on dagster-aws's ``S3Resource``, whose
+settings fill what ingest.yml leaves unset. Errors are turned into messages that
 name what failed, where, and the fix, and never carry a credential.
 """
 
 import fnmatch
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +40,25 @@ def client_config() -> Any:
     return Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
 
 
+ClientFactory = Callable[[S3ConnectionSpec], Any]
+_factory: ContextVar[ClientFactory | None] = ContextVar("conduit_s3_client_factory", default=None)
+
+
+@contextmanager
+def client_factory(factory: ClientFactory) -> Iterator[None]:
+    """Within this block, S3 clients for sources and destinations come from ``factory`` (the Dagster glue passes one
+    built on dagster-aws's S3Resource: its settings and ``EnvVar`` credentials fill what ingest.yml leaves unset)."""
+    token = _factory.set(factory)
+    try:
+        yield
+    finally:
+        _factory.reset(token)
+
+
 def make_client(conn: S3ConnectionSpec) -> Any:
+    factory = _factory.get()
+    if factory is not None:
+        return factory(conn)
     import boto3
 
     return boto3.session.Session().client("s3", config=client_config(), **client_kwargs(conn))
