@@ -388,6 +388,47 @@ def test_a_big_csv_streams_in_chunks_of_at_most_fetch_size(tmp_path):
     assert max(sizes) <= 7_000 and len(sizes) >= n // 7_000
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_file_on_s3_is_read_in_blocks_and_never_held_whole(s3, bucket, s3_endpoint, fmt):
+    """A 120 MB object: every read of its body asks for at most one block, and Arrow's memory stays well under the
+    file's size while its rows stream by (it does not grow with the file: a 5 GB file behaves the same, only longer)."""
+    from conduit_dagster.engine.sources import files
+
+    n = 1_500_000
+    line = "{i},row-{i:08d}-" + "x" * 60 if fmt == "csv" else '{{"id": {i}, "payload": "row-{i:08d}-' + "x" * 45 + '"}}'
+    header = "id,payload\n" if fmt == "csv" else ""
+    body = (header + "\n".join(line.format(i=i) for i in range(n)) + "\n").encode()
+    size = len(body)
+    assert size > 110_000_000
+    s3.put_object(Bucket=bucket, Key=f"big/all.{fmt}", Body=body)
+    del body
+    src = source(f"s3://{bucket}/big/all.{fmt}", fmt, s3_endpoint)
+    reads: list[int | None] = []
+    real_get = src.client.get_object
+
+    def spying_get(**kw):
+        response = real_get(**kw)
+        stream = response["Body"]
+        real_read = stream.read
+
+        def read(amt=None):
+            reads.append(amt)
+            return real_read(amt)
+
+        stream.read = read
+        return response
+
+    src.client.get_object = spying_get
+    peak = total = 0
+    for chunk in src.read("", "id", None, resume=False, fetch_size=10_000):
+        total += chunk.data.num_rows
+        peak = max(peak, pa.total_allocated_bytes())
+    src.close()
+    assert total == n
+    assert reads and None not in reads and max(r for r in reads if r is not None) <= files.BLOCK_SIZE, reads[:5]
+    assert peak < size / 2, f"Arrow held {peak:,} bytes at once for a {size:,}-byte file"
+
+
 def test_open_source_builds_a_file_source(tmp_path):
     write_parts(tmp_path / "in", "csv", PARTS)
     src = open_source(FileSourceSpec(name="files", path=str(tmp_path / "in" / "*.csv"), format="csv"))

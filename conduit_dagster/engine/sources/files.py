@@ -43,6 +43,9 @@ from conduit_dagster.engine.sources.base import Chunk, key_index
 from conduit_dagster.engine.spec import FileSourceSpec
 
 BLOCK_SIZE = 8 << 20  # bytes read and parsed at a time: memory stays flat whatever the file size
+# Arrow's streaming CSV reader reads about 40 blocks ahead of its consumer (measured: peak Arrow memory 44 MB with
+# 1 MiB blocks, 80 MB with 2 MiB, the whole file with 8 MiB blocks under 320 MB), so CSV blocks are small.
+CSV_BLOCK_SIZE = 1 << 20
 _GLOB_CHARS = "*?["
 _ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
 _CSV_COLUMN_RE = re.compile(r"CSV column #(\d+)")
@@ -672,7 +675,7 @@ def _sub(schema: pa.Schema, columns: list[str] | None) -> pa.Schema:
 
 
 def _csv_read_options() -> pacsv.ReadOptions:
-    return pacsv.ReadOptions(block_size=BLOCK_SIZE)
+    return pacsv.ReadOptions(block_size=CSV_BLOCK_SIZE)
 
 
 def _csv_parse_options(f: _File) -> pacsv.ParseOptions:
