@@ -170,8 +170,7 @@ class S3Destination:
             return Resumption(state, already_published=True)
         self._abort_uploads(self._gen_prefix)
         staged = self._keys(self._gen_prefix)
-        indexes = {int(m.group(1)) for k in staged if (m := _PART_RE.match(k[len(self._gen_prefix) :]))}
-        missing = [i for i in range(committed) if i not in indexes]
+        missing = self._missing(self._staged(staged), committed)
         if missing:
             raise CheckpointError(
                 f"pipeline {self.pipeline!r}: {len(missing)} committed part(s) of the unfinished output are missing from "
@@ -183,6 +182,15 @@ class S3Destination:
         stale = [k for k in staged if (m := _PART_RE.match(k[len(self._gen_prefix) :])) is None or int(m.group(1)) >= committed]
         self._delete(stale)
         return Resumption(state)
+
+    def _staged(self, keys: list[str] | None = None) -> dict[int, str]:
+        """This generation's staged parts (from ``keys`` if listed already): batch index -> key."""
+        keys = self._keys(self._gen_prefix) if keys is None else keys
+        return {int(m.group(1)): k for k in keys if (m := _PART_RE.match(k[len(self._gen_prefix) :]))}
+
+    @staticmethod
+    def _missing(staged: dict[int, str], count: int) -> list[int]:
+        return [i for i in range(count) if i not in staged]
 
     def write(self, index: int, table: pa.Table, key_column: str | None = None, last_key: Any = None) -> None:
         key = self._part_key(index)
@@ -216,11 +224,9 @@ class S3Destination:
             self._check_output_is_ours(manifest)
             if manifest is not None and self.generation in manifest.get("generations", []):
                 return  # already published (by a resumed run of this generation): nothing left to do
-            staged = {
-                int(m.group(1)): k for k in self._keys(self._gen_prefix) if (m := _PART_RE.match(k[len(self._gen_prefix) :]))
-            }
+            staged = self._staged()
             count = len(staged) if batches is None else batches
-            missing = [i for i in range(count) if i not in staged]
+            missing = self._missing(staged, count)
             if missing:
                 raise DestinationError(
                     f"destination {self.spec.name!r}: {len(missing)} committed part(s) of this run are missing from "
