@@ -137,9 +137,11 @@ def test_source_terminated_mid_run_resumes_exactly(tmp_path, pg, pg_schema):
                 if committed > 1:
                     continue
                 with pg.cursor() as cur:
-                    cur.execute(
+                    cur.execute(  # only the session reading this test's table, not those of tests running beside it
                         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE application_name = 'conduit-dagster' AND pid <> pg_backend_pid()"
+                        "WHERE application_name = 'conduit-dagster' AND pid <> pg_backend_pid() "
+                        "AND pid IN (SELECT pid FROM pg_locks WHERE relation = %s::regclass)",
+                        (f"{pg_schema}.t",),
                     )
     assert "source 'pg'" in str(info.value)
     cp = store.load("t")

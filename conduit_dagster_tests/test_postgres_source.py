@@ -253,9 +253,11 @@ def test_postgres_connection_killed_mid_read_fails_cleanly(tmp_path, pg, pg_sche
                 seen += len(ids)
                 if seen and seen < 400000:
                     with pg.cursor() as cur:
-                        cur.execute(
+                        cur.execute(  # only the session reading this test's table, not those of tests beside it
                             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                            "WHERE application_name = 'conduit-dagster' AND pid <> pg_backend_pid()"
+                            "WHERE application_name = 'conduit-dagster' AND pid <> pg_backend_pid() "
+                            "AND pid IN (SELECT pid FROM pg_locks WHERE relation = %s::regclass)",
+                            (f"{pg_schema}.big",),
                         )
         assert "password" not in str(info.value).lower() or "authentication" in str(info.value).lower()
     finally:
