@@ -39,8 +39,8 @@ def test_parts_stay_invisible_until_publish_and_replayed_batches_overwrite(s3, s
     assert s3_keys(s3, bucket, "raw/orders/") == []
     staged = s3_keys(s3, bucket, "raw/_conduit_staging/orders/")
     assert staged == [
-        f"raw/_conduit_staging/orders/{state['generation']}/part-000000.parquet",
-        f"raw/_conduit_staging/orders/{state['generation']}/part-000001.parquet",
+        f"raw/_conduit_staging/orders/{state['generation']}/part-000000-{dest.attempt}.parquet",
+        f"raw/_conduit_staging/orders/{state['generation']}/part-000001-{dest.attempt}.parquet",
     ]
     dest.publish()
     assert_same_rows(rows(table(0, 20)), s3_output_rows(s3, bucket, "raw/orders/"))
@@ -65,7 +65,8 @@ def test_resume_drops_parts_past_the_checkpoint_and_refuses_missing_ones(s3, s3_
     resumed = S3Destination(spec(bucket, s3_endpoint), "orders")
     assert not resumed.start(state, 3).already_published
     names = [k.rsplit("/", 1)[1] for k in s3_keys(s3, bucket, "raw/_conduit_staging/orders/")]
-    assert names == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
+    a = first.attempt
+    assert names == [f"part-000000-{a}.parquet", f"part-000001-{a}.parquet", f"part-000002-{a}.parquet"]
     resumed.write(3, table(30, 3))  # the source now yields fewer rows for that batch
     resumed.publish()
     assert_same_rows(rows(table(0, 33)), s3_output_rows(s3, bucket, "raw/orders/"))
@@ -74,7 +75,9 @@ def test_resume_drops_parts_past_the_checkpoint_and_refuses_missing_ones(s3, s3_
     lost = S3Destination(spec(bucket, s3_endpoint), "other")
     lost_state = lost.start(None).state
     lost.write(0, table(0, 1))
-    s3.delete_object(Bucket=bucket, Key=f"raw/_conduit_staging/other/{lost_state['generation']}/part-000000.parquet")
+    s3.delete_object(
+        Bucket=bucket, Key=f"raw/_conduit_staging/other/{lost_state['generation']}/part-000000-{lost.attempt}.parquet"
+    )
     with pytest.raises(CheckpointError, match="committed part.*missing.*clear-checkpoints"):
         S3Destination(spec(bucket, s3_endpoint), "other").start(lost_state, 1)
 
@@ -89,12 +92,13 @@ def test_crash_after_the_manifest_is_finished_by_the_resumed_run(s3, s3_endpoint
     dest.write(0, table(50, 5))
     # publish up to the manifest, then "crash" before the clean-up
     original_finish = dest._finish
-    dest._finish = lambda manifest: None  # type: ignore[method-assign]
+    dest._finish = lambda *args: None  # type: ignore[method-assign]
     dest.publish()
     dest._finish = original_finish  # type: ignore[method-assign]
     manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"raw/orders/{MANIFEST}")["Body"].read())
     assert manifest["generation"] == state["generation"]
     again = S3Destination(spec(bucket, s3_endpoint), "orders")
+    again.set_fence(lambda: None)  # the runner's: this run owns the pipeline
     assert again.start(state, 1).already_published
     assert_same_rows(rows(table(50, 5)), s3_output_rows(s3, bucket, "raw/orders/"))
     assert s3_keys(s3, bucket, "raw/_conduit_staging/") == []
@@ -105,7 +109,7 @@ def test_large_parts_go_up_in_multipart_uploads(s3, s3_endpoint, bucket):
     state = dest.start(None).state
     big = pa.table({"id": list(range(200_000)), "pad": ["x" * 60] * 200_000})  # ~13 MB of CSV
     dest.write(0, big)
-    head = s3.head_object(Bucket=bucket, Key=f"raw/_conduit_staging/big/{state['generation']}/part-000000.csv")
+    head = s3.head_object(Bucket=bucket, Key=f"raw/_conduit_staging/big/{state['generation']}/part-000000-{dest.attempt}.csv")
     assert head["ContentLength"] > 10 * 1024 * 1024
     assert head["ETag"].strip('"').endswith("-3"), head["ETag"]  # a multipart upload of 3 pieces
     dest.publish()
@@ -299,7 +303,7 @@ def test_publish_refuses_when_committed_parts_are_missing(s3, s3_endpoint, bucke
     state = dest.start(None).state
     dest.write(0, table(0, 5))
     dest.write(1, table(5, 5))
-    s3.delete_object(Bucket=bucket, Key=f"raw/_conduit_staging/orders/{state['generation']}/part-000000.parquet")
+    s3.delete_object(Bucket=bucket, Key=f"raw/_conduit_staging/orders/{state['generation']}/part-000000-{dest.attempt}.parquet")
     with pytest.raises(DestinationError, match=r"1 committed part\(s\) of this run are missing.*part 0"):
         dest.publish(2)
     assert s3_keys(s3, bucket, "raw/orders/") == []  # nothing published
@@ -309,3 +313,45 @@ def test_a_damaged_manifest_is_named(s3, s3_endpoint, bucket):
     s3.put_object(Bucket=bucket, Key=f"raw/orders/{MANIFEST}", Body=b"{not json")
     with pytest.raises(DestinationError, match=r"raw/orders/_conduit_manifest.json is damaged.*Nothing was changed"):
         S3Destination(spec(bucket, s3_endpoint), "orders").start(None)
+
+
+def test_a_paused_writer_landing_late_cannot_replace_a_part_the_owner_wrote(s3, s3_endpoint, bucket):
+    """A passed its ownership check and was paused inside the PUT of batch 2; B took over, resumed the generation (the
+    source had grown) and wrote batches 2-4; A's PUT lands after that. B must publish its own rows, all of them."""
+    a = S3Destination(spec(bucket, s3_endpoint), "orders")
+    state = a.start(None).state
+    a.write(0, table(0, 7))
+    a.write(1, table(7, 7))  # checkpoint: 2 batches committed
+    b = S3Destination(spec(bucket, s3_endpoint), "orders")
+    b.set_fence(lambda: None)
+    b_state = b.start(state, 2).state
+    assert b_state["attempts"] == [[0, a.attempt], [2, b.attempt]]
+    b.write(2, table(14, 7))
+    b.write(3, table(21, 7))
+    b.write(4, table(28, 2))
+    a.write(2, table(14, 5))  # the paused PUT lands now (A's checkpoint save will be refused: too late for it)
+    b.publish(5)
+    assert_same_rows(rows(table(0, 30)), s3_output_rows(s3, bucket, "raw/orders/"))
+
+
+def test_a_paused_publisher_finishing_late_cannot_delete_newer_output(s3, s3_endpoint, bucket):
+    """A (incremental) committed its manifest and was paused before its clean-up; B resumed and found it published;
+    C, the next incremental run, published more parts. A's late clean-up must not touch C's parts."""
+    a = S3Destination(spec(bucket, s3_endpoint), "orders", accumulate=True)
+    a.start(None)
+    a.write(0, table(0, 10))
+    paused: dict = {}
+    a._finish = lambda previous, doc: paused.update(previous=previous, doc=doc)  # type: ignore[method-assign]
+    a.publish(1)
+    del a._finish
+    b = S3Destination(spec(bucket, s3_endpoint), "orders", accumulate=True)
+    b.set_fence(lambda: None)
+    assert b.start({"generation": a.generation, "attempts": [[0, a.attempt]]}, 1).already_published
+    c = S3Destination(spec(bucket, s3_endpoint), "orders", accumulate=True)
+    c.set_fence(lambda: None)
+    c.start(None)
+    c.write(0, table(10, 10))
+    c.publish(1)
+    a._finish(paused["previous"], paused["doc"])  # A wakes up
+    assert_same_rows(rows(table(0, 20)), s3_output_rows(s3, bucket, "raw/orders/"))
+    assert c.count() == 20

@@ -333,6 +333,9 @@ def _run_locked(
     started = time.monotonic()
     name = resource.name
     column = resource.checkpoint_column
+    set_fence = getattr(dest, "set_fence", None)
+    if callable(set_fence):  # a destination that cleans up after others checks first that this run still owns the pipeline
+        set_fence(lambda: store.assert_owner(name))
     fingerprint = query_fingerprint(resource)
     checkpoint = store.load(name) if resource.resume else None
     if checkpoint is not None:

@@ -7,13 +7,17 @@ Layout for ``bucket: lake``, ``prefix: raw`` and pipeline ``orders``::
     s3://lake/raw/_conduit_staging/orders/<gen>/part-000000.parquet
                                                          a run in progress (readers skip '_' folders)
 
-A batch's key is fixed by its index, so a batch replayed after a crash overwrites its own object;
-a PUT (or a completed multipart upload) appears whole, so a reader never sees half an object.
-S3 has no atomic rename of many objects: publishing copies the staged parts into the output
-(server-side), then writes the manifest (the commit point: one atomic PUT), then deletes the
-previous output's parts. A reader that lists the prefix during those seconds may see old and new
-parts together; a reader that follows the manifest never does. A crash anywhere is finished by
-the resumed run.
+A batch's staged key is fixed by its index and by the run attempt writing it
+(``part-<index>-<attempt>``): a batch replayed after a crash overwrites its own object, and a run that lost
+the pipeline while paused (its lease taken over) can only ever write keys of its own attempt, which the run
+that owns the pipeline never publishes. The checkpoint records which attempt wrote which batches. A PUT (or
+a completed multipart upload) appears whole, so a reader never sees half an object.
+
+S3 has no atomic rename of many objects: publishing copies the committed parts into the output (server-side),
+then writes the manifest (the commit point: one PUT, conditional on the manifest it read), then deletes what
+that manifest replaced. A reader that lists the prefix during those seconds may see old and new parts
+together; a reader that follows the manifest (conduit's file source does) never does. A crash anywhere is
+finished by the resumed run.
 """
 
 import datetime as dt
@@ -21,6 +25,7 @@ import json
 import re
 import tempfile
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -44,7 +49,7 @@ from conduit_dagster.engine.spec import S3DestinationSpec
 MANIFEST = "_conduit_manifest.json"
 STAGING = "_conduit_staging"
 MULTIPART_BYTES = 16 * 1024 * 1024  # parts larger than this go up in 16 MiB pieces, 4 at a time
-_PART_RE = re.compile(r"^part-(\d{6})\.")
+_PART_RE = re.compile(r"^part-(\d{6})-([0-9a-f]{8})\.")
 
 
 class S3Destination:
@@ -66,6 +71,9 @@ class S3Destination:
         self.staging = join_key(spec.prefix, STAGING, pipeline) + "/"
         self.ext = EXTENSIONS[spec.format]
         self.generation: str | None = None
+        self.attempt = uuid.uuid4().hex[:8]  # this run's attempt at the generation: its staged keys are its own
+        self.attempts: list[tuple[int, str]] = []  # (first batch index, attempt) for the committed batches
+        self.fence: Callable[[], None] | None = None
         from boto3.s3.transfer import TransferConfig
 
         self.transfer = TransferConfig(
@@ -90,8 +98,30 @@ class S3Destination:
         assert self.generation is not None
         return f"{self.staging}{self.generation}/"
 
-    def _part_key(self, index: int) -> str:
-        return f"{self._gen_prefix}part-{index:06d}.{self.ext}"
+    def _part_key(self, index: int, attempt: str | None = None) -> str:
+        return f"{self._gen_prefix}part-{index:06d}-{attempt or self.attempt}.{self.ext}"
+
+    def _attempt_of(self, index: int) -> str:
+        """The attempt whose part of batch ``index`` is the committed one."""
+        chosen = self.attempt
+        for first, attempt in self.attempts:
+            if first <= index:
+                chosen = attempt
+        return chosen
+
+    def _consecutive(self, staged: set[str]) -> int:
+        """How many batches from 0 on have their committed part staged (when the caller does not say)."""
+        count = 0
+        while self._part_key(count, self._attempt_of(count)) in staged:
+            count += 1
+        return count
+
+    def set_fence(self, fence: Callable[[], None]) -> None:
+        """``fence()`` raises if this run no longer owns the pipeline; checked before removing anything not its own."""
+        self.fence = fence
+
+    def _state(self) -> dict[str, Any]:
+        return {"generation": self.generation, "attempts": [[first, attempt] for first, attempt in self.attempts]}
 
     def _keys(self, prefix: str) -> list[str]:
         return [o.key for o in list_objects(self.client, self.bucket, prefix)]
@@ -157,40 +187,43 @@ class S3Destination:
         # Staging left by runs that died before their first checkpoint is removed after this run publishes, not
         # now: a run that lost the pipeline while paused must never delete the staged parts of the run that owns it.
         self.generation = uuid.uuid4().hex
-        return Resumption({"generation": self.generation})
+        self.attempts = [(0, self.attempt)]
+        return Resumption(self._state())
 
     def _resume(self, state: dict[str, Any], committed: int, manifest: dict[str, Any] | None) -> Resumption:
-        generation = state.get("generation")
-        if not isinstance(generation, str) or not generation.isalnum():
-            raise CheckpointError(f"pipeline {self.pipeline!r}: the checkpoint names no valid output generation")
+        generation, attempts = state.get("generation"), state.get("attempts")
+        valid = isinstance(attempts, list) and all(
+            isinstance(a, list)
+            and len(a) == 2
+            and isinstance(a[0], int)
+            and isinstance(a[1], str)
+            and re.fullmatch(r"[0-9a-f]{8}", a[1])
+            for a in attempts
+        )
+        if not isinstance(generation, str) or not generation.isalnum() or not valid:
+            raise CheckpointError(f"pipeline {self.pipeline!r}: the checkpoint names no valid output generation and attempts")
         self.generation = generation
+        assert isinstance(attempts, list)
         if manifest is not None and generation in manifest.get("generations", []):
             # Crashed after the manifest named this run's parts, before the checkpoint was deleted: finish the clean-up.
-            self._finish(manifest)
+            self._finish(None, manifest)
             return Resumption(state, already_published=True)
+        # The committed batches keep the attempts that wrote them; this attempt writes from `committed` on.
+        self.attempts = [(first, attempt) for first, attempt in attempts if first < committed] + [(committed, self.attempt)]
         self._abort_uploads(self._gen_prefix)
         staged = self._keys(self._gen_prefix)
-        missing = self._missing(self._staged(staged), committed)
+        wanted = {self._part_key(i, self._attempt_of(i)) for i in range(committed)}
+        missing = sorted(int(k[len(self._gen_prefix) :][5:11]) for k in wanted - set(staged))
         if missing:
             raise CheckpointError(
                 f"pipeline {self.pipeline!r}: {len(missing)} committed part(s) of the unfinished output are missing from "
                 f"s3://{self.bucket}/{self._gen_prefix} (e.g. part {missing[0]}), so it cannot be resumed; start over with "
                 f"`conduit clear-checkpoints --pipeline-name {self.pipeline}`"
             )
-        # Parts written after the last checkpoint are replays-to-be: drop them so that a source that now
-        # yields fewer batches cannot leave stale rows behind.
-        stale = [k for k in staged if (m := _PART_RE.match(k[len(self._gen_prefix) :])) is None or int(m.group(1)) >= committed]
-        self._delete(stale)
-        return Resumption(state)
-
-    def _staged(self, keys: list[str] | None = None) -> dict[int, str]:
-        """This generation's staged parts (from ``keys`` if listed already): batch index -> key."""
-        keys = self._keys(self._gen_prefix) if keys is None else keys
-        return {int(m.group(1)): k for k in keys if (m := _PART_RE.match(k[len(self._gen_prefix) :]))}
-
-    @staticmethod
-    def _missing(staged: dict[int, str], count: int) -> list[int]:
-        return [i for i in range(count) if i not in staged]
+        # Everything else staged for this generation (parts written after the last checkpoint, or by an attempt that
+        # lost the pipeline) is never published: drop it.
+        self._delete([k for k in staged if k not in wanted])
+        return Resumption(self._state())
 
     def write(self, index: int, table: pa.Table, key_column: str | None = None, last_key: Any = None) -> None:
         key = self._part_key(index)
@@ -224,9 +257,10 @@ class S3Destination:
             self._check_output_is_ours(manifest)
             if manifest is not None and self.generation in manifest.get("generations", []):
                 return  # already published (by a resumed run of this generation): nothing left to do
-            staged = self._staged()
-            count = len(staged) if batches is None else batches
-            missing = self._missing(staged, count)
+            staged = set(self._keys(self._gen_prefix))
+            count = batches if batches is not None else self._consecutive(staged)
+            keys = [self._part_key(i, self._attempt_of(i)) for i in range(count)]
+            missing = [i for i, k in enumerate(keys) if k not in staged]
             if missing:
                 raise DestinationError(
                     f"destination {self.spec.name!r}: {len(missing)} committed part(s) of this run are missing from "
@@ -234,8 +268,7 @@ class S3Destination:
                     f"another process may have removed them. Start over with `conduit clear-checkpoints --pipeline-name "
                     f"{self.pipeline}`"
                 )
-            keys = [staged[i] for i in range(count)]
-            names = [f"part-{self.generation[:12]}-{k[len(self._gen_prefix) :].removeprefix('part-')}" for k in keys]
+            names = [f"part-{self.generation[:12]}-{i:06d}.{self.ext}" for i in range(count)]
 
             def copy(pair: tuple[str, str]) -> None:
                 source, name = pair
@@ -268,18 +301,26 @@ class S3Destination:
                     f"destination {self.spec.name!r}: another run published s3://{self.bucket}/{self.output} while this "
                     "one was publishing; this run's output was not published and nothing was deleted"
                 ) from None
-            self._finish(doc)
+            self._finish(manifest, doc)
         except (DestinationError, CheckpointError):
             raise
         except Exception as exc:  # noqa: BLE001
             raise self._fail("publish the output", exc) from None
 
-    def _finish(self, manifest: dict[str, Any]) -> None:
-        """After the manifest: drop the parts it does not name, and everything staged for this pipeline (this run's
-        parts, and those of runs that died before their first checkpoint)."""
+    def _finish(self, previous: dict[str, Any] | None, manifest: dict[str, Any]) -> None:
+        """After the manifest: delete what it replaced and this generation's staging. Even a run that lost the pipeline
+        while paused may do this: the parts ``previous`` named and this manifest does not are referenced by nobody
+        once it is committed. Anything else not named (copies of a publish that crashed, staging of runs that died
+        before their first checkpoint) is removed only while this run still owns the pipeline."""
         keep = set(manifest.get("parts", []))
-        old = [k for k in self._keys(self.output + "part-") if k[len(self.output) :] not in keep]
-        self._delete(old)
+        if previous is not None:
+            self._delete([self.output + name for name in previous.get("parts", []) if name not in keep])
+        self._abort_uploads(self._gen_prefix)
+        self._delete(self._keys(self._gen_prefix))
+        if self.fence is None:
+            return
+        self.fence()
+        self._delete([k for k in self._keys(self.output + "part-") if k[len(self.output) :] not in keep])
         self._abort_uploads(self.staging)
         self._delete(self._keys(self.staging))
 
