@@ -8,6 +8,7 @@ name what failed, where, and the fix, and never carry a credential.
 
 import fnmatch
 import io
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -150,24 +151,52 @@ def fixed_base(pattern: str) -> str:
     return pattern[: pattern.rfind("/", 0, cut) + 1]
 
 
+CONDUIT_MANIFEST = "_conduit_manifest.json"
+
+
+def _published_only(client: Any, bucket: str, listed: list[S3Object]) -> Callable[[S3Object], bool]:
+    """In a folder that holds a conduit output's manifest, only the parts it names are the output: copies left by a
+    publish that crashed midway (until the resumed run removes them) are not."""
+    named: dict[str, set[str]] = {}
+    for o in listed:
+        folder, _, name = o.key.rpartition("/")
+        if name == CONDUIT_MANIFEST:
+            doc = json.loads(client.get_object(Bucket=bucket, Key=o.key)["Body"].read())
+            named[folder] = set(doc.get("parts", [])) if isinstance(doc, dict) else set()
+
+    def keep(o: S3Object) -> bool:
+        folder, _, name = o.key.rpartition("/")
+        return folder not in named or name in named[folder]
+
+    return keep
+
+
 def match_objects(client: Any, url: str) -> list[S3Object]:
     """The objects an ``s3://`` path names, sorted by key: one key, every object under a prefix ending in
     ``/``, or the keys matching a glob (``*`` stays within one folder level, as in a shell); below a prefix or
-    a glob's fixed part, files and folders whose names start with ``_`` or ``.`` are skipped."""
+    a glob's fixed part, files and folders whose names start with ``_`` or ``.`` are skipped, and in a folder
+    holding a conduit output's manifest only the parts it names are taken."""
     bucket, pattern = split_url(url)
     if pattern.endswith("/") or pattern == "":
-        found = [o for o in list_objects(client, bucket, pattern) if not hidden_below(pattern, o.key)]
-        return sorted((o for o in found if not o.key.endswith("/")), key=lambda o: o.key)
+        listed = list(list_objects(client, bucket, pattern))
+        keep = _published_only(client, bucket, listed)
+        found = [o for o in listed if not hidden_below(pattern, o.key) and not o.key.endswith("/") and keep(o)]
+        return sorted(found, key=lambda o: o.key)
     if not any(c in pattern for c in _GLOB_CHARS):
         head = client.head_object(Bucket=bucket, Key=pattern)
         return [S3Object(pattern, int(head["ContentLength"]), str(head.get("ETag", "")))]
     cut = min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)
     depth = pattern.count("/")
+    listed = list(list_objects(client, bucket, pattern[:cut]))
+    keep = _published_only(client, bucket, listed)
     return sorted(
         (
             o
-            for o in list_objects(client, bucket, pattern[:cut])
-            if o.key.count("/") == depth and fnmatch.fnmatchcase(o.key, pattern) and not hidden_below(fixed_base(pattern), o.key)
+            for o in listed
+            if o.key.count("/") == depth
+            and fnmatch.fnmatchcase(o.key, pattern)
+            and not hidden_below(fixed_base(pattern), o.key)
+            and keep(o)
         ),
         key=lambda o: o.key,
     )

@@ -35,6 +35,7 @@ from conduit_dagster.engine.destinations.base import Resumption
 from conduit_dagster.engine.destinations.formats import EXTENSIONS, count_rows, write_part
 from conduit_dagster.engine.errors import CheckpointError, DestinationError
 from conduit_dagster.engine.s3 import (
+    CONDUIT_MANIFEST,
     RangeReader,
     endpoint_of,
     explain,
@@ -46,7 +47,7 @@ from conduit_dagster.engine.s3 import (
 )
 from conduit_dagster.engine.spec import S3DestinationSpec
 
-MANIFEST = "_conduit_manifest.json"
+MANIFEST = CONDUIT_MANIFEST
 STAGING = "_conduit_staging"
 MULTIPART_BYTES = 16 * 1024 * 1024  # parts larger than this go up in 16 MiB pieces, 4 at a time
 _PART_RE = re.compile(r"^part-(\d{6})-([0-9a-f]{8})\.")
