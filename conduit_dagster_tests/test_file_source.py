@@ -582,3 +582,25 @@ def test_s3_files_resume_exactly_after_a_bad_file_is_fixed(tmp_path, s3, bucket,
     assert len(out) == len(expected)
     assert_same_rows(expected, out)
     assert not (tmp_path / "checkpoints" / "events.json").exists()
+
+
+def test_nanosecond_timestamps_resume_exactly_or_are_refused(tmp_path):
+    """Parquet timestamp[ns] as the checkpoint column: whole microseconds work like any timestamp (the checkpoint keeps
+    microseconds); values with nanoseconds would round, so they are refused with the file and the fix named."""
+    import datetime as dt
+
+    base = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+    whole = pa.array([base + dt.timedelta(microseconds=i // 2) for i in range(10)], pa.timestamp("us", "UTC")).cast(
+        pa.timestamp("ns", "UTC")
+    )
+    pq.write_table(pa.table({"ts": whole, "id": list(range(10))}), tmp_path / "a.parquet")
+    src = source(tmp_path / "a.parquet", "parquet")
+    after = base + dt.timedelta(microseconds=2)  # rows 4 and 5 carry it: resume after it leaves ids 6..9
+    got = [r["id"] for c in src.read("", "ts", after, resume=True, fetch_size=3) for r in c.data.to_pylist()]
+    assert got == [6, 7, 8, 9]
+    keys = next(iter(source(tmp_path / "a.parquet", "parquet").read("", "ts", None, resume=False, fetch_size=3))).keys
+    assert isinstance(keys[0].as_py(), dt.datetime) and type(keys[0].as_py()) is dt.datetime
+    nanos = pa.array([1_700_000_000_000_000_001 + i for i in range(3)], pa.timestamp("ns", "UTC"))
+    pq.write_table(pa.table({"ts": nanos, "id": [1, 2, 3]}), tmp_path / "b.parquet")
+    with pytest.raises(SourceError, match=r"b\.parquet: checkpoint column holds timestamps with nanoseconds"):
+        list(source(tmp_path / "b.parquet", "parquet").read("", "ts", None, resume=False, fetch_size=3))

@@ -50,6 +50,8 @@ def encode_value(value: Any) -> dict[str, str]:
     if isinstance(value, Decimal):
         return {"type": "decimal", "value": str(value)}
     if isinstance(value, dt.datetime):
+        if getattr(value, "nanosecond", 0):  # a pandas Timestamp: microseconds would round it
+            raise CheckpointError(f"cannot checkpoint {value!r} exactly: it has nanoseconds; checkpoints keep microseconds")
         return {"type": "datetime", "value": value.isoformat(timespec="microseconds")}
     if isinstance(value, dt.date):
         return {"type": "date", "value": value.isoformat()}

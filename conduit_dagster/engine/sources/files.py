@@ -250,18 +250,34 @@ class FileSource:
                             order.passed(item.last, f.url)
                         continue
                     batch = item
-                    if idx is not None and order is not None:
-                        order.check(batch.column(idx), f.url, row)
+                    keys = self._keys(batch.column(idx), f.url) if idx is not None else None
+                    if keys is not None and order is not None:
+                        order.check(keys, f.url, row)
                     row += batch.num_rows
-                    if skipping and idx is not None:
-                        start = _first_after(batch.column(idx), after)
+                    if skipping and keys is not None:
+                        start = _first_after(keys, after)
                         if start == batch.num_rows:
                             continue
                         skipping = False  # sorted: every later row is past the checkpoint too
-                        batch = batch.slice(start)
+                        batch, keys = batch.slice(start), keys.slice(start)
                     for offset in range(0, batch.num_rows, fetch_size):
                         part = batch.slice(offset, fetch_size)
-                        yield Chunk(part, part.column(idx) if idx is not None else None)
+                        yield Chunk(part, keys.slice(offset, fetch_size) if keys is not None else None)
+
+    def _keys(self, keys: pa.Array, url: str) -> pa.Array:
+        """Checkpoint values as the checkpoint keeps them: nanosecond timestamps go to microseconds (Python's
+        datetime), refused when that would round a value, since two values would then compare equal or resume
+        would skip a row."""
+        t = keys.type
+        if pa.types.is_timestamp(t) and t.unit == "ns":
+            try:
+                return pc.cast(keys, pa.timestamp("us", t.tz), safe=True)
+            except pa.ArrowInvalid:
+                raise SourceError(
+                    f"{self.where}: {url}: checkpoint column holds timestamps with nanoseconds, which a checkpoint (and "
+                    "Python) keeps only to the microsecond; write the column in microseconds, or pick another column"
+                ) from None
+        return keys
 
     def count(self, query: str, upto: tuple[str, Any] | None = None) -> int:
         schema = self.schema()
