@@ -146,7 +146,7 @@ def _check_destination(dest: Any) -> str:
 
         client = make_client(dest.s3)
         try:
-            client.head_bucket(Bucket=dest.bucket)
+            client.list_objects_v2(Bucket=dest.bucket, MaxKeys=1)  # names a missing bucket (HEAD only says 404)
         except Exception as exc:  # noqa: BLE001 - botocore raises many types; each is explained
             raise DestinationError(
                 f"destination {dest.name!r}: {explain(exc, bucket=dest.bucket, endpoint=dest.s3.endpoint_url)}"
@@ -308,6 +308,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         elif event.event_type == DagsterEventType.STEP_FAILURE:
             error = event.step_failure_data.error
             message = error.message.strip() if error else "failed"
+            message = message.removeprefix("dagster._core.definitions.events.Failure: ").removeprefix(f"{event.step_key}: ")
             print(f"{event.step_key}: FAILED: {message}", file=sys.stderr)
     print(f"run {result.run_id}: {'success' if result.success else 'failure'}")
     return 0 if result.success else 1

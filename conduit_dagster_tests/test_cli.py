@@ -199,3 +199,30 @@ def test_cli_lists_validates_and_clears_s3_checkpoints(tmp_path, s3, s3_endpoint
     assert store.load("orders") is None
     assert s3.list_objects_v2(Bucket=bucket, Prefix="cps/").get("KeyCount") == 0  # no lease left by the command
     assert "no checkpoints in s3://" in cli("checkpoints", "--dir", f"s3://{bucket}/cps").stdout
+
+
+def test_cli_names_a_missing_destination_bucket(tmp_path, s3_endpoint):
+    import os
+
+    conn = sqlite3.connect(tmp_path / "shop.db")
+    conn.execute("CREATE TABLE orders (id INTEGER)")
+    conn.executemany("INSERT INTO orders VALUES (?)", [(i,) for i in range(1, 11)])
+    conn.commit()
+    conn.close()
+    text = INGEST.replace(
+        "    type: local\n    path: lake\n", f"    type: s3\n    bucket: no-such-bucket-x\n    endpoint_url: {s3_endpoint}\n"
+    )
+    assert "no-such-bucket-x" in text
+    write_ingest(tmp_path, text)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        **{k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")},
+    }
+    checked = subprocess.run([CONDUIT, "validate"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert checked.returncode == 1
+    assert "destination lake: FAILED: destination 'lake': bucket 'no-such-bucket-x'" in checked.stdout, checked.stdout
+    assert "does not exist; create it or fix `bucket`" in checked.stdout
+    ran = subprocess.run([CONDUIT, "run"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert ran.returncode == 1
+    assert "orders: FAILED: destination 'lake':" in ran.stderr and "does not exist" in ran.stderr, ran.stderr[-2000:]
+    assert "dagster._core" not in [line for line in ran.stderr.splitlines() if "FAILED" in line][0]
