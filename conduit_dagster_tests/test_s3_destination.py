@@ -376,3 +376,96 @@ def test_a_file_source_on_an_output_prefix_reads_only_the_published_parts(s3, s3
         got = [tuple(r.values()) for c in src.read("", "id", None, resume=False, fetch_size=100) for r in c.data.to_pylist()]
         src.close()
         assert_same_rows(rows(table(0, 12)), got)
+
+
+class Crash(BaseException):
+    """Like a kill: not an Exception, so nothing on the way catches it."""
+
+
+class CrashingClient:
+    """The real client, except that call number ``at`` (counting every S3 call the destination makes) crashes just
+    before or just after it reaches S3."""
+
+    def __init__(self, real, when: str, at: int) -> None:
+        self.real, self.when, self.at, self.calls = real, when, at, 0
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.real, name)
+        if name in ("meta", "get_paginator") or not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            self.calls += 1
+            if (self.when, self.calls) == ("before", self.at):
+                raise Crash(f"before {name}")
+            result = attr(*args, **kwargs)
+            if (self.when, self.calls) == ("after", self.at):
+                raise Crash(f"after {name}")
+            return result
+
+        return call
+
+
+@pytest.mark.parametrize("incremental", [False, True], ids=["full-refresh", "incremental"])
+def test_a_crash_before_or_after_any_s3_call_then_a_rerun_is_exact(s3, s3_endpoint, tmp_path, incremental):
+    """The second load crashes before, then after, each S3 call in turn; the rerun must leave exactly the source rows
+    (the previous output stays whole until the crashed run's rerun publishes)."""
+    import sqlite3
+    import uuid
+
+    import boto3
+
+    crashes = 0
+    for at in range(1, 200):
+        crashed_here = False
+        for when in ("before", "after"):
+            bucket = f"crash-{uuid.uuid4().hex[:12]}"
+            s3.create_bucket(Bucket=bucket)
+            case = tmp_path / f"{when}{at}"
+            case.mkdir()
+            db = sqlite3.connect(case / "s.db")
+            db.execute("CREATE TABLE o (id INTEGER, ts INTEGER)")
+            db.executemany("INSERT INTO o VALUES (?, ?)", [(i, i // 3) for i in range(30)])
+            db.commit()
+            load = (
+                "incremental_column: ts, initial_value: -1, query: 'SELECT id, ts FROM o WHERE ts >= :last_value'"
+                if incremental
+                else "resume: true, checkpoint_column: ts, query: 'SELECT id, ts FROM o'"
+            )
+            text = f"""
+sources: [{{name: db, type: sqlite, path: {case}/s.db}}]
+destinations: [{{name: lake, type: s3, bucket: {bucket}, prefix: raw, endpoint_url: {s3_endpoint}}}]
+resources:
+  - {{name: p, source: db, destination: lake, batch_size: 7, {load}}}
+"""
+            resource = load_spec_text(text, case / "ingest.yml").resource("p")
+            store = MemoryCheckpointStore()
+
+            def run(crash: tuple[str, int] | None = None, resource=resource, store=store):
+                real = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+                client = CrashingClient(real, *crash) if crash else real
+                list(
+                    run_pipeline(
+                        resource,
+                        store,
+                        destination=S3Destination(resource.destination, "p", accumulate=incremental, client=client),
+                    )
+                )
+
+            run()  # a first, complete load
+            db.executemany("INSERT INTO o VALUES (?, ?)", [(i, i // 3) for i in range(30, 55)])
+            db.commit()
+            db.close()
+            try:
+                run((when, at))
+            except Crash:
+                crashes += 1
+                crashed_here = True
+                got = sorted(r[0] for r in s3_output_rows(s3, bucket, "raw/p/", listing_exact=False))
+                assert got in (list(range(30)), list(range(55))), f"{when} call {at}: a reader saw a mix"
+            run()
+            assert sorted(r[0] for r in s3_output_rows(s3, bucket, "raw/p/")) == list(range(55)), f"{when} call {at}"
+            assert store.docs == {}
+        if not crashed_here:
+            break  # past the load's last S3 call
+    assert crashes > 15, crashes  # every S3 call of the load was hit, before and after
