@@ -14,6 +14,7 @@ counts of every hash are compared, so a duplicated row is seen even when another
 
     .venv/bin/python bench/crashtest.py --trials 50
     .venv/bin/python bench/crashtest.py --trials 6 --destinations parquet --columns ts
+    .venv/bin/python bench/crashtest.py --trials 15 --destinations s3   # S3 Parquet + S3 checkpoints (moto_server)
 
 It prints a line per trial and a summary, and exits 1 if any row was lost or duplicated.
 """
@@ -79,9 +80,49 @@ def setup(rows: int) -> Counter[str]:
     return source
 
 
+S3: dict[str, str] = {}  # the endpoint of the moto_server this harness starts when an s3 destination is asked for
+BUCKET = "conduit-crash"
+
+
+def start_s3() -> subprocess.Popen:
+    """moto's S3 server as its own process on 127.0.0.1 (it survives the kills, as a real S3 would)."""
+    import socket
+
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = str(Path(sys.executable).with_name("moto_server"))
+    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    S3["endpoint"] = f"http://127.0.0.1:{port}"
+    for name, value in (("AWS_ACCESS_KEY_ID", "crash"), ("AWS_SECRET_ACCESS_KEY", "crash"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(name, value)
+    for _ in range(100):
+        try:
+            boto3.client("s3", endpoint_url=S3["endpoint"]).create_bucket(Bucket=BUCKET)
+            return proc
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("moto_server did not start")
+
+
+def s3_client():  # noqa: ANN201 - a boto3 client
+    import boto3
+
+    return boto3.client("s3", endpoint_url=S3["endpoint"])
+
+
 def ingest_yml(work: Path, destination: str, column: str) -> Path:
+    head = ""
     if destination == "parquet":
         dest = f"  - name: out\n    type: local\n    path: {work / 'out'}\n"
+    elif destination == "s3":  # S3 Parquet, with the checkpoints in S3 too
+        dest = f"  - name: out\n    type: s3\n    bucket: {BUCKET}\n    prefix: {work.name}\n    endpoint_url: {S3['endpoint']}\n"
+        head = (
+            f"checkpoints:\n  type: s3\n  bucket: {BUCKET}\n  prefix: {work.name}/checkpoints\n  endpoint_url: {S3['endpoint']}\n"
+        )
     else:  # postgresql-replace, postgresql-append, postgresql-merge
         table = f"t_{work.name.replace('-', '_')}"
         mode = destination.split("-", 1)[1]
@@ -92,7 +133,7 @@ def ingest_yml(work: Path, destination: str, column: str) -> Path:
         )
     path = work / "ingest.yml"
     path.write_text(
-        f"""sources:
+        f"""{head}sources:
   - name: pg
     type: postgresql
     database: test
@@ -121,6 +162,22 @@ def destination_rows(work: Path, destination: str) -> Counter[str]:
             return Counter()
         table = ds.dataset(out, format="parquet").to_table(columns=COLUMNS.split(", "))
         return row_hashes(tuple(r.values()) for r in table.to_pylist())
+    if destination == "s3":
+        import io
+        import json
+
+        import pyarrow.parquet as pq
+
+        client = s3_client()
+        try:
+            body = client.get_object(Bucket=BUCKET, Key=f"{work.name}/crash/_conduit_manifest.json")["Body"].read()
+        except client.exceptions.NoSuchKey:
+            return Counter()
+        rows: list[tuple[Any, ...]] = []
+        for part in json.loads(body)["parts"]:
+            data = client.get_object(Bucket=BUCKET, Key=f"{work.name}/crash/{part}")["Body"].read()
+            rows.extend(tuple(r.values()) for r in pq.read_table(io.BytesIO(data), columns=COLUMNS.split(", ")).to_pylist())
+        return row_hashes(rows)
     conn = psycopg2.connect(DSN)
     try:
         with conn.cursor() as cur:
@@ -151,7 +208,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--destinations", default="parquet,postgresql-replace,postgresql-append,postgresql-merge")
+    parser.add_argument("--destinations", default="parquet,postgresql-replace,postgresql-append,postgresql-merge,s3")
     parser.add_argument("--columns", default="id,ts,code")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work folders")
@@ -162,6 +219,7 @@ def main() -> int:
     source = setup(args.rows)
     total = sum(source.values())
     pairs = [(d, c) for d in args.destinations.split(",") for c in args.columns.split(",")]
+    moto = start_s3() if "s3" in args.destinations.split(",") else None
     root = Path(tempfile.mkdtemp(prefix="conduit-crash-"))
     clean_runtime: dict[tuple[str, str], float] = {}
     kills = lost_total = dup_total = 0
@@ -194,7 +252,11 @@ def main() -> int:
         phases[phase.split(" ")[0]] = phases.get(phase.split(" ")[0], 0) + 1
         # A run that got as far as deleting its checkpoint had finished: running it "again" would be a new run
         # (in append mode, a second copy of every row, by design). Otherwise it is resumed until it succeeds.
-        checkpoint_gone = not (work / ".checkpoints" / "crash.json").exists()
+        if destination == "s3":
+            listed = s3_client().list_objects_v2(Bucket=BUCKET, Prefix=f"{work.name}/checkpoints/crash.json")
+            checkpoint_gone = not listed.get("KeyCount")
+        else:
+            checkpoint_gone = not (work / ".checkpoints" / "crash.json").exists()
         finished = proc.returncode == 0 or (checkpoint_gone and " committed, " in killed_output)
         reruns = 0
         while not finished:
@@ -231,6 +293,8 @@ def main() -> int:
     conn.close()
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
+    if moto is not None:
+        moto.kill()
     return 1 if lost_total or dup_total else 0
 
 

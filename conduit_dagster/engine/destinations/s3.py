@@ -50,7 +50,7 @@ from conduit_dagster.engine.spec import S3DestinationSpec
 MANIFEST = CONDUIT_MANIFEST
 STAGING = "_conduit_staging"
 MULTIPART_BYTES = 16 * 1024 * 1024  # parts larger than this go up in 16 MiB pieces, 4 at a time
-_PART_RE = re.compile(r"^part-(\d{6})-([0-9a-f]{8})\.")
+_OUTPUT_PART_RE = re.compile(r"^part-[0-9a-f]{12}-\d{6}\.(parquet|csv|jsonl)$")
 
 
 class S3Destination:
@@ -165,8 +165,10 @@ class S3Destination:
     def _check_output_is_ours(self, manifest: dict[str, Any] | None) -> None:
         if manifest is not None:
             return
-        page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.output, MaxKeys=1)
-        if page.get("KeyCount", 0):
+        # Without a manifest, the only objects conduit leaves here are the copies of a first publish that crashed
+        # before its manifest (the resumed or next run publishes over them); anything else is not ours to replace.
+        foreign = [k for k in self._keys(self.output) if not _OUTPUT_PART_RE.match(k[len(self.output) :])]
+        if foreign:
             raise DestinationError(
                 f"destination {self.spec.name!r}: s3://{self.bucket}/{self.output} holds objects conduit did not write "
                 f"(no {MANIFEST}), and publishing would replace them; move them away or set another prefix. Nothing was changed"
