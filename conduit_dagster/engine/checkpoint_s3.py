@@ -104,6 +104,7 @@ class S3CheckpointStore:
         *,
         lease_seconds: int = 60,
         conditional_writes: bool = True,
+        wait_seconds: float | None = None,
     ) -> None:
         if isinstance(lease_seconds, bool) or not isinstance(lease_seconds, int) or lease_seconds < MIN_LEASE_SECONDS:
             raise SpecError(
@@ -116,6 +117,9 @@ class S3CheckpointStore:
         self.prefix = prefix.strip("/")
         self.lease_seconds = lease_seconds
         self.conditional_writes = conditional_writes
+        # how long to wait for a lease nobody renews (its run died where this machine cannot see): by default until it
+        # expires; a lease that gets renewed meanwhile shows a live run, and the pipeline is busy at once
+        self.wait_seconds = lease_seconds + 5.0 if wait_seconds is None else wait_seconds
         self.endpoint = endpoint_of(client)
         self._etags: dict[str, str | None] = {}  # None: known to be absent
         self._leases: dict[str, _Lease] = {}
@@ -340,65 +344,72 @@ class S3CheckpointStore:
         )
 
     def _acquire(self, pipeline: str, run_id: str | None) -> _Lease:
+        """Take the lease: create it, or take over a stale one. A lease held by a run that is not renewing it (a run
+        that died on another machine, whose process this machine cannot see) is waited out, up to ``wait_seconds``,
+        so that a retry launched right after such a crash runs instead of failing; a lease that is renewed while
+        this waits belongs to a live run, and the pipeline is busy."""
         key = self._key(pipeline, ".lease.json")
         body = self._lease_body(run_id, uuid.uuid4().hex)
-        busy: tuple[dict[str, Any], float] | None = None
-        for _attempt in range(3):
-            conditions: dict[str, str] = {"IfNoneMatch": "*"}
-            if not self.conditional_writes:
-                conditions = {}
-                found = self._holder(key)
-                if found is not None and not self._stale(found[0], found[2]):
-                    busy = (found[0], found[2])
-                    break
-            sent = time.monotonic()  # the server stamps the lease no earlier than this: count its age from here
-            try:
-                response = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **conditions)
-            except Exception as exc:  # noqa: BLE001
-                if is_unsupported(exc):
-                    raise self._unsupported() from None
-                if not is_precondition_failed(exc):
-                    raise CheckpointError(
-                        f"{self._url(key)}: cannot take the pipeline's lease ({self._why(exc)}); nothing was read or written"
-                    ) from None
-            else:
-                lease = _Lease(key, str(response["ETag"]), body, sent)
-                try:
-                    self._verify(lease, pipeline)
-                except PipelineBusyError:
-                    raise  # the lease is the other run's now
-                except BaseException:
-                    self._release(lease)  # not left behind to block the next run (e.g. with conditional_writes: false)
-                    raise
-                return lease
-            found = self._holder(key)
+        token = json.loads(body)["token"]
+        deadline = time.monotonic() + self.wait_seconds
+        watched: str | None = None  # the ETag of the holder's lease when this run first saw it
+        while True:
+            conditions: dict[str, str] = {"IfNoneMatch": "*"} if self.conditional_writes else {}
+            found = None if self.conditional_writes else self._holder(key)
             if found is None:
-                continue  # released in between: try again
+                sent = time.monotonic()  # the server stamps the lease no earlier than this: count its age from here
+                try:
+                    response = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **conditions)
+                except Exception as exc:  # noqa: BLE001
+                    if is_unsupported(exc):
+                        raise self._unsupported() from None
+                    if not is_precondition_failed(exc):
+                        raise CheckpointError(
+                            f"{self._url(key)}: cannot take the pipeline's lease ({self._why(exc)}); nothing was read or written"
+                        ) from None
+                else:
+                    lease = _Lease(key, str(response["ETag"]), body, sent)
+                    try:
+                        self._verify(lease, pipeline)
+                    except PipelineBusyError:
+                        raise  # the lease is the other run's now
+                    except BaseException:
+                        self._release(lease)  # not left behind to block the next run (e.g. with conditional_writes: false)
+                        raise
+                    return lease
+                found = self._holder(key)
+                if found is None:
+                    continue  # released in between: try again
             doc, etag, age = found
-            if doc.get("token") == json.loads(body)["token"]:
+            if doc.get("token") == token:
                 # our own create, retried by botocore after its response was lost: the lease is ours
-                lease = _Lease(key, etag, body, sent)
+                lease = _Lease(key, etag, body, time.monotonic())
                 self._verify(lease, pipeline)
                 return lease
-            if not self._stale(doc, age):
-                busy = (doc, age)
-                break
-            sent = time.monotonic()
-            try:  # take over the dead run's lease, unless another run does first (or it is released meanwhile)
-                response = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfMatch=etag)
-                return _Lease(key, str(response["ETag"]), body, sent)
-            except Exception as exc:  # noqa: BLE001
-                if not (is_precondition_failed(exc) or is_missing(exc)):
-                    raise CheckpointError(
-                        f"{self._url(key)}: cannot take over the lease ({self._why(exc)}); nothing was read or written"
-                    ) from None
-        doc, age = busy if busy is not None else ({}, 0.0)
+            if self._stale(doc, age):
+                sent = time.monotonic()
+                try:  # take over the dead run's lease, unless another run does first (or it is released meanwhile)
+                    response = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfMatch=etag)
+                    return _Lease(key, str(response["ETag"]), body, sent)
+                except Exception as exc:  # noqa: BLE001
+                    if not (is_precondition_failed(exc) or is_missing(exc)):
+                        raise CheckpointError(
+                            f"{self._url(key)}: cannot take over the lease ({self._why(exc)}); nothing was read or written"
+                        ) from None
+                continue
+            if watched is not None and etag != watched or time.monotonic() >= deadline:
+                raise self._busy(pipeline, key, doc, age, renewed=watched is not None and etag != watched)
+            watched = watched or etag
+            time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+
+    def _busy(self, pipeline: str, key: str, doc: dict[str, Any], age: float, *, renewed: bool) -> PipelineBusyError:
         ttl = doc.get("lease_seconds", self.lease_seconds)
-        raise PipelineBusyError(
+        how = "it renewed its lease" if renewed else f"its lease {self._url(key)} was renewed {age:.0f} s ago"
+        return PipelineBusyError(
             f"pipeline {pipeline!r} is already being run (run {doc.get('run_id') or 'unknown'} on {doc.get('host') or '?'}, "
-            f"pid {doc.get('pid') or '?'}; its lease {self._url(key)} was renewed {age:.0f} s ago); nothing was read or "
-            f"written. Wait for that run to finish or stop it; a run that died releases the pipeline when its lease "
-            f"expires ({ttl} s after its last renewal)"
+            f"pid {doc.get('pid') or '?'}; {how}, lease {self._url(key)}); nothing was read or written. Wait for that "
+            f"run to finish or stop it; a run that died releases the pipeline when its lease expires ({ttl} s after its "
+            "last renewal)"
         )
 
     def _verify(self, lease: _Lease, pipeline: str) -> None:
