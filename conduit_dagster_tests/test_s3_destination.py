@@ -341,7 +341,7 @@ def test_a_paused_publisher_finishing_late_cannot_delete_newer_output(s3, s3_end
     a.start(None)
     a.write(0, table(0, 10))
     paused: dict = {}
-    a._finish = lambda previous, doc: paused.update(previous=previous, doc=doc)  # type: ignore[method-assign]
+    a._finish = lambda *args: paused.update(args=args)  # type: ignore[method-assign]
     a.publish(1)
     del a._finish
     b = S3Destination(spec(bucket, s3_endpoint), "orders", accumulate=True)
@@ -352,7 +352,7 @@ def test_a_paused_publisher_finishing_late_cannot_delete_newer_output(s3, s3_end
     c.start(None)
     c.write(0, table(10, 10))
     c.publish(1)
-    a._finish(paused["previous"], paused["doc"])  # A wakes up
+    a._finish(*paused["args"])  # A wakes up
     assert_same_rows(rows(table(0, 20)), s3_output_rows(s3, bucket, "raw/orders/"))
     assert c.count() == 20
 
@@ -473,3 +473,219 @@ resources:
         if not crashed_here:
             break  # past the load's last S3 call
     assert crashes > 15, crashes  # every S3 call of the load was hit, before and after
+
+
+# --- a paused run against a real, expiring lease (10 s): the next run waits it out and takes over -------------------
+
+
+def lease_setup(s3, s3_endpoint, tmp_path, *, incremental: bool):
+    import sqlite3
+    import uuid
+
+    import boto3
+
+    from conduit_dagster.engine.checkpoint_s3 import MIN_LEASE_SECONDS, S3CheckpointStore
+
+    bucket = f"lease-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    db = tmp_path / "s.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE o (id INTEGER, ts INTEGER)")
+    conn.executemany("INSERT INTO o VALUES (?, ?)", [(i, i) for i in range(30)])
+    conn.commit()
+    conn.close()
+    load = (
+        "incremental_column: ts, initial_value: -1, query: 'SELECT id, ts FROM o WHERE ts >= :last_value'"
+        if incremental
+        else "resume: true, checkpoint_column: ts, query: 'SELECT id, ts FROM o'"
+    )
+    text = f"""
+sources: [{{name: db, type: sqlite, path: {db}}}]
+destinations: [{{name: lake, type: s3, bucket: {bucket}, prefix: raw, endpoint_url: {s3_endpoint}}}]
+resources:
+  - {{name: p, source: db, destination: lake, batch_size: 10, {load}}}
+"""
+    resource = load_spec_text(text, tmp_path / "ingest.yml").resource("p")
+
+    def client():
+        return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+
+    def store():
+        return S3CheckpointStore(client(), bucket, "cp", lease_seconds=MIN_LEASE_SECONDS)
+
+    def add_rows(lo: int, hi: int) -> None:
+        conn = sqlite3.connect(db)
+        conn.executemany("INSERT INTO o VALUES (?, ?)", [(i, i) for i in range(lo, hi)])
+        conn.commit()
+        conn.close()
+
+    def ids() -> list[int]:
+        return sorted(r[0] for r in s3_output_rows(s3, bucket, "raw/p/", listing_exact=False))
+
+    return resource, client, store, add_rows, ids
+
+
+def freeze(store) -> None:
+    """What SIGSTOP does to a run: its lease renewal stops too (its clock goes on)."""
+    store._leases["p"].stop.set()
+
+
+def test_a_frozen_publisher_and_the_run_that_took_over_publish_every_row(s3, s3_endpoint, tmp_path):
+    """Incremental. Z committed 3 batches, passed its last ownership check and froze before publishing; N waited its
+    lease out, resumed and loaded 20 new rows; Z wakes and publishes its 3 batches just before N publishes. N must
+    still publish its own 2 batches (not take Z's partial publish for its own), and no row is ever lost."""
+    import threading
+
+    resource, client, store, add_rows, ids = lease_setup(s3, s3_endpoint, tmp_path, incremental=True)
+    at_publish, go = threading.Event(), threading.Event()
+    z_store = store()
+
+    class ZDest(S3Destination):
+        def publish(self, *args):
+            freeze(z_store)
+            at_publish.set()
+            go.wait(60)
+            super().publish(*args)
+
+    z_thread, _ = run_in_thread(
+        lambda: list(
+            run_pipeline(
+                resource, z_store, run_id="Z", destination=ZDest(resource.destination, "p", accumulate=True, client=client())
+            )
+        )
+    )
+    assert at_publish.wait(30)
+    add_rows(30, 50)
+
+    class NDest(S3Destination):
+        def publish(self, *args):
+            go.set()
+            z_thread.join(30)  # Z wakes and publishes first
+            super().publish(*args)
+
+    events = list(
+        run_pipeline(
+            resource, store(), run_id="N", destination=NDest(resource.destination, "p", accumulate=True, client=client())
+        )
+    )
+    assert events[-1].records_processed == 50
+    assert ids() == list(range(50))
+    add_rows(50, 55)
+    list(run_pipeline(resource, store(), run_id="R"))
+    assert ids() == list(range(55))
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["incremental", "full-refresh"])
+def test_a_run_frozen_after_its_ownership_check_cannot_clean_up_a_later_runs_objects(s3, s3_endpoint, tmp_path, incremental):
+    """Z published, passed the ownership check before its clean-up and froze; N took over and finished; C, the next
+    run, published new rows (incremental) or is mid-run (full refresh) when Z wakes and cleans up. Nothing of C's may
+    go, and no rerun may be left unable to resume."""
+    import threading
+
+    resource, client, store, add_rows, ids = lease_setup(s3, s3_endpoint, tmp_path, incremental=incremental)
+    z_store = store()
+    frozen, go = threading.Event(), threading.Event()
+
+    class ZDest(S3Destination):
+        def set_fence(self, fence):
+            def checked_then_frozen():
+                fence()  # passes: Z still owns the pipeline
+                freeze(z_store)
+                frozen.set()
+                go.wait(60)
+
+            super().set_fence(checked_then_frozen)
+
+    z_thread, _ = run_in_thread(
+        lambda: list(
+            run_pipeline(
+                resource,
+                z_store,
+                run_id="Z",
+                destination=ZDest(resource.destination, "p", accumulate=incremental, client=client()),
+            )
+        )
+    )
+    assert frozen.wait(30)
+    list(run_pipeline(resource, store(), run_id="N"))  # waits Z's lease out, finds Z's run published
+    add_rows(30, 40)
+    if incremental:
+        list(run_pipeline(resource, store(), run_id="C"))
+        go.set()
+        z_thread.join(30)
+        assert ids() == list(range(40))
+    else:
+
+        class CDest(S3Destination):
+            def write(self, index, *args, **kwargs):
+                if index == 2:
+                    go.set()
+                    z_thread.join(30)  # Z wakes mid-run of C
+                return super().write(index, *args, **kwargs)
+
+        list(run_pipeline(resource, store(), run_id="C", destination=CDest(resource.destination, "p", client=client())))
+        assert ids() == list(range(40))
+    add_rows(40, 45)
+    list(run_pipeline(resource, store(), run_id="R"))
+    assert ids() == list(range(45))
+
+
+def test_a_reader_listing_while_a_publish_commits_gets_one_whole_output(s3, s3_endpoint, bucket):
+    """The file source lists an output folder, then reads its manifest; a publish that commits in between would leave
+    it with the parts both listed and named (some of the new output). It notices and lists again: it reads the old
+    output or the new one, whole."""
+    import threading
+
+    from conduit_dagster.engine.sources.files import FileSource
+    from conduit_dagster.engine.spec import FileSourceSpec
+
+    old = S3Destination(spec(bucket, s3_endpoint), "orders")
+    old.start(None)
+    old.write(0, table(0, 10))
+    old.write(1, table(10, 10))
+    old.publish(2)
+    held, release = threading.Event(), threading.Event()
+
+    class SlowCopies:
+        def __init__(self, real):
+            self.real, self.copies = real, 0
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def copy(self, *args, **kwargs):
+            self.copies += 1
+            if self.copies > 2:  # the first two copies land, the rest wait
+                held.set()
+                release.wait(30)
+            return self.real.copy(*args, **kwargs)
+
+    new = S3Destination(spec(bucket, s3_endpoint), "orders", client=SlowCopies(s3))
+    new.start(None)
+    for i in range(4):
+        new.write(i, table(100 + 10 * i, 10))
+    publishing, errors = run_in_thread(lambda: new.publish(4))
+    assert held.wait(30)
+
+    src = FileSource(
+        FileSourceSpec(
+            name="lake", path=f"s3://{bucket}/raw/orders/", format="parquet", s3=S3ConnectionSpec(endpoint_url=s3_endpoint)
+        )
+    )
+    real = src.client
+
+    class CommitsMidListing:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def get_object(self, **kwargs):
+            if kwargs["Key"].endswith("_conduit_manifest.json") and not release.is_set():
+                release.set()
+                publishing.join(30)  # the publish commits between the reader's listing and its manifest read
+            return real.get_object(**kwargs)
+
+    src.client = CommitsMidListing()
+    got = sorted(r["id"] for c in src.read("", "id", None, resume=False, fetch_size=100) for r in c.data.to_pylist())
+    src.close()
+    assert not errors, errors
+    assert got in (list(range(20)), list(range(100, 140))), got

@@ -9,12 +9,14 @@ name what failed, where, and the fix, and never carry a credential.
 import fnmatch
 import io
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from conduit_dagster.engine.errors import SourceError
 from conduit_dagster.engine.spec import S3ConnectionSpec
 
 _GLOB_CHARS = "*?["
@@ -129,13 +131,14 @@ class S3Object:
     key: str
     size: int
     etag: str
+    last_modified: Any = None  # a datetime, by the server's clock (from a listing)
 
 
 def list_objects(client: Any, bucket: str, prefix: str) -> Iterator[S3Object]:
     paginator = client.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
-            yield S3Object(item["Key"], int(item["Size"]), str(item.get("ETag", "")))
+            yield S3Object(item["Key"], int(item["Size"]), str(item.get("ETag", "")), item.get("LastModified"))
 
 
 def hidden_below(base: str, name: str) -> bool:
@@ -154,52 +157,85 @@ def fixed_base(pattern: str) -> str:
 CONDUIT_MANIFEST = "_conduit_manifest.json"
 
 
-def _published_only(client: Any, bucket: str, listed: list[S3Object]) -> Callable[[S3Object], bool]:
+def _published_only(client: Any, bucket: str, listed: list[S3Object]) -> tuple[Callable[[S3Object], bool], dict[str, str]]:
     """In a folder that holds a conduit output's manifest, only the parts it names are the output: copies left by a
-    publish that crashed midway (until the resumed run removes them) are not."""
+    publish that crashed midway (until the resumed run removes them) are not. Also returns each manifest's ETag."""
     named: dict[str, set[str]] = {}
+    etags: dict[str, str] = {}
     for o in listed:
         folder, _, name = o.key.rpartition("/")
         if name == CONDUIT_MANIFEST:
-            doc = json.loads(client.get_object(Bucket=bucket, Key=o.key)["Body"].read())
-            named[folder] = set(doc.get("parts", [])) if isinstance(doc, dict) else set()
+            response = client.get_object(Bucket=bucket, Key=o.key)
+            try:
+                doc = json.loads(response["Body"].read())
+                parts = doc["parts"]
+                if not isinstance(parts, list):
+                    raise ValueError("parts is not a list")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise SourceError(
+                    f"s3://{bucket}/{o.key} is damaged ({exc}); it names the parts of a conduit output, which this path "
+                    "reads: restore it, or point the source elsewhere"
+                ) from None
+            named[folder] = set(parts)
+            etags[o.key] = str(response["ETag"])
 
     def keep(o: S3Object) -> bool:
         folder, _, name = o.key.rpartition("/")
         return folder not in named or name in named[folder]
 
-    return keep
+    listed_names = {o.key for o in listed}
+    for folder, parts in named.items():
+        if any(f"{folder}/{part}" not in listed_names for part in parts):
+            etags[f"{folder}/{CONDUIT_MANIFEST}"] = ""  # listed before a publish committed: read again
+    return keep, etags
+
+
+def _unchanged(client: Any, bucket: str, etags: dict[str, str]) -> bool:
+    """Every manifest read is still the current one (no publish committed while the folder was listed)."""
+    for key, etag in etags.items():
+        if not etag:
+            return False
+        try:
+            client.head_object(Bucket=bucket, Key=key, IfMatch=etag)
+        except Exception as exc:  # noqa: BLE001
+            if is_precondition_failed(exc) or is_missing(exc):
+                return False
+            raise
+    return True
 
 
 def match_objects(client: Any, url: str) -> list[S3Object]:
     """The objects an ``s3://`` path names, sorted by key: one key, every object under a prefix ending in
     ``/``, or the keys matching a glob (``*`` stays within one folder level, as in a shell); below a prefix or
     a glob's fixed part, files and folders whose names start with ``_`` or ``.`` are skipped, and in a folder
-    holding a conduit output's manifest only the parts it names are taken."""
+    holding a conduit output's manifest only the parts it names are taken (a consistent set: the listing is
+    read again if a publish commits meanwhile)."""
     bucket, pattern = split_url(url)
-    if pattern.endswith("/") or pattern == "":
-        listed = list(list_objects(client, bucket, pattern))
-        keep = _published_only(client, bucket, listed)
-        found = [o for o in listed if not hidden_below(pattern, o.key) and not o.key.endswith("/") and keep(o)]
-        return sorted(found, key=lambda o: o.key)
-    if not any(c in pattern for c in _GLOB_CHARS):
+    if not (pattern.endswith("/") or pattern == "") and not any(c in pattern for c in _GLOB_CHARS):
         head = client.head_object(Bucket=bucket, Key=pattern)
         return [S3Object(pattern, int(head["ContentLength"]), str(head.get("ETag", "")))]
-    cut = min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)
-    depth = pattern.count("/")
-    listed = list(list_objects(client, bucket, pattern[:cut]))
-    keep = _published_only(client, bucket, listed)
-    return sorted(
-        (
-            o
-            for o in listed
-            if o.key.count("/") == depth
-            and fnmatch.fnmatchcase(o.key, pattern)
-            and not hidden_below(fixed_base(pattern), o.key)
-            and keep(o)
-        ),
-        key=lambda o: o.key,
-    )
+    for _attempt in range(5):
+        if pattern.endswith("/") or pattern == "":
+            listed = list(list_objects(client, bucket, pattern))
+            keep, etags = _published_only(client, bucket, listed)
+            found = [o for o in listed if not hidden_below(pattern, o.key) and not o.key.endswith("/") and keep(o)]
+        else:
+            cut = min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)
+            depth = pattern.count("/")
+            listed = list(list_objects(client, bucket, pattern[:cut]))
+            keep, etags = _published_only(client, bucket, listed)
+            found = [
+                o
+                for o in listed
+                if o.key.count("/") == depth
+                and fnmatch.fnmatchcase(o.key, pattern)
+                and not hidden_below(fixed_base(pattern), o.key)
+                and keep(o)
+            ]
+        if _unchanged(client, bucket, etags):
+            return sorted(found, key=lambda o: o.key)
+        time.sleep(0.5)
+    raise SourceError(f"{url}: a conduit output under this path kept being republished while it was listed; try again")
 
 
 class RangeReader(io.RawIOBase):

@@ -37,6 +37,7 @@ from conduit_dagster.engine.errors import CheckpointError, DestinationError
 from conduit_dagster.engine.s3 import (
     CONDUIT_MANIFEST,
     RangeReader,
+    S3Object,
     endpoint_of,
     explain,
     is_missing,
@@ -140,11 +141,13 @@ class S3Destination:
                     f"{self.output}, e.g. {errors[0].get('Key')} ({errors[0].get('Code')})"
                 )
 
-    def _abort_uploads(self, prefix: str) -> None:
+    def _abort_uploads(self, prefix: str, *, before: Any = None) -> None:
         """Incomplete multipart uploads of a crashed run hold storage (and cost) until aborted."""
         paginator = self.client.get_paginator("list_multipart_uploads")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
             for upload in page.get("Uploads", []):
+                if before is not None and not (upload.get("Initiated") and upload["Initiated"] < before):
+                    continue
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
 
     def manifest(self) -> dict[str, Any] | None:
@@ -176,11 +179,11 @@ class S3Destination:
 
     def start(self, state: dict[str, Any] | None, committed: int = 0) -> Resumption:
         try:
-            manifest = self.manifest()
+            manifest, etag = self._manifest_etag()
             self._check_output_is_ours(manifest)
             if state is None:
                 return self._start_fresh()
-            return self._resume(state, committed, manifest)
+            return self._resume(state, committed, manifest, etag)
         except (DestinationError, CheckpointError):
             raise
         except Exception as exc:  # noqa: BLE001
@@ -193,29 +196,38 @@ class S3Destination:
         self.attempts = [(0, self.attempt)]
         return Resumption(self._state())
 
-    def _resume(self, state: dict[str, Any], committed: int, manifest: dict[str, Any] | None) -> Resumption:
+    def _resume(
+        self, state: dict[str, Any], committed: int, manifest: dict[str, Any] | None, manifest_etag: str | None
+    ) -> Resumption:
         generation, attempts = state.get("generation"), state.get("attempts")
         valid = isinstance(attempts, list) and all(
             isinstance(a, list)
             and len(a) == 2
             and isinstance(a[0], int)
+            and not isinstance(a[0], bool)
             and isinstance(a[1], str)
             and re.fullmatch(r"[0-9a-f]{8}", a[1])
             for a in attempts
         )
         if not isinstance(generation, str) or not generation.isalnum() or not valid:
-            raise CheckpointError(f"pipeline {self.pipeline!r}: the checkpoint names no valid output generation and attempts")
+            raise CheckpointError(
+                f"pipeline {self.pipeline!r}: the checkpoint names no valid output generation and attempts (written by an "
+                f"older conduit, or edited); start over with `conduit clear-checkpoints --pipeline-name {self.pipeline}`"
+            )
         self.generation = generation
         assert isinstance(attempts, list)
-        if manifest is not None and generation in manifest.get("generations", []):
+        published = set(manifest.get("parts", [])) if manifest and generation in manifest.get("generations", []) else set()
+        if published and set(self._names(committed)) <= published:
             # Crashed after the manifest named this run's parts, before the checkpoint was deleted: finish the clean-up.
-            self._finish(None, manifest)
+            self._finish(None, manifest or {}, [], manifest_etag)
             return Resumption(state, already_published=True)
         # The committed batches keep the attempts that wrote them; this attempt writes from `committed` on.
         self.attempts = [(first, attempt) for first, attempt in attempts if first < committed] + [(committed, self.attempt)]
         self._abort_uploads(self._gen_prefix)
         staged = self._keys(self._gen_prefix)
-        wanted = {self._part_key(i, self._attempt_of(i)) for i in range(committed)}
+        names = self._names(committed)
+        # a committed part that a paused run of this generation already published need not be staged any more
+        wanted = {self._part_key(i, self._attempt_of(i)) for i in range(committed) if names[i] not in published}
         missing = sorted(int(k[len(self._gen_prefix) :][5:11]) for k in wanted - set(staged))
         if missing:
             raise CheckpointError(
@@ -248,22 +260,30 @@ class S3Destination:
             raise self._fail("read the manifest", exc) from None
         return self._parse_manifest(response["Body"].read()), str(response["ETag"])
 
-    def publish(self, batches: int | None = None) -> None:
-        """Copy parts 0..batches-1 into the output, then commit them with one conditional PUT of the manifest.
+    def _names(self, count: int) -> list[str]:
+        assert self.generation is not None
+        return [f"part-{self.generation[:12]}-{i:06d}.{self.ext}" for i in range(count)]
 
-        Every step is safe even when run by a process that lost the pipeline while paused: a committed part that is
-        missing stops the publish loudly; a generation the manifest already names is left alone; and the manifest is
-        written only if nobody changed it since this publish read it, so two publishers can never both commit."""
+    def publish(self, batches: int | None = None) -> None:
+        """Copy the committed parts 0..batches-1 into the output, then commit them with one conditional PUT of the
+        manifest.
+
+        Safe even when run by a process that lost the pipeline while paused: a part the manifest already names for
+        this generation (a paused run of it published first) is that same committed part and is not copied again;
+        a committed part neither published nor staged stops the publish loudly; and the manifest is written only
+        if nobody changed it since this publish read it, so of two publishers one commits and the other stops."""
         assert self.generation is not None
         try:
             manifest, etag = self._manifest_etag()
             self._check_output_is_ours(manifest)
-            if manifest is not None and self.generation in manifest.get("generations", []):
-                return  # already published (by a resumed run of this generation): nothing left to do
             staged = set(self._keys(self._gen_prefix))
             count = batches if batches is not None else self._consecutive(staged)
-            keys = [self._part_key(i, self._attempt_of(i)) for i in range(count)]
-            missing = [i for i, k in enumerate(keys) if k not in staged]
+            names = self._names(count)
+            previous_parts = list((manifest or {}).get("parts", []))
+            published = set(previous_parts) if manifest and self.generation in manifest.get("generations", []) else set()
+            todo = [i for i in range(count) if names[i] not in published]
+            keys = {i: self._part_key(i, self._attempt_of(i)) for i in todo}
+            missing = [i for i in todo if keys[i] not in staged]
             if missing:
                 raise DestinationError(
                     f"destination {self.spec.name!r}: {len(missing)} committed part(s) of this run are missing from "
@@ -271,17 +291,23 @@ class S3Destination:
                     f"another process may have removed them. Start over with `conduit clear-checkpoints --pipeline-name "
                     f"{self.pipeline}`"
                 )
-            names = [f"part-{self.generation[:12]}-{i:06d}.{self.ext}" for i in range(count)]
+            generations = list((manifest or {}).get("generations", []))
+            if self.accumulate:
+                parts = previous_parts + [names[i] for i in todo]
+                generations += [] if self.generation in generations else [self.generation]
+            else:
+                parts, generations = names, [self.generation]
+            if manifest is not None and parts == previous_parts and generations == manifest.get("generations"):
+                self._finish(None, manifest, [], etag)  # already published whole (by a resumed run of this generation)
+                return
 
-            def copy(pair: tuple[str, str]) -> None:
-                source, name = pair
-                self.client.copy({"Bucket": self.bucket, "Key": source}, self.bucket, self.output + name, Config=self.transfer)
+            def copy(i: int) -> None:
+                self.client.copy(
+                    {"Bucket": self.bucket, "Key": keys[i]}, self.bucket, self.output + names[i], Config=self.transfer
+                )
 
             with ThreadPoolExecutor(max_workers=8, thread_name_prefix="conduit-publish") as pool:
-                list(pool.map(copy, zip(keys, names, strict=True)))
-            previous = manifest or {}
-            parts = (list(previous.get("parts", [])) + names) if self.accumulate else names
-            generations = (list(previous.get("generations", [])) + [self.generation]) if self.accumulate else [self.generation]
+                list(pool.map(copy, todo))
             doc = {
                 "format_version": 1,
                 "pipeline": self.pipeline,
@@ -294,7 +320,7 @@ class S3Destination:
             body = (json.dumps(doc, indent=1) + "\n").encode("utf-8")
             condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
             try:
-                self.client.put_object(
+                put = self.client.put_object(
                     Bucket=self.bucket, Key=self.output + MANIFEST, Body=body, ContentType="application/json", **condition
                 )
             except Exception as exc:  # noqa: BLE001
@@ -304,28 +330,50 @@ class S3Destination:
                     f"destination {self.spec.name!r}: another run published s3://{self.bucket}/{self.output} while this "
                     "one was publishing; this run's output was not published and nothing was deleted"
                 ) from None
-            self._finish(manifest, doc)
+            self._finish(manifest, doc, list(keys.values()), str(put["ETag"]))
         except (DestinationError, CheckpointError):
             raise
         except Exception as exc:  # noqa: BLE001
             raise self._fail("publish the output", exc) from None
 
-    def _finish(self, previous: dict[str, Any] | None, manifest: dict[str, Any]) -> None:
-        """After the manifest: delete what it replaced and this generation's staging. Even a run that lost the pipeline
-        while paused may do this: the parts ``previous`` named and this manifest does not are referenced by nobody
-        once it is committed. Anything else not named (copies of a publish that crashed, staging of runs that died
-        before their first checkpoint) is removed only while this run still owns the pipeline."""
+    def _finish(
+        self, previous: dict[str, Any] | None, manifest: dict[str, Any], copied: list[str], manifest_etag: str | None
+    ) -> None:
+        """After the manifest: delete what it replaced and the staged parts it copied. Even a run that lost the pipeline
+        while paused may do this: the parts ``previous`` named and this manifest does not, and the staged copies of
+        parts it names, are needed by nobody once it is committed.
+
+        Anything else not named (copies of a publish that crashed, replays, staging of runs that died before their
+        first checkpoint) is removed only while this run still owns the pipeline, and only if it is not newer than
+        the manifest by the server's clock: a run that owned the pipeline when it committed the manifest owned it
+        before too, so everything older is its own or an abandoned run's, while anything a later run wrote is
+        newer, even if this process was paused between the check and the delete."""
         keep = set(manifest.get("parts", []))
         if previous is not None:
             self._delete([self.output + name for name in previous.get("parts", []) if name not in keep])
-        self._abort_uploads(self._gen_prefix)
-        self._delete(self._keys(self._gen_prefix))
-        if self.fence is None:
+        self._delete(copied)
+        if self.fence is None or manifest_etag is None:
             return
+        # When this manifest was committed, by the server's clock: read now, before the ownership check, and only if it
+        # is still this manifest (a later publish means a later run, whose objects are not this run's to judge).
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self.output + MANIFEST, IfMatch=manifest_etag)
+        except Exception as exc:  # noqa: BLE001
+            if is_precondition_failed(exc) or is_missing(exc):
+                return
+            raise
         self.fence()
-        self._delete([k for k in self._keys(self.output + "part-") if k[len(self.output) :] not in keep])
-        self._abort_uploads(self.staging)
-        self._delete(self._keys(self.staging))
+        # A later run takes the pipeline only once this run's lease has gone unrenewed for lease_seconds (at least
+        # 10 s), so all it writes is at least that much newer than this manifest; 2 s covers whole-second timestamps.
+        horizon = head["LastModified"] + dt.timedelta(seconds=2)
+
+        def old(o: S3Object) -> bool:
+            return o.last_modified is not None and o.last_modified <= horizon
+
+        outputs = [o.key for o in list_objects(self.client, self.bucket, self.output + "part-") if old(o)]
+        self._delete([k for k in outputs if k[len(self.output) :] not in keep])
+        self._abort_uploads(self.staging, before=horizon)
+        self._delete([o.key for o in list_objects(self.client, self.bucket, self.staging) if old(o)])
 
     def count(self) -> int | None:
         manifest = self.manifest()
