@@ -18,7 +18,7 @@ from pydantic import Field
 from conduit_dagster.engine.checkpoint import CheckpointStore, LocalCheckpointStore, resolve_checkpoint_dir
 from conduit_dagster.engine.checkpoint_s3 import S3CheckpointStore
 from conduit_dagster.engine.errors import SpecError
-from conduit_dagster.engine.s3 import client_factory
+from conduit_dagster.engine.s3 import client_config, client_factory
 from conduit_dagster.engine.spec import (
     CheckpointsSpec,
     FileSourceSpec,
@@ -121,7 +121,6 @@ def boto_client(resource: S3Resource | None, conn: S3ConnectionSpec) -> Any:
     credentials, endpoint, region, profile), then the usual AWS environment. Built as ``S3Resource.get_client()``
     builds one, plus a 5 s connect timeout so that an unreachable endpoint fails in seconds, not minutes."""
     import boto3
-    from botocore.config import Config
 
     r = resource if resource is not None else S3Resource()
     use_conn_keys = conn.access_key_id is not None and conn.secret_access_key is not None
@@ -137,7 +136,7 @@ def boto_client(resource: S3Resource | None, conn: S3ConnectionSpec) -> Any:
         if use_conn_keys and conn.secret_access_key
         else r.aws_secret_access_key,
         aws_session_token=conn.session_token.reveal() if conn.session_token else (None if use_conn_keys else r.aws_session_token),
-        config=Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": r.max_attempts, "mode": "standard"}),
+        config=client_config(r.max_attempts),
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from conduit_dagster.engine.errors import SourceError
 from conduit_dagster.engine.spec import S3ConnectionSpec
 
-_GLOB_CHARS = "*?["
+GLOB_CHARS = "*?["
 
 
 def client_kwargs(conn: S3ConnectionSpec) -> dict[str, Any]:
@@ -36,11 +36,11 @@ def client_kwargs(conn: S3ConnectionSpec) -> dict[str, Any]:
     return kwargs
 
 
-def client_config() -> Any:
+def client_config(max_attempts: int = 3) -> Any:
     """Short connect timeout and a few retries: an endpoint that is down fails in seconds, not minutes."""
     from botocore.config import Config
 
-    return Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
+    return Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": max_attempts, "mode": "standard"})
 
 
 ClientFactory = Callable[[S3ConnectionSpec], Any]
@@ -150,11 +150,19 @@ def hidden_below(base: str, name: str) -> bool:
 
 def fixed_base(pattern: str) -> str:
     """The part of a glob before its first wildcard, cut back to a folder boundary (ends in '/', or '')."""
-    cut = min((pattern.index(c) for c in _GLOB_CHARS if c in pattern), default=len(pattern))
+    cut = min((pattern.index(c) for c in GLOB_CHARS if c in pattern), default=len(pattern))
     return pattern[: pattern.rfind("/", 0, cut) + 1]
 
 
 CONDUIT_MANIFEST = "_conduit_manifest.json"
+
+
+def parse_manifest(body: bytes) -> dict[str, Any]:
+    """A conduit output's manifest document; ValueError if it is not one."""
+    doc = json.loads(body)
+    if not isinstance(doc, dict) or not isinstance(doc.get("parts", []), list):
+        raise ValueError("not a manifest object")
+    return doc
 
 
 def _published_only(client: Any, bucket: str, listed: list[S3Object]) -> tuple[Callable[[S3Object], bool], dict[str, str]]:
@@ -167,11 +175,8 @@ def _published_only(client: Any, bucket: str, listed: list[S3Object]) -> tuple[C
         if name == CONDUIT_MANIFEST:
             response = client.get_object(Bucket=bucket, Key=o.key)
             try:
-                doc = json.loads(response["Body"].read())
-                parts = doc["parts"]
-                if not isinstance(parts, list):
-                    raise ValueError("parts is not a list")
-            except (ValueError, KeyError, TypeError) as exc:
+                parts = parse_manifest(response["Body"].read()).get("parts", [])
+            except ValueError as exc:
                 raise SourceError(
                     f"s3://{bucket}/{o.key} is damaged ({exc}); it names the parts of a conduit output, which this path "
                     "reads: restore it, or point the source elsewhere"
@@ -211,7 +216,7 @@ def match_objects(client: Any, url: str) -> list[S3Object]:
     holding a conduit output's manifest only the parts it names are taken (a consistent set: the listing is
     read again if a publish commits meanwhile)."""
     bucket, pattern = split_url(url)
-    if not (pattern.endswith("/") or pattern == "") and not any(c in pattern for c in _GLOB_CHARS):
+    if not (pattern.endswith("/") or pattern == "") and not any(c in pattern for c in GLOB_CHARS):
         head = client.head_object(Bucket=bucket, Key=pattern)
         return [S3Object(pattern, int(head["ContentLength"]), str(head.get("ETag", "")))]
     for _attempt in range(5):
@@ -220,7 +225,7 @@ def match_objects(client: Any, url: str) -> list[S3Object]:
             keep, etags = _published_only(client, bucket, listed)
             found = [o for o in listed if not hidden_below(pattern, o.key) and not o.key.endswith("/") and keep(o)]
         else:
-            cut = min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)
+            cut = min(pattern.index(c) for c in GLOB_CHARS if c in pattern)
             depth = pattern.count("/")
             listed = list(list_objects(client, bucket, pattern[:cut]))
             keep, etags = _published_only(client, bucket, listed)

@@ -45,6 +45,7 @@ from conduit_dagster.engine.s3 import (
     join_key,
     list_objects,
     make_client,
+    parse_manifest,
 )
 from conduit_dagster.engine.spec import S3DestinationSpec
 
@@ -155,15 +156,12 @@ class S3Destination:
 
     def _parse_manifest(self, body: bytes) -> dict[str, Any]:
         try:
-            doc = json.loads(body)
-            if not isinstance(doc, dict) or not isinstance(doc.get("parts", []), list):
-                raise ValueError("not a manifest object")
+            return parse_manifest(body)
         except ValueError as exc:
             raise DestinationError(
                 f"destination {self.spec.name!r}: s3://{self.bucket}/{self.output}{MANIFEST} is damaged ({exc}); it names "
                 "the parts of the output. Restore it, or delete the output prefix for a full reload. Nothing was changed"
             ) from None
-        return doc
 
     def _check_output_is_ours(self, manifest: dict[str, Any] | None) -> None:
         if manifest is not None:

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from conduit_dagster.engine.errors import OrderingError, SourceError
 from conduit_dagster.engine.s3 import (
+    GLOB_CHARS,
     RangeReader,
     endpoint_of,
     explain,
@@ -46,7 +47,6 @@ BLOCK_SIZE = 8 << 20  # bytes read and parsed at a time: memory stays flat whate
 # Arrow's streaming CSV reader reads about 40 blocks ahead of its consumer (measured: peak Arrow memory 44 MB with
 # 1 MiB blocks, 80 MB with 2 MiB, the whole file with 8 MiB blocks under 320 MB), so CSV blocks are small.
 CSV_BLOCK_SIZE = 1 << 20
-_GLOB_CHARS = "*?["
 _ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
 _CSV_COLUMN_RE = re.compile(r"CSV column #(\d+)")
 
@@ -364,7 +364,7 @@ class FileSource:
             found = [(f"s3://{self.bucket}/{o.key}", o.key, o.size) for o in objects]
         else:
             base = ""
-            if any(c in path for c in _GLOB_CHARS):
+            if any(c in path for c in GLOB_CHARS):
                 names = glob.glob(path, recursive=True)
                 base = fixed_base(path)
             elif os.path.isdir(path):  # every file below it, as under an S3 prefix
