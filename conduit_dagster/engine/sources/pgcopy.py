@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from typing import IO, Any, Protocol
 
 import psycopg2
@@ -60,6 +61,10 @@ class CopyProducer(Protocol):
 
     def abort(self) -> None:
         """Stop early (the reader stopped reading)."""
+        ...
+
+    def close(self) -> None:
+        """Release the stream (and the connection's transaction)."""
         ...
 
 
@@ -195,3 +200,15 @@ class ThreadCopy:
             self.conn.rollback()
         except psycopg2.Error:
             pass
+
+
+def open_copy_producer(
+    spec: PostgresSourceSpec, conn: Any, copy_sql: bytes, redact: Callable[[str], str], *, use_psql: bool
+) -> CopyProducer:
+    """The producer for ``copy_sql``: the ``psql`` child when it is wanted, found and the connection is
+    expressible in its environment, else psycopg2's ``copy_expert`` on ``conn`` in a thread."""
+    psql = psql_path() if use_psql else None
+    env = psql_environment(spec) if psql else None
+    if psql and env is not None:
+        return PsqlCopy(psql, env, copy_sql, redact)
+    return ThreadCopy(conn, copy_sql)
