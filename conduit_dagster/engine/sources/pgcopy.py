@@ -177,7 +177,7 @@ class ThreadCopy:
 
         self.thread = threading.Thread(target=pump, name="conduit-copy", daemon=True)
         self.thread.start()
-        self.stream = os.fdopen(read_fd, "rb", buffering=0)
+        self.stream: IO[bytes] = os.fdopen(read_fd, "rb", buffering=0)
 
     def ended(self, timeout: float) -> bool:
         self.thread.join(timeout=timeout)
