@@ -1,8 +1,14 @@
 """Crash-anywhere harness: SIGKILL a pipeline at random instants, run it again, count lost and duplicated rows.
 
-Method. A PostgreSQL table of --rows rows (default 200,000) is created with three candidate
-checkpoint columns: `id` (unique bigint), `ts` (timestamptz, 40 rows share each value) and
-`code` (text, 25 rows share each value). Each trial picks the next (destination, column) pair
+Method. A PostgreSQL table of --rows rows (default 200,000) is created with six candidate
+checkpoint columns: `id` (unique bigint, multiples of 10), `ts` (timestamptz, 40 rows share each
+value), `code` (text, 25 rows share each value), `num` (unconstrained numeric: the first tenth
+-Infinity, the last fortieth Infinity, in between values such as 5 and 5.00 that PostgreSQL holds
+equal), `ch` (char(12), padded) and `ci` (citext, 'K0001' and 'k0001' equal to PostgreSQL, 50 rows
+each). With --late-inserts a thread inserts rows between existing ids while each trial runs, with
+the key values of an existing row, each in a transaction held open up to 0.4 s (it commits late,
+often behind the reader); such a row may or may not be loaded, but never twice, and is deleted
+after the trial. Each trial picks the next (destination, column) pair
 in turn, writes an ingest.yml for it, and starts the pipeline as its own process group with
 `python -m conduit_dagster.engine run` (the engine alone: the crash semantics are the engine's,
 and skipping Dagster's start-up puts more kills inside the loop). After a random delay drawn
@@ -15,6 +21,7 @@ counts of every hash are compared, so a duplicated row is seen even when another
     .venv/bin/python bench/crashtest.py --trials 50
     .venv/bin/python bench/crashtest.py --trials 6 --destinations parquet --columns ts
     .venv/bin/python bench/crashtest.py --trials 15 --destinations s3   # S3 Parquet + S3 checkpoints (moto_server)
+    .venv/bin/python bench/crashtest.py --trials 60 --columns num,ch,ci --late-inserts
 
 It prints a line per trial and a summary, and exits 1 if any row was lost or duplicated.
 """
@@ -29,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from decimal import Decimal
@@ -39,7 +47,7 @@ import psycopg2
 
 DSN = os.environ.get("CONDUIT_BENCH_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres")
 SCHEMA = f"conduit_crash_{os.getpid()}"  # one per run: two harness runs at once do not collide
-COLUMNS = "id, ts, code, amount, note"
+COLUMNS = "id, ts, code, amount, note, num, ch, ci"
 BATCH = 5_000
 
 
@@ -53,24 +61,89 @@ def canonical(value: Any) -> str:
     return repr(value)
 
 
+NUM = COLUMNS.split(", ").index("num")
+
+
 def row_hashes(rows: Any) -> Counter[str]:
-    return Counter(hashlib.sha256("\x1f".join(canonical(v) for v in row).encode()).hexdigest() for row in rows)
+    def values(row: tuple[Any, ...]) -> Any:
+        for i, v in enumerate(row):
+            # an unconstrained numeric lands in Parquet as PostgreSQL's text ('-Infinity', '1.50')
+            yield canonical(Decimal(v) if i == NUM and isinstance(v, str) else v)
+
+    return Counter(hashlib.sha256("\x1f".join(values(tuple(row))).encode()).hexdigest() for row in rows)
+
+
+LATE_SQL = """
+INSERT INTO {schema}.src
+SELECT %(id)s, s.ts, s.code, s.amount, 'late ' || %(id)s, s.num, s.ch, s.ci FROM {schema}.src AS s WHERE s.id = %(base)s
+RETURNING {columns}
+"""
+
+
+class LateInserts:
+    """Rows inserted while a trial runs, each in a transaction held open for a while (it commits late), with keys
+    between existing ones: equal to rows already read, inside a batch being replayed, or ahead of the reader."""
+
+    def __init__(self, rows: int, rng: random.Random) -> None:
+        self.rows, self.rng = rows, random.Random(rng.random())
+        self.hashes: Counter[str] = Counter()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn = psycopg2.connect(DSN)
+        used: set[int] = set()
+        try:
+            while not self.stop.is_set():
+                base = self.rng.randrange(1, self.rows) * 10
+                new_id = base + self.rng.randrange(1, 10)
+                if new_id in used:
+                    continue
+                used.add(new_id)
+                with conn.cursor() as cur:
+                    cur.execute("SET TimeZone = 'UTC'")
+                    cur.execute(LATE_SQL.format(schema=SCHEMA, columns=COLUMNS), {"id": new_id, "base": base})
+                    row = cur.fetchone()
+                    self.stop.wait(self.rng.uniform(0.0, 0.4))  # still uncommitted: the reader cannot see it yet
+                conn.commit()
+                self.hashes += row_hashes([row])
+        finally:
+            conn.close()
+
+    def finish(self) -> Counter[str]:
+        self.stop.set()
+        self.thread.join()
+        conn = psycopg2.connect(DSN)
+        conn.autocommit = True
+        conn.cursor().execute(f"DELETE FROM {SCHEMA}.src WHERE id % 10 <> 0")  # the next trial starts from the same rows
+        conn.close()
+        return self.hashes
 
 
 def setup(rows: int) -> Counter[str]:
     conn = psycopg2.connect(DSN)
     conn.autocommit = True
     with conn.cursor() as cur:
+        cur.execute("CREATE EXTENSION IF NOT EXISTS citext")
         cur.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
         cur.execute(f"CREATE SCHEMA {SCHEMA}")
+        # ids are multiples of 10, so that --late-inserts can add rows between them
         cur.execute(
             f"""
             CREATE TABLE {SCHEMA}.src AS
-            SELECT g::bigint AS id,
+            SELECT (g * 10)::bigint AS id,
                    timestamptz '2025-01-01 00:00:00+00' + (g / 40) * interval '1 second' AS ts,
                    'k' || lpad(((g * 7919) % ({rows} / 25 + 1))::text, 8, '0') AS code,
                    round((g * 1.7)::numeric, 2)::numeric(12, 2) AS amount,
-                   CASE WHEN g % 9 = 0 THEN NULL ELSE 'note, "' || g || E'"\\nend' END AS note
+                   CASE WHEN g % 9 = 0 THEN NULL ELSE 'note, "' || g || E'"\\nend' END AS note,
+                   CASE WHEN g <= {rows} / 10 THEN '-Infinity'::numeric
+                        WHEN g > {rows} - {rows} / 40 THEN 'Infinity'::numeric
+                        WHEN g % 2 = 0 THEN (g / 20)::numeric
+                        ELSE round((g / 20)::numeric, 2) END AS num,
+                   ('c' || lpad(((g * 7919) % ({rows} / 25 + 1))::text, 8, '0'))::char(12) AS ch,
+                   (CASE WHEN g % 2 = 0 THEN 'K' ELSE 'k' END || lpad(((g * 7919) % ({rows} / 50 + 1))::text, 8, '0'))::citext
+                       AS ci
             FROM generate_series(1, {rows}) AS g
             """
         )
@@ -212,6 +285,11 @@ def main() -> int:
     parser.add_argument("--columns", default="id,ts,code")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work folders")
+    parser.add_argument(
+        "--late-inserts",
+        action="store_true",
+        help="insert rows between existing keys while each trial runs, in transactions that commit late",
+    )
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     rng = random.Random(seed)
@@ -240,6 +318,7 @@ def main() -> int:
                 return 2
             clean_runtime[(destination, column)] = time.monotonic() - t0
         delay = rng.uniform(0, 1.2 * clean_runtime[(destination, column)])
+        late = LateInserts(args.rows, rng) if args.late_inserts else None
         proc = start(ingest, log)
         time.sleep(delay)
         killed = proc.poll() is None
@@ -268,8 +347,11 @@ def main() -> int:
                 print(f"trial {trial}: the rerun keeps failing:\n{log.read_text()[-3000:]}")
                 return 2
         got = destination_rows(work, destination)
+        late_rows: Counter[str] = late.finish() if late else Counter()
         lost = sum((source - got).values())
-        dup = sum((got - source).values())
+        # a row inserted during the run may or may not be loaded (keyset reading never looks behind itself), never twice
+        dup = sum((got - (source + late_rows)).values())
+        late_loaded = sum((got & late_rows).values())
         lost_total += lost
         dup_total += dup
         if lost or dup:
@@ -277,7 +359,7 @@ def main() -> int:
         state = f"SIGKILL at {delay:.3f} s, {phase}" if killed else f"no kill: done before {delay:.3f} s"
         print(
             f"trial {trial:3d} {destination:18s} {column:4s} {state:46s} reruns {reruns}  rows {sum(got.values()):,}  "
-            f"lost {lost}  duplicated {dup}",
+            f"lost {lost}  duplicated {dup}" + (f"  late rows {sum(late_rows.values())} (loaded {late_loaded})" if late else ""),
             flush=True,
         )
         if not args.keep:
