@@ -225,9 +225,10 @@ def match_objects(client: Any, url: str) -> list[S3Object]:
             keep, etags = _published_only(client, bucket, listed)
             found = [o for o in listed if not hidden_below(pattern, o.key) and not o.key.endswith("/") and keep(o)]
         else:
-            cut = min(pattern.index(c) for c in GLOB_CHARS if c in pattern)
             depth = pattern.count("/")
-            listed = list(list_objects(client, bucket, pattern[:cut]))
+            # Listed from the folder, not from the text before the wildcard: `out/part-*.parquet` must see
+            # `out/_conduit_manifest.json`, or the copies a crashed publish left beside the output would be read too.
+            listed = list(list_objects(client, bucket, fixed_base(pattern)))
             keep, etags = _published_only(client, bucket, listed)
             found = [
                 o
