@@ -117,7 +117,7 @@ ERRORS = [
         [":15:", "resources[0].bacth_size", "unknown key", "batch_size"],
     ),
     (("    query: SELECT 1", "    query: SELECT 1\n    batch_size: lots"), [":15:", "resources[0].batch_size", "whole number"]),
-    (("    query: SELECT 1", "    query: SELECT 1\n    batch_size: 0"), ["resources[0].batch_size", "at least 1"]),
+    (("    query: SELECT 1", "    query: SELECT 1\n    batch_size: 0"), ["resources[0].batch_size", "between 1 and 10000000"]),
     (("    query: SELECT 1", "    query: SELECT 1\n    resume: maybe"), ["resources[0].resume", "true or false"]),
     (("    source: s", "    source: nope"), [":12:", "resources[0].source", "unknown source 'nope'", "declared sources: s"]),
     (

@@ -3,11 +3,14 @@
 The file is validated once, here. Every error names the file, the line, the key path and the
 fix; no secret is ever echoed back. ``${VAR}`` and ``${VAR:-default}`` are substituted inside
 scalar values after YAML parsing, so an environment value can never change the document's
-structure.
+structure; inside a url they are percent-encoded, so they cannot change the URL's either. Keys
+whose text is shown or becomes SQL (query, description, names, columns, initial_value) refuse
+``${VAR}``. Unquoted scalars keep the text written (YAML 1.1 would read ``012345`` as 5349).
 """
 
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,12 +205,24 @@ class IngestSpec:
         raise SpecError(f"{self.path}: no resource named {name!r} (have: {', '.join(r.name for r in self.resources)})")
 
 
-# --- YAML with line numbers -------------------------------------------------------------
+# --- YAML with line numbers, scalars kept as written -------------------------------------
+
+_YAML = "tag:yaml.org,2002:"
+_MERGE_TAG = _YAML + "merge"
+_NULL_TAG = _YAML + "null"
+# A whole number as a person writes it: decimal digits, optionally grouped with _ (50_000). No leading zero, which YAML
+# 1.1 reads as octal (012345 -> 5349); no 0x/0b, no base 60 (12:30:45 -> 45045), no sign but -.
+_DECIMAL_RE = re.compile(r"-?(?:0|[1-9][0-9]*(?:_[0-9]+)*)")
+_FLOAT_RE = re.compile(r"-?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+_TRUE_WORDS = ("true", "yes", "on")
+_FALSE_WORDS = ("false", "no", "off")
+MAX_BATCH_SIZE = 10_000_000
 
 
 class _LineDict(dict[str, Any]):
     lines: dict[str, int]
     line: int
+    nulls: set[str]  # keys whose value was written as null, Null, NULL or ~ (rather than left empty)
 
 
 class _LineList(list[Any]):
@@ -215,22 +230,53 @@ class _LineList(list[Any]):
     line: int
 
 
+class _Plain(str):
+    """An unquoted scalar that YAML 1.1 would turn into a number, a boolean or a date, kept as the text written.
+
+    YAML 1.1 reads ``012345`` as 5349, ``12:30:45`` as 45045, ``1_000`` as 1000 and ``yes`` as True: in a password,
+    a database name or a query that is a silent change. Each key types its own value instead (``_Entry.integer``,
+    ``_Entry.boolean``, ``_initial_value``), and a text key gets exactly the characters in the file."""
+
+    kind: str  # what YAML 1.1 would have made of it: int, float, bool, timestamp or value (a lone =)
+
+
 class _Loader(yaml.SafeLoader):
     pass
+
+
+def _construct_plain(loader: _Loader, node: yaml.ScalarNode) -> _Plain:
+    value = _Plain(loader.construct_scalar(node))
+    value.kind = node.tag.removeprefix(_YAML)
+    return value
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LineDict:
     result = _LineDict()
     result.lines = {}
+    result.nulls = set()
     result.line = node.start_mark.line + 1
-    for key_node, value_node in node.value:
+    # `<<: *anchor` merges another mapping's keys, as YAML's merge key defines: flatten_mapping puts the merged
+    # pairs first, so this mapping's own keys override them; a merged key keeps the line it was written on.
+    own = sum(1 for key_node, _ in node.value if key_node.tag != _MERGE_TAG)
+    loader.flatten_mapping(node)
+    merged = len(node.value) - own
+    own_keys: set[str] = set()
+    for i, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, str):
             raise SpecError(f"{key_node.start_mark.line + 1}: keys must be strings, got {key!r}")
-        if key in result:
-            raise SpecError(f"{key_node.start_mark.line + 1}: key {key!r} appears twice; keep one")
-        result[key] = loader.construct_object(value_node, deep=True)
+        key = str(key)
+        if i >= merged:
+            if key in own_keys:
+                raise SpecError(f"{key_node.start_mark.line + 1}: key {key!r} appears twice; keep one")
+            own_keys.add(key)
+        value = loader.construct_object(value_node, deep=True)
+        result[key] = value
         result.lines[key] = key_node.start_mark.line + 1
+        if value is None and isinstance(value_node, yaml.ScalarNode) and value_node.tag == _NULL_TAG and value_node.value:
+            result.nulls.add(key)
+        else:
+            result.nulls.discard(key)
     return result
 
 
@@ -243,6 +289,14 @@ def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> _LineList:
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+for _kind in ("int", "float", "bool", "timestamp", "value"):
+    _Loader.add_constructor(_YAML + _kind, _construct_plain)
+
+
+def _bool_word(value: Any) -> bool | None:
+    """True or False for the words YAML 1.1 reads as booleans (in a boolean key they cannot mean anything else)."""
+    word = value.strip().lower() if isinstance(value, str) else None
+    return True if word in _TRUE_WORDS else False if word in _FALSE_WORDS else None
 
 
 class _Entry:
@@ -269,50 +323,87 @@ class _Entry:
         self.used.add(key)
         return self.data.get(key)
 
-    def sub(self, key: str, value: Any) -> Any:
+    def sub(self, key: str, value: Any, *, url: bool = False) -> Any:
         if isinstance(value, str):
-            result = substitute_env(value, lambda msg: self.fail(key, msg))
-            if result != value:
+            if _VAR_RE.search(value):
                 self.from_env.add(key)
-            return result
+            return substitute_env(value, lambda msg: self.fail(key, msg), quote=url)
         return value
+
+    def literal(self, key: str, value: Any) -> None:
+        """Refuse ``${VAR}`` in a key whose text is shown (Dagster UI, logs, database errors) or becomes SQL."""
+        m = _VAR_RE.search(value) if isinstance(value, str) else None
+        if m is None:
+            return
+        var = m.group(1)
+        if key == "query":
+            fix = (
+                "bind a changing value with :last_value (incremental_column / initial_value), or keep it in a table or "
+                "view the query reads; for a schema name set the source's `schema:`"
+            )
+            shown = "the query is shown in the Dagster UI and in database errors (LINE 2: ...)"
+        else:
+            fix = "write the value itself"
+            shown = f"{key} is shown as written in the Dagster UI, logs and errors"
+        raise self.fail(
+            key,
+            f"${{{var}}} is not substituted in `{key}`: {shown}, so an environment value there would be shown too. "
+            f"Fix: {fix}. Environment values belong in connection keys (password, url, user, host, aws_secret_access_key ...)",
+        )
 
     def show(self, key: str, value: Any) -> str:
         """A value for an error message; one that came from the environment is never echoed."""
         return "a value from the environment (not shown)" if key in self.from_env else _show(value)
 
-    def text(self, key: str, *, required: bool = False, default: str | None = None) -> str | None:
-        value = self.sub(key, self.raw(key))
+    def text(
+        self, key: str, *, required: bool = False, default: str | None = None, env: bool = True, url: bool = False
+    ) -> str | None:
+        """The text exactly as written (``env``: with ``${VAR}`` substituted; ``url``: substituted values encoded)."""
+        value = self.raw(key)
         if value is None:
+            if key in getattr(self.data, "nulls", ()):
+                raise self.fail(
+                    key,
+                    f"null (or ~) here would mean that {key} is not set; remove the line to leave it unset, "
+                    "or quote the value ('null') if that is the text",
+                )
             if required:
                 raise self.fail(None, f"missing required key {key!r}; add `{key}: ...`")
             return default
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise self.fail(key, f"expected a string, got {type(value).__name__}; write a plain value")
-        return str(value)
+        if not isinstance(value, str):
+            raise self.fail(key, f"expected a string, got {_show(value)}; write a plain value")
+        if not env:
+            self.literal(key, value)
+            return str(value)
+        return str(self.sub(key, value, url=url))
 
-    def integer(self, key: str, *, default: int, minimum: int = 1, maximum: int | None = None) -> int:
-        value = self.sub(key, self.raw(key))
+    def integer(self, key: str, *, default: int, minimum: int = 1, maximum: int | None = None, why: str = "") -> int:
+        value = self.raw(key)
         if value is None:
             return default
-        if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(key, f"expected a whole number, got {self.show(key, value)}; write e.g. `{key}: {default}`")
-        if value < minimum or (maximum is not None and value > maximum):
+        value = self.sub(key, value)
+        if not isinstance(value, str) or not _DECIMAL_RE.fullmatch(value.strip()):
+            raise self.fail(
+                key,
+                f"expected a whole number, got {self.show(key, value)}; write it as a plain decimal number "
+                f"(no leading 0, 0x, or :), e.g. `{key}: {default}`",
+            )
+        number = int(value.strip())
+        if number < minimum or (maximum is not None and number > maximum):
             limit = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-            raise self.fail(key, f"must be {limit}, got {self.show(key, value)}")
-        return value
+            reason = f"; {why}" if why and maximum is not None and number > maximum else ""
+            raise self.fail(key, f"must be {limit}, got {self.show(key, number)}{reason}")
+        return number
 
     def boolean(self, key: str) -> bool | None:
-        value = self.sub(key, self.raw(key))
+        value = self.raw(key)
         if value is None:
             return None
-        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
-            value = value.strip().lower() in ("true", "yes")
-        if not isinstance(value, bool):
+        value = self.sub(key, value)
+        result = _bool_word(value)
+        if result is None:
             raise self.fail(key, f"expected true or false, got {self.show(key, value)}")
-        return value
+        return result
 
     def choice(self, key: str, choices: tuple[str, ...], *, default: str | None = None) -> str:
         value = self.text(key, required=default is None, default=default)
@@ -322,7 +413,7 @@ class _Entry:
         return value
 
     def name(self, key: str = "name") -> str:
-        value = self.text(key, required=True)
+        value = self.text(key, required=True, env=False)
         assert value is not None
         if not NAME_RE.match(value):
             raise self.fail(key, f"{value!r} is not a valid name; use letters, digits and _ and start with a letter or _")
@@ -337,22 +428,29 @@ class _Entry:
 
 def _show(value: Any) -> str:
     if isinstance(value, str | int | float | bool):
-        return repr(value)
+        return repr(str(value)) if isinstance(value, str) else repr(value)
     return "a mapping" if isinstance(value, dict) else "a list" if isinstance(value, list) else type(value).__name__
 
 
-def substitute_env(value: str, fail: Any = None, env: Mapping[str, str] | None = None) -> str:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in one scalar value."""
+def substitute_env(value: str, fail: Any = None, env: Mapping[str, str] | None = None, *, quote: bool = False) -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in one scalar value.
+
+    ``quote`` (URLs): a ``${VAR}`` with other text around it is percent-encoded, so a password holding ``@``, ``:``,
+    ``/`` or ``#`` stays the password instead of moving the host; a value that is one ``${VAR}`` is a whole URL and
+    is used as it is."""
     env = os.environ if env is None else env
+    encode = quote and _VAR_RE.fullmatch(value) is None
 
     def repl(m: re.Match[str]) -> str:
         var, default = m.group(1), m.group(2)
         if var in env:
-            return env[var]
-        if default is not None:
-            return default
-        message = f"environment variable {var} is not set; export it or write ${{{var}:-default}}"
-        raise fail(message) if fail else SpecError(message)
+            found = env[var]
+        elif default is not None:
+            found = default
+        else:
+            message = f"environment variable {var} is not set; export it or write ${{{var}:-default}}"
+            raise fail(message) if fail else SpecError(message)
+        return urllib.parse.quote(found, safe="") if encode else found
 
     return _VAR_RE.sub(repl, value)
 
@@ -477,7 +575,7 @@ def _source(file: Path, e: _Entry) -> SourceSpec:
     name = e.name()
     kind = e.choice("type", SOURCE_TYPES)
     resume = bool(e.boolean("resume"))
-    column = e.text("checkpoint_column")
+    column = e.text("checkpoint_column", env=False)
     if kind == "file":
         return _file_source(file, e, name, resume, column)
     if kind == "sqlite":
@@ -489,7 +587,7 @@ def _source(file: Path, e: _Entry) -> SourceSpec:
 
 def _pg_connection(e: _Entry) -> dict[str, Any]:
     """The connection keys shared by PostgreSQL sources and destinations."""
-    url = e.text("url")
+    url = e.text("url", url=True)
     password = e.text("password")
     if url is not None:
         given = [k for k in ("host", "port", "database", "user", "password") if e.data.get(k) is not None]
@@ -497,6 +595,16 @@ def _pg_connection(e: _Entry) -> dict[str, Any]:
             raise e.fail("url", f"give either `url` or {', '.join(given)}, not both")
         if not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg2://")):
             raise e.fail("url", "must start with postgresql://; e.g. postgresql://user:${PG_PASSWORD}@host:5432/db")
+        rest = url.split("://", 1)[1]
+        if rest.count("@") > 1 or ("@" in rest and "/" in rest.partition("@")[0]):
+            # libpq takes the user and password up to the first @ (before any /): a raw @ or / in a password moves
+            # the host into the password or the password into the host, and the error would show a piece of it
+            raise e.fail(
+                "url",
+                "holds an @ or / that is not part of the URL's structure (the URL is not shown): percent-encode "
+                "them in a user name or password (@ as %40, / as %2F, : as %3A, # as %23, ? as %3F), or write the "
+                "password as ${VAR} inside the url (substituted values are encoded), or use the separate keys",
+            )
         return {"url": Secret(url), "schema": e.text("schema")}
     return {
         "host": e.text("host", default="127.0.0.1") or "127.0.0.1",
@@ -517,7 +625,7 @@ def _destination(file: Path, e: _Entry) -> DestinationSpec:
         keys = _columns(e, "primary_key")
         if mode == "merge" and not keys:
             raise e.fail(None, "mode merge needs `primary_key: [column, ...]` to upsert on")
-        table = e.text("table")
+        table = e.text("table", env=False)
         if table is not None and not NAME_RE.match(table):
             raise e.fail("table", f"{table!r} is not a valid table name; use letters, digits and _")
         return PostgresDestinationSpec(name=name, table=table, mode=mode, primary_key=keys, **_pg_connection(e))
@@ -571,15 +679,53 @@ def _columns(e: _Entry, key: str) -> tuple[str, ...]:
         raw = [raw]
     if not isinstance(raw, list) or not raw or not all(isinstance(c, str) for c in raw):
         raise e.fail(key, f"expected a column name or a list of them, e.g. `{key}: [id]`")
-    return tuple(raw)
+    for c in raw:
+        e.literal(key, c)
+    return tuple(str(c) for c in raw)
+
+
+def _initial_value(e: _Entry) -> Any:
+    """The :last_value of an incremental load's first run: a number, a date or time, or text (quoted, or any other word).
+
+    It is compared with the column's values, so a number YAML 1.1 reads differently from how it looks (012, 0x1F,
+    1:30, .inf) is refused rather than changed; an impossible date is refused rather than crashing the parser."""
+    raw = e.raw("initial_value")
+    if raw is None:
+        if "initial_value" in getattr(e.data, "nulls", ()):
+            raise e.fail("initial_value", "null is not a starting value; write the :last_value of the first run")
+        return None
+    if not isinstance(raw, str):
+        raise e.fail("initial_value", f"expected a number, a date or time, or text, got {_show(raw)}")
+    e.literal("initial_value", raw)
+    text = str(raw)
+    kind = raw.kind if isinstance(raw, _Plain) else "str"
+    if kind == "int" and _DECIMAL_RE.fullmatch(text):
+        return int(text)
+    if kind == "float" and _FLOAT_RE.fullmatch(text):
+        return float(text)
+    if kind == "timestamp":
+        try:
+            return yaml.constructor.SafeConstructor().construct_yaml_timestamp(yaml.ScalarNode(_YAML + "timestamp", text))
+        except ValueError:
+            raise e.fail(
+                "initial_value", f"{text!r} is not a valid date or time; write e.g. 2025-01-01 or 2025-01-01T00:00:00+00:00"
+            ) from None
+    if kind in ("int", "float", "bool"):
+        raise e.fail(
+            "initial_value",
+            f"{text!r} reads as {'a boolean' if kind == 'bool' else 'a number other than it looks'} in YAML 1.1; "
+            "write a number as plain decimal digits (e.g. 12345 or 1.5), or quote the value ('...') to compare it as text",
+        )
+    return text
 
 
 def _sensor(e: _Entry, column: str | None) -> int | None:
     """``sensor: true`` (checks every 60 s) or ``sensor: {interval: 300}``."""
     raw = e.raw("sensor")
-    if raw is None or raw is False:
+    on = _bool_word(e.sub("sensor", raw))
+    if raw is None or on is False:
         return None
-    if raw is True:
+    if on:
         interval = 60
     elif isinstance(raw, dict):
         sub = _Entry(e.file, raw, f"{e.path}.sensor", getattr(raw, "line", e.line))
@@ -606,7 +752,13 @@ def _checkpoints(file: Path, doc: "_LineDict") -> CheckpointsSpec | None:
     e = _Entry(file, raw, "checkpoints", getattr(raw, "line", line))
     kind = e.choice("type", ("local", "s3"), default="local")
     e.finish(_CHECKPOINT_KEYS)
-    lease = e.integer("lease_seconds", default=60, minimum=10, maximum=3600)  # checkpoint_s3.MIN_LEASE_SECONDS
+    lease = e.integer(
+        "lease_seconds",
+        default=60,
+        minimum=10,  # checkpoint_s3.MIN_LEASE_SECONDS
+        maximum=3600,
+        why="a shorter lease cannot be renewed in time; with a longer one a crashed run blocks its retry for that long",
+    )
     conditional = e.boolean("conditional_writes")
     if kind == "local":
         for key in ("bucket", "prefix", "endpoint_url", "region", "lease_seconds", "conditional_writes"):
@@ -692,11 +844,15 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
             raise e.fail("name", f"duplicate resource name {name!r}; names must be unique")
         source_name = e.text("source", required=True)
         if source_name not in sources:
-            raise e.fail("source", f"unknown source {source_name!r}; declared sources: {', '.join(sources) or 'none'}")
+            raise e.fail(
+                "source", f"unknown source {e.show('source', source_name)}; declared sources: {', '.join(sources) or 'none'}"
+            )
         dest_name = e.text("destination", required=True)
         if dest_name not in destinations:
             raise e.fail(
-                "destination", f"unknown destination {dest_name!r}; declared destinations: {', '.join(destinations) or 'none'}"
+                "destination",
+                f"unknown destination {e.show('destination', dest_name)}; "
+                f"declared destinations: {', '.join(destinations) or 'none'}",
             )
         source = sources[source_name]
         if isinstance(source, FileSourceSpec):
@@ -704,7 +860,7 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
                 raise e.fail("query", f"source {source_name!r} reads files, which have no query; remove `query`")
             query = ""
         else:
-            query = e.text("query", required=True) or ""
+            query = e.text("query", required=True, env=False) or ""
             try:
                 clean_query(query)
             except SpecError as exc:
@@ -719,11 +875,11 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
                         f"{dest_name!r}; give each its own destination, or leave `table` out (it defaults to the resource name)",
                     )
         resume = e.boolean("resume")
-        explicit_column = e.text("checkpoint_column")
+        explicit_column = e.text("checkpoint_column", env=False)
         resume = source.resume if resume is None else resume
         column = explicit_column or source.checkpoint_column
-        incremental_column = e.text("incremental_column")
-        initial_value = e.sub("initial_value", e.raw("initial_value"))
+        incremental_column = e.text("incremental_column", env=False)
+        initial_value = _initial_value(e)
         if isinstance(source, FileSourceSpec) and incremental_column is not None:
             raise e.fail(
                 "incremental_column",
@@ -737,7 +893,7 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
                 "(e.g. WHERE updated_at >= :last_value); give both or neither",
             )
         if incremental_column is not None:
-            if initial_value is None or isinstance(initial_value, dict | list | bool):
+            if initial_value is None:
                 raise e.fail(
                     "initial_value" if "initial_value" in e.data else None,
                     "an incremental load needs `initial_value:` (the :last_value of its first run), "
@@ -775,8 +931,14 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
             source=source,
             destination=destination,
             query=query,
-            batch_size=e.integer("batch_size", default=DEFAULT_BATCH_SIZE),
-            description=e.text("description"),
+            batch_size=e.integer(
+                "batch_size",
+                default=DEFAULT_BATCH_SIZE,
+                maximum=MAX_BATCH_SIZE,
+                why="a batch is held in memory whole and written as one part file or one transaction; "
+                "a larger batch does not load faster",
+            ),
+            description=e.text("description", env=False),
             resume=resume,
             checkpoint_column=column,
             schedule=cron,
