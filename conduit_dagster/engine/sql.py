@@ -13,6 +13,17 @@ import re
 from conduit_dagster.engine.errors import SpecError
 
 
+def _identifier_char(c: str) -> bool:
+    return c.isalnum() or c in "_$"
+
+
+def _escape_string(sql: str, i: int) -> bool:
+    """Whether the quote at ``i`` opens a PostgreSQL escape string: ``E'`` or ``e'`` where the E is a token of its own
+    (not the end of an identifier such as ``name'`` or ``typE'``). U&'...' and standard strings have no backslash escapes
+    (standard_conforming_strings is on in conduit's sessions)."""
+    return i >= 1 and sql[i - 1] in "eE" and (i < 2 or not _identifier_char(sql[i - 2]))
+
+
 def _scan(sql: str) -> list[tuple[int, int, str]]:
     """Split ``sql`` into spans of kind 'code', 'comment', 'string' or 'semicolon'."""
     spans: list[tuple[int, int, str]] = []
@@ -46,6 +57,24 @@ def _scan(sql: str) -> list[tuple[int, int, str]]:
                 raise SpecError("the query has an unterminated /* comment")
             spans.append((i, j, "comment"))
             i = start = j
+        elif c == "'" and _escape_string(sql, i):
+            # E'...': a backslash escapes the next character, so E'it\'s' is one string
+            flush(i)
+            j = i + 1
+            while True:
+                k = j
+                while k < n and sql[k] not in "'\\":
+                    k += 1
+                if k >= n:
+                    raise SpecError("the query has an unterminated E' quote")
+                if sql[k] == "\\":
+                    j = k + 2
+                elif sql.startswith("''", k):
+                    j = k + 2
+                else:
+                    break
+            spans.append((i, k + 1, "string"))
+            i = start = k + 1
         elif c in ("'", '"', "`"):
             flush(i)
             j = i + 1
@@ -112,18 +141,23 @@ def wrap_query(
     param: str,
     collate: str | None = None,
     cast: str | None = None,
+    expression: str | None = None,
 ) -> str:
     """The SELECT to run: the user's query as a subquery, filtered past ``param`` and ordered.
 
     ``param`` is the driver's placeholder (``:v``, ``%(v)s``); the value is never pasted in.
     ``collate`` forces an ordering that matches Python's (``"C"`` for PostgreSQL text).
     ``cast`` types the parameter as the column's own type, so that ``>`` compares like with like.
+    ``expression`` (with ``{col}`` for the column) orders and compares something other than the bare column,
+    e.g. ``({col})::text COLLATE "C"``; it replaces ``collate``.
     """
     inner = clean_query(query)
     if column is None:
         return inner
     col = f"conduit_src.{quote_ident(column)}"
-    if collate:
+    if expression:
+        col = expression.replace("{col}", col)
+    elif collate:
         col = f"{col} COLLATE {quote_ident(collate)}"
     sql = f"SELECT * FROM (\n{inner}\n) AS conduit_src"
     if resume:

@@ -1,16 +1,23 @@
-"""PostgreSQL source: a server-side (named) cursor, so memory is bounded by the fetch size.
+"""PostgreSQL source: COPY parsed by Arrow, or a server-side (named) cursor; memory is bounded either way.
 
 The column types come from PostgreSQL's type OIDs, not from the values, so every batch (and
-every resumed run) writes the same Arrow schema. The resume parameter is cast to the column's
-own type and text columns are compared with COLLATE "C", so that PostgreSQL's ``>`` and
-ORDER BY agree with each other and with Python's ordering of the values we checkpoint.
+every resumed run) writes the same Arrow schema.
+
+A resume is exact only if PostgreSQL's ORDER BY and ``>`` agree with the equality and order of the
+checkpoint values conduit hands over. So a checkpoint column must have one of the types for which
+that holds (``_key_plan``); others are refused with the way out (CAST to text). Text is compared
+byte-wise (COLLATE "C", or ``::text COLLATE "C"`` for types such as citext whose own equality is not
+byte equality), and the resume value is cast to the column's unconstrained base type
+(``pg_catalog.bpchar``, not ``character``, which means char(1)), so nothing truncates or rounds it.
 """
 
 import datetime as dt
 import itertools
+import math
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -52,7 +59,8 @@ _OID_TYPES: dict[int, pa.DataType] = {
     1083: pa.time64("us"),
     1114: pa.timestamp("us"),
     1184: pa.timestamp("us", tz="UTC"),
-    1186: pa.duration("us"),
+    # interval (1186) is carried as PostgreSQL's text (IntervalStyle postgres): a duration would turn
+    # '1 mon' into 30 days
     # one-dimensional arrays of simple types (a multi-dimensional one fails with a clear error)
     1000: pa.list_(pa.bool_()),
     1005: pa.list_(pa.int16()),
@@ -66,36 +74,81 @@ _OID_TYPES: dict[int, pa.DataType] = {
     1115: pa.list_(pa.timestamp("us")),
     1185: pa.list_(pa.timestamp("us", tz="UTC")),
 }
-# Array types psycopg2 would turn into Python lists of objects we do not map: kept as PostgreSQL's text.
-_RAW_TEXT_OIDS = (1231, 2951, 199, 3807, 1187, 1183, 1001, 1014, 1003, 1028, 1041, 651, 1270, 1263)
+# Types psycopg2 would turn into Python objects we do not map (arrays of them, intervals, whose timedelta
+# would make '1 mon' 30 days): kept as PostgreSQL's text, as COPY gives them.
+_RAW_TEXT_OIDS = (1231, 2951, 199, 3807, 1187, 1183, 1001, 1014, 1003, 1028, 1041, 651, 1270, 1263, 1186)
 _RAW_TEXT = psycopg2.extensions.new_type(_RAW_TEXT_OIDS, "CONDUIT_RAW_TEXT", lambda value, cur: value)
-_TEMPORAL_OIDS = (1082, 1114, 1184)
-# Columns CSV cannot carry into their Arrow type: arrays (become lists) and intervals (durations).
-_CURSOR_ONLY_OIDS = frozenset({1186} | {oid for oid, t in _OID_TYPES.items() if pa.types.is_list(t)})
-# Key types whose Arrow order is PostgreSQL's (text compared with COLLATE "C"): checked without Python objects.
-_ARROW_ORDERED = (
-    pa.types.is_integer,
-    pa.types.is_floating,
-    pa.types.is_decimal,
-    pa.types.is_date,
-    pa.types.is_timestamp,
-    pa.types.is_string,
-    pa.types.is_binary,
-)
+# Columns CSV cannot carry into their Arrow type: arrays (become lists).
+_CURSOR_ONLY_OIDS = frozenset({oid for oid, t in _OID_TYPES.items() if pa.types.is_list(t)})
+_NUMERIC = 1700
+_BPCHAR = 1042
 
-
-_TEXT_OIDS = frozenset({25, 1043, 1042, 19})
-# The Python type a checkpoint value of each column type has (numeric: Decimal, whatever its Arrow type).
+# Checkpoint column types (by base type OID) whose PostgreSQL equality and order are those of the values
+# conduit hands over, with the Python type of those values. bool is exact too but has no entry: the runner
+# refuses bool checkpoint values of any other type.
 _KEY_TYPES: dict[int, tuple[type, ...]] = {
-    **dict.fromkeys((20, 21, 23, 26), (int,)),
-    **dict.fromkeys((700, 701), (float,)),
-    1700: (Decimal,),
-    **dict.fromkeys(_TEXT_OIDS, (str,)),
+    **dict.fromkeys((20, 21, 23, 26), (int,)),  # int8, int2, int4, oid
+    **dict.fromkeys((700, 701), (float,)),  # -0.0 = 0.0 on both sides; NaN is refused before reading
+    _NUMERIC: (Decimal,),  # 1.0 = 1.00 on both sides; ±Infinity are bound as text (psycopg2 would send NaN)
     1082: (dt.date,),
     1114: (dt.datetime,),
     1184: (dt.datetime,),
-    17: (bytes,),
+    17: (bytes,),  # memcmp, then length: Python's bytes order
+    2950: (str,),  # uuid: memcmp of the 16 bytes = order of its lower-case hex text
+    1560: (str,),  # bit, varbit: the first differing bit, then length = order of the '0'/'1' text
+    1562: (str,),
+    **dict.fromkeys((25, 1043, 19, _BPCHAR), (str,)),  # compared with COLLATE "C": byte-wise
 }
+_PLAIN_KEYS = frozenset(_KEY_TYPES) - {25, 1043, 19, _BPCHAR} | {16}
+_COLLATE_KEYS = frozenset({25, 1043, 19, _BPCHAR})
+# Key types that can hold a value sorting after every other one that is no resume point: NaN (equal to
+# nothing in Python), 'infinity' (no Arrow date or timestamp holds it).
+_SENTINEL_KEYS = {700: "NaN", 701: "NaN", _NUMERIC: "NaN", 1082: "infinity", 1114: "infinity", 1184: "infinity"}
+# Why some common types cannot be checkpoint columns.
+_REFUSED_WHY = {
+    1186: "'1 mon' = '30 days' in PostgreSQL, but not as values",
+    1083: "a checkpoint cannot hold a time of day",
+    1266: "time with time zone is ordered by its UTC time, not by the value read",
+    869: "inet is ordered by address family and netmask, not by its text",
+    650: "cidr is ordered by address family and netmask, not by its text",
+    3802: "jsonb is ordered by its own rules, not by its text",
+    114: "json has no ordering",
+    790: "money is read as formatted text",
+}
+
+
+@dataclass(frozen=True)
+class _Key:
+    """How the checkpoint column is ordered and compared, the same way in every statement."""
+
+    column: str
+    oid: int  # the base type's (for a domain, the type it is over)
+    type_name: str  # as the user wrote it, for messages
+    cast: str  # the unconstrained base type the bound value is cast to, quoted
+    order: str  # "plain": the column itself; "collate": COLLATE "C"; "text": ::text COLLATE "C"
+
+    def expr(self, col: str) -> str:
+        if self.order == "collate":
+            return f'{col} COLLATE "C"'
+        if self.order == "text":
+            return f'({col})::pg_catalog.text COLLATE "C"'
+        return col
+
+    def bound(self, placeholder: str) -> str:
+        value = f"CAST({placeholder} AS {self.cast})"
+        return f'({value} COLLATE "C")' if self.order != "plain" else value
+
+    def param(self, value: Any) -> Any:
+        return _bind_value(value)
+
+
+def _bind_value(value: Any) -> Any:
+    """psycopg2 sends every non-finite Decimal as 'NaN'::numeric: send its text, which the CAST reads exactly."""
+    return str(value) if isinstance(value, Decimal) else value
+
+
+def _is_nan(value: Any) -> bool:
+    return (isinstance(value, float) and math.isnan(value)) or (isinstance(value, Decimal) and value.is_nan())
 
 
 def _open_csv(stream: Any, names: list[str], types: dict[str, pa.DataType], fetch_size: int) -> pacsv.CSVStreamingReader:
@@ -144,24 +197,46 @@ def _finish_types(batch: pa.RecordBatch, types: list[pa.DataType | None]) -> pa.
     return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
 
 
-def _arrow_keys(array: pa.Array, oid: int, arrow_t: pa.DataType | None) -> list[Any] | pa.Array:
-    if oid == 1700 and pa.types.is_string(arrow_t):  # numeric without a precision lands as text, orders as a number
+def _arrow_keys(array: pa.Array, key: _Key, arrow_t: pa.DataType | None) -> list[Any] | pa.Array:
+    """The checkpoint values of a COPY chunk: the Arrow array itself (Arrow orders every exact key type as
+    PostgreSQL does with the rules of ``_Key``), except numeric without a precision, which lands as text."""
+    if key.oid == _NUMERIC and pa.types.is_string(arrow_t):
         return [None if v is None else Decimal(v) for v in array.to_pylist()]
-    if oid in _TEXT_OIDS or (arrow_t is not None and not pa.types.is_string(arrow_t) and any(c(arrow_t) for c in _ARROW_ORDERED)):
-        return array
-    return array.to_pylist()
+    return array
 
 
-_INFINITE = {dt.date.max, dt.date.min, dt.datetime.max, dt.datetime.min}
+def _unloadable(kind: str) -> Any:
+    """A cursor typecaster for ``kind`` that refuses what COPY's Arrow parse refuses too: 'infinity' (psycopg2
+    would make it date.max, a real date, silently) and BC dates."""
+
+    def cast(value: str | None, cur: Any) -> Any:
+        if value is not None and (value.endswith("infinity") or value.endswith(" BC")):
+            raise _Unloadable(value)
+        return kind_caster(value, cur)
+
+    kind_caster = {"date": psycopg2.extensions.DATE, "timestamp": psycopg2.extensions.PYDATETIME}.get(
+        kind, psycopg2.extensions.PYDATETIMETZ
+    )
+    return cast
 
 
-def _check_finite(keys: list[Any], column: str) -> None:
-    for k in keys:
-        if k is not None and (k.replace(tzinfo=None) if isinstance(k, dt.datetime) else k) in _INFINITE:
-            raise OrderingError(
-                f"checkpoint column {column!r} holds 'infinity' (or the largest/smallest date), which cannot be a "
-                f"resume point: filter it out (WHERE {column} <> 'infinity') or pick another column"
-            )
+class _Unloadable(Exception):
+    pass
+
+
+_DATE = psycopg2.extensions.new_type((1082,), "CONDUIT_DATE", _unloadable("date"))
+_TIMESTAMP = psycopg2.extensions.new_type((1114,), "CONDUIT_TIMESTAMP", _unloadable("timestamp"))
+_TIMESTAMPTZ = psycopg2.extensions.new_type((1184,), "CONDUIT_TIMESTAMPTZ", _unloadable("timestamptz"))
+_CURSOR_TYPES = (
+    _DATE,
+    _TIMESTAMP,
+    _TIMESTAMPTZ,
+    psycopg2.extensions.new_array_type((1182,), "CONDUIT_DATE_ARRAY", _DATE),
+    psycopg2.extensions.new_array_type((1115,), "CONDUIT_TIMESTAMP_ARRAY", _TIMESTAMP),
+    psycopg2.extensions.new_array_type((1185,), "CONDUIT_TIMESTAMPTZ_ARRAY", _TIMESTAMPTZ),
+    # numeric as PostgreSQL's own text, as COPY gives it (str(Decimal) would write '1E-30' or '0E-7')
+    psycopg2.extensions.new_type((_NUMERIC,), "CONDUIT_NUMERIC_TEXT", lambda value, cur: value),
+)
 
 
 def arrow_type(column: Any) -> pa.DataType | None:
@@ -189,7 +264,12 @@ class PostgresSource:
         psycopg2.extensions.register_type(_RAW_TEXT, self.conn)
         with self.conn.cursor() as cur:
             # Text output that parses back exactly: UTC ISO timestamps, shortest-exact floats.
-            cur.execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3; SET bytea_output = 'hex'")
+            # Text output that parses back exactly: UTC ISO timestamps, shortest-exact floats, intervals in the
+            # 'postgres' style every PostgreSQL reads back ('1 year -1 mons', never '1-1' or 'P1Y').
+            cur.execute(
+                "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3; SET bytea_output = 'hex'; "
+                "SET IntervalStyle = 'postgres'"
+            )
             if spec.schema:
                 cur.execute("SELECT set_config('search_path', %s, false)", (spec.schema,))
         self.conn.commit()
@@ -203,35 +283,80 @@ class PostgresSource:
 
     def bind(self, params: dict[str, Any]) -> None:
         """Values for the query's named placeholders (``:last_value``), bound as parameters in every statement."""
+        for name, value in params.items():
+            if _is_nan(value):
+                raise OrderingError(
+                    f"source {self.spec.name!r}: the incremental bound :{name} is {value!r}, which cannot be a resume point "
+                    "(NaN equals nothing); the stored state was edited: start the incremental load over"
+                )
         self.params = dict(params)
 
-    def _text(self, query: str, *, text_key: bool = False) -> str:
+    def _text(self, query: str, key: _Key | None = None) -> str:
         """The user's query for psycopg2: trailing ';'/comments off, literal % doubled, :last_value a parameter.
 
-        ``text_key``: the incremental column is text, which conduit orders with COLLATE "C"; the user's
-        ``col >= :last_value`` must compare the same way, so the parameter carries that collation."""
-        placeholder = '(%(last_value)s COLLATE "C")' if text_key else "%(last_value)s"
+        ``key``: the incremental column, ordered as conduit orders it; the user's ``col >= :last_value`` must
+        compare the same way, so the parameter is cast to the column's base type and carries its collation
+        (citext then compares as text: byte-wise, not case-insensitively)."""
+        if key is not None:
+            placeholder = key.bound("%(last_value)s")
+        elif isinstance(self.params.get("last_value"), Decimal):
+            placeholder = "CAST(%(last_value)s AS pg_catalog.numeric)"
+        else:
+            placeholder = "%(last_value)s"
         return replace_last_value(clean_query(query).replace("%", "%%"), placeholder)
 
-    def _probe(self, query: str, column: str | None) -> tuple[list[Any], str | None, bool]:
-        """The result's column descriptions, and the checkpoint column's SQL type name and text-ness."""
+    def _params(self, **extra: Any) -> dict[str, Any]:
+        return {**{k: _bind_value(v) for k, v in self.params.items()}, **{k: _bind_value(v) for k, v in extra.items()}}
+
+    def _probe(self, query: str, column: str | None) -> tuple[list[Any], _Key | None]:
+        """The result's column descriptions, and how its checkpoint column is ordered (refused if it cannot be exact)."""
         probe = f"SELECT * FROM (\n{self._text(query)}\n) AS conduit_src LIMIT 0"
         with self.conn.cursor() as cur:
-            cur.execute(probe, self.params)
+            cur.execute(probe, self._params())
             description = list(cur.description)
             if column is None:
                 self.conn.rollback()
-                return description, None, False
+                return description, None
             names = [d.name for d in description]
-            oid = description[key_index(names, column, f"source {self.spec.name!r}")].type_code
-            cur.execute("SELECT format_type(oid, NULL), typcategory FROM pg_type WHERE oid = %s", (oid,))
-            type_name, category = cur.fetchone()
+            key = self._key_plan(cur, column, description[key_index(names, column, f"source {self.spec.name!r}")])
         self.conn.rollback()
-        return description, type_name, category == "S"
+        return description, key
+
+    def _key_plan(self, cur: Any, column: str, desc: Any) -> _Key:
+        sql = (
+            "SELECT t.typname, n.nspname, t.typcategory, t.typtype, t.typbasetype, format_type(t.oid, NULL) "
+            "FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.oid = %s"
+        )
+        oid = desc.type_code
+        cur.execute(sql, (oid,))
+        typname, nspname, category, typtype, basetype, shown = cur.fetchone()
+        type_name = shown
+        while typtype == "d":  # a domain orders and compares as the type it is over
+            oid = basetype
+            cur.execute(sql, (oid,))
+            typname, nspname, category, typtype, basetype, shown = cur.fetchone()
+        cast = f"{quote_ident(nspname)}.{quote_ident(typname)}"
+        if oid in _PLAIN_KEYS:
+            return _Key(column, oid, type_name, cast, "plain")
+        if oid == _BPCHAR and (desc.internal_size is None or desc.internal_size < 0):
+            why = "character values without a length compare ignoring trailing spaces ('a' = 'a ')"
+        elif oid in _COLLATE_KEYS:
+            return _Key(column, oid, type_name, cast, "collate")
+        elif category == "S":  # citext and the like: their own equality is not byte equality, their text's is
+            return _Key(column, oid, type_name, "pg_catalog.text", "text")
+        elif typtype == "e":
+            why = "an enum is ordered by its declaration, not by its text"
+        else:
+            why = _REFUSED_WHY.get(oid, "PostgreSQL orders it otherwise than the values conduit reads")
+        raise SourceError(
+            f"source {self.spec.name!r}: checkpoint column {column!r} has type {type_name}, which cannot resume exactly "
+            f"({why}): rows could be skipped or read twice. CAST it to text in the query (e.g. {column}::text AS "
+            f"{column}) or pick another checkpoint column"
+        )
 
     def probe(self, query: str, column: str | None) -> list[str]:
         try:
-            description, _, _ = self._probe(query, column)
+            description, _ = self._probe(query, column)
         except psycopg2.Error as exc:
             self.conn.rollback()
             raise self._fail("query failed", exc) from None
@@ -240,15 +365,13 @@ class PostgresSource:
     def count(self, query: str, upto: tuple[str, Any] | None = None) -> int:
         try:
             sql = f"SELECT count(*) FROM (\n{self._text(query)}\n) AS conduit_src"
-            params = dict(self.params)
+            params = self._params()
             if upto is not None:  # the rows up to a value, in the order resume uses
-                _, _, is_text = self._probe(query, upto[0])
-                sql = (
-                    f"SELECT count(*) FROM (\n{self._text(query, text_key=is_text and 'last_value' in params)}\n) AS conduit_src"
-                )
-                collate = ' COLLATE "C"' if is_text else ""
-                sql += f" WHERE {quote_ident(upto[0])}{collate} <= %(upto)s"
-                params["upto"] = upto[1]
+                _, key = self._probe(query, upto[0])
+                assert key is not None
+                col = key.expr(f"conduit_src.{quote_ident(upto[0])}")
+                sql = f"SELECT count(*) FROM (\n{self._text(query, key)}\n) AS conduit_src WHERE {col} <= {key.bound('%(upto)s')}"
+                params = self._params(upto=upto[1])
             with self.conn.cursor() as cur:
                 cur.execute(sql, params)
                 n = int(cur.fetchone()[0])
@@ -260,11 +383,13 @@ class PostgresSource:
 
     def max_value(self, query: str, column: str) -> Any:
         try:
-            _, _, is_text = self._probe(query, column)
-            col = quote_ident(column) + (' COLLATE "C"' if is_text else "")
+            _, key = self._probe(query, column)
+            assert key is not None
+            col = f"max({key.expr(f'conduit_src.{quote_ident(column)}')})"
+            if key.oid == 700:  # real: the float of its exact value, as the checkpoint holds it, not of its short text
+                col += "::pg_catalog.float8"
             with self.conn.cursor() as cur:
-                inner = self._text(query, text_key=is_text and "last_value" in self.params)
-                cur.execute(f"SELECT max({col}) FROM (\n{inner}\n) AS conduit_src", self.params)
+                cur.execute(f"SELECT {col} FROM (\n{self._text(query, key)}\n) AS conduit_src", self._params())
                 value = cur.fetchone()[0]
             self.conn.rollback()
         except psycopg2.Error as exc:
@@ -274,40 +399,65 @@ class PostgresSource:
 
     def key_type(self, query: str, column: str) -> tuple[type, ...] | None:
         try:
-            description, _, _ = self._probe(query, column)
+            _, key = self._probe(query, column)
         except psycopg2.Error as exc:
             self.conn.rollback()
             raise self._fail("query failed", exc) from None
-        oid = next(d.type_code for d in description if d.name == column)
-        return _KEY_TYPES.get(oid)
+        assert key is not None
+        return _KEY_TYPES.get(key.oid)
+
+    def _check_sentinel(self, text: str, key: _Key) -> None:
+        """Refuse a checkpoint column holding NaN or 'infinity' before any row is read. Both sort after every other
+        value, so the largest value tells: one aggregate (an index lookup where the column has an index) instead of
+        a run that fails at its very end, after all other rows were written and checkpointed."""
+        sentinel = _SENTINEL_KEYS.get(key.oid)
+        if sentinel is None:
+            return
+        col = key.expr(f"conduit_src.{quote_ident(key.column)}")
+        with self.conn.cursor() as cur:
+            cur.execute(f"SELECT max({col})::text FROM (\n{text}\n) AS conduit_src", self._params())
+            largest = cur.fetchone()[0]
+        self.conn.rollback()
+        if largest != sentinel:
+            return
+        fix = f"WHERE {key.column} <> 'NaN'" if sentinel == "NaN" else f"WHERE isfinite({key.column})"
+        what = "equals nothing, so no resume point can be past it" if sentinel == "NaN" else "fits no Arrow date or timestamp"
+        raise OrderingError(
+            f"source {self.spec.name!r}: checkpoint column {key.column!r} holds {sentinel!r}, which {what}; nothing was "
+            f"read or written. Filter it out in the query ({fix}) or pick another checkpoint column"
+        )
 
     def read(self, query: str, column: str | None, after: Any, *, resume: bool, fetch_size: int) -> Iterator[Chunk]:
         """COPY the wrapped query out as CSV and parse it with Arrow (the fast path), or, for columns
-        CSV cannot carry faithfully (arrays, intervals), stream it through a server-side cursor."""
+        CSV cannot carry faithfully (arrays), stream it through a server-side cursor."""
+        if resume and _is_nan(after):
+            raise OrderingError(
+                f"source {self.spec.name!r}: the checkpoint's last value of {column!r} is {after!r}, which cannot be a "
+                "resume point (NaN equals nothing); the checkpoint was edited: start over"
+            )
         try:
-            description, cast, is_text = self._probe(query, column)
-        except SourceError:
-            self.conn.rollback()
-            raise
+            description, key = self._probe(query, column)
+            text = self._text(query, key)
+            if key is not None:
+                self._check_sentinel(text, key)
         except psycopg2.Error as exc:
             self.conn.rollback()
             raise self._fail("query failed", exc) from None
         # psycopg2 formats the text when parameters are given: a literal % must be doubled.
-        text_key = is_text and "last_value" in self.params
         sql = wrap_query(
-            self._text(query, text_key=text_key),
+            text,
             column,
             resume=resume,
             param="%(v)s",
-            collate="C" if is_text else None,
-            cast=cast,
+            cast=key.cast if key is not None else None,
+            expression=key.expr("{col}") if key is not None else None,
         )
-        params = {**self.params, "v": after} if resume else dict(self.params)
+        params = self._params(v=after) if resume else self._params()
         schema = self._schema(description, [arrow_type(d) for d in description])
         if self.use_copy and all(d.type_code not in _CURSOR_ONLY_OIDS for d in description):
-            yield from self._read_copy(sql, params, description, schema, column, fetch_size)
+            yield from self._read_copy(sql, params, description, schema, key, fetch_size)
         else:
-            yield from self._read_cursor(sql, params, schema, column, fetch_size)
+            yield from self._read_cursor(sql, params, description, schema, key, fetch_size)
 
     def _schema(self, description: list[Any], types: list[pa.DataType | None]) -> pa.Schema:
         """The Arrow schema, each field carrying its PostgreSQL type name (``conduit.pg_type``): a PostgreSQL
@@ -326,13 +476,12 @@ class PostgresSource:
         return pa.schema(fields)
 
     def _read_copy(
-        self, sql: str, params: dict[str, Any], description: list[Any], schema: pa.Schema, column: str | None, fetch_size: int
+        self, sql: str, params: dict[str, Any], description: list[Any], schema: pa.Schema, key: _Key | None, fetch_size: int
     ) -> Iterator[Chunk]:
         names = [d.name for d in description]
         final_types = [arrow_type(d) for d in description]
         parse_types = {n: (pa.string() if t == pa.binary() else t) for n, t in zip(names, final_types, strict=True)}
-        idx = names.index(column) if column is not None else None
-        key_oid = description[idx].type_code if idx is not None else 0
+        idx = names.index(key.column) if key is not None else None
         key_type = final_types[idx] if idx is not None else None
         with self.conn.cursor() as cur:
             # Binding happens client-side in psycopg2 either way; COPY takes no parameters, so the literal is
@@ -362,7 +511,7 @@ class PostgresSource:
                 if batch.num_rows == 0:
                     continue
                 batch = pa.RecordBatch.from_arrays(_finish_types(batch, final_types).columns, schema=schema)
-                keys = _arrow_keys(batch.column(idx), key_oid, key_type) if idx is not None else None
+                keys = _arrow_keys(batch.column(idx), key, key_type) if key is not None and idx is not None else None
                 if held is not None:
                     yield held
                 held = Chunk(batch, keys)
@@ -399,43 +548,57 @@ class PostgresSource:
             producer.close()
 
     def _read_cursor(
-        self, sql: str, params: dict[str, Any], schema: pa.Schema, column: str | None, fetch_size: int
+        self, sql: str, params: dict[str, Any], description: list[Any], schema: pa.Schema, key: _Key | None, fetch_size: int
     ) -> Iterator[Chunk]:
+        names = [d.name for d in description]
+        types = [arrow_type(d) for d in description]
+        # numeric arrives as its text (as on the COPY route); the fixed-precision ones are parsed by Arrow
+        decimals = [
+            i for i, (d, t) in enumerate(zip(description, types, strict=True)) if d.type_code == _NUMERIC and t != pa.string()
+        ]
+        parse_types = [pa.string() if i in decimals else t for i, t in enumerate(types)]
+        idx = names.index(key.column) if key is not None else None
         try:
             cur = self.conn.cursor(name=f"conduit_{next(_counter)}")
+            for caster in _CURSOR_TYPES:
+                psycopg2.extensions.register_type(caster, cur)
             cur.itersize = fetch_size
             cur.execute(sql, params)
         except psycopg2.Error as exc:
             self.conn.rollback()
             raise self._fail("query failed", exc) from None
         try:
-            names: list[str] | None = None
-            types: list[pa.DataType | None] = []
-            idx: int | None = None
-            key_oid = 0
             while True:
                 rows = cur.fetchmany(fetch_size)
-                if names is None:
-                    names = [d.name for d in cur.description]
-                    types = [arrow_type(d) for d in cur.description]
-                    idx = names.index(column) if column else None
-                    key_oid = cur.description[idx].type_code if idx is not None else 0
                 if not rows:
                     break
                 keys = None
-                if idx is not None:
-                    assert column is not None
+                if key is not None and idx is not None:
                     keys = [r[idx] for r in rows]
-                    if key_oid == 17:  # bytea arrives as memoryview, which does not order
+                    if key.oid == 17:  # bytea arrives as memoryview, which does not order
                         keys = [None if k is None else bytes(k) for k in keys]
-                    elif key_oid in _TEMPORAL_OIDS:
-                        _check_finite(keys, column)
-                yield Chunk(pa.RecordBatch.from_arrays(rows_to_batch(rows, names, types).columns, schema=schema), keys)
+                    elif key.oid == _NUMERIC:
+                        keys = [None if k is None else Decimal(k) for k in keys]
+                batch = rows_to_batch(rows, names, parse_types)
+                if decimals:
+                    arrays = list(batch.columns)
+                    for i in decimals:
+                        arrays[i] = arrays[i].cast(types[i])
+                    batch = pa.RecordBatch.from_arrays(arrays, names=names)
+                yield Chunk(pa.RecordBatch.from_arrays(batch.columns, schema=schema), keys)
         except psycopg2.Error as exc:
             raise self._fail("read failed", exc) from None
+        except _Unloadable as exc:
+            temporal = [d.name for d in description if d.type_code in (1082, 1114, 1184, 1182, 1115, 1185)]
+            raise SourceError(
+                f"source {self.spec.name!r}: a value does not fit its column type (value {exc.args[0]!r} in "
+                f"{' or '.join(repr(n) for n in temporal)}); 'infinity' and BC dates cannot be loaded: filter them out "
+                "(WHERE isfinite(column)) or CAST them in the query"
+            ) from None
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise SourceError(
-                f"source {self.spec.name!r}: a value does not fit its column type ({exc}); CAST the column in the query"
+                f"source {self.spec.name!r}: a value does not fit its column type ({exc}); values such as NaN or "
+                "infinite numerics in a numeric(p, s) column cannot be loaded: filter or CAST them in the query"
             ) from None
         finally:
             try:
