@@ -2,14 +2,20 @@
 server): each was a way to read rows twice, refuse sorted data, run without a working fence, delete what conduit did
 not write or print a secret."""
 
-import datetime as dt
+import json
+import os
+import socket
+import subprocess
 from typing import Any
 
+import boto3
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from botocore.exceptions import ClientError
 
+from conduit_dagster.engine.checkpoint_s3 import S3CheckpointStore, _boot_id, _pid_ns
 from conduit_dagster.engine.destinations.s3 import S3Destination
+from conduit_dagster.engine.errors import CheckpointError
 from conduit_dagster.engine.sources.files import FileSource
 from conduit_dagster.engine.spec import FileSourceSpec, S3ConnectionSpec, S3DestinationSpec
 from conduit_dagster_tests.conftest import s3_keys
@@ -54,3 +60,67 @@ def test_a_glob_naming_the_parts_of_an_output_still_follows_its_manifest(s3, s3_
     )
     got = read_all(file_source(f"s3://{bucket}/raw/orders/{glob}", "parquet", s3_endpoint))
     assert_same_rows([(i,) for i in range(12)], got)
+
+
+# --- the S3 checkpoint store: taking over a dead run's lease ------------------------------------------------------
+
+
+class Endpoint:
+    """The real client behind an S3-compatible endpoint of another kind: one that ignores If-Match (``drop``) or
+    answers 501 to any conditional header (``refuse``), as servers without conditional writes do."""
+
+    def __init__(self, real: Any, mode: str) -> None:
+        self.real, self.mode = real, mode
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.real, name)
+        if name not in ("put_object", "delete_object"):
+            return attr
+
+        def call(**kwargs: Any) -> Any:
+            conditional = {k for k in ("IfMatch", "IfNoneMatch") if k in kwargs}
+            if self.mode == "drop":
+                kwargs.pop("IfMatch", None)
+            elif conditional:
+                raise ClientError({"Error": {"Code": "NotImplemented", "Message": "no conditional writes"}}, name)
+            return attr(**kwargs)
+
+        return call
+
+
+def dead_run_lease(s3: Any, bucket: str, prefix: str) -> None:
+    """The lease a run of this machine leaves when it is SIGKILLed: it names a process that no longer exists."""
+
+    proc = subprocess.Popen(["sleep", "0"])
+    proc.wait()
+    doc = {"run_id": "run-dead", "token": "t", "host": socket.gethostname(), "boot_id": _boot_id(), "pid": proc.pid}
+    doc |= {"pid_ns": _pid_ns(), "lease_seconds": 60, "renewed_at": "2026-01-01T00:00:00+00:00"}
+    assert os.path.exists("/proc/sys/kernel/random/boot_id")
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/orders.lease.json", Body=json.dumps(doc).encode())
+
+
+def test_taking_over_a_dead_runs_lease_checks_that_the_endpoint_fences(s3, s3_endpoint, bucket):
+    """The check that the endpoint honours conditional writes ran only when a run created the lease. After a crash the
+    next run takes the dead run's lease over instead, and on an endpoint that honours If-None-Match but ignores If-Match
+    it ran with checkpoint fencing silently off."""
+
+    dead_run_lease(s3, bucket, "cp")
+    store = S3CheckpointStore(Endpoint(boto3.client("s3", endpoint_url=s3_endpoint), "drop"), bucket, "cp")
+    with pytest.raises(CheckpointError, match="does not honour conditional writes.*conditional_writes: false"):
+        with store.lock("orders", "run-next"):
+            pytest.fail("ran on an endpoint that ignores If-Match")
+    assert s3_keys(s3, bucket) == [], "the dead run's lease is not left to block the next run either"
+
+
+def test_without_conditional_writes_a_dead_runs_lease_is_still_taken_over(s3, s3_endpoint, bucket):
+    """With `conditional_writes: false` (an endpoint that answers 501 to If-Match), the takeover of a dead run's lease
+    still sent If-Match: every later run failed on the dead lease, which nothing would ever remove."""
+
+    dead_run_lease(s3, bucket, "cp")
+    store = S3CheckpointStore(
+        Endpoint(boto3.client("s3", endpoint_url=s3_endpoint), "refuse"), bucket, "cp", conditional_writes=False
+    )
+    with store.lock("orders", "run-next"):
+        lease = json.loads(s3.get_object(Bucket=bucket, Key="cp/orders.lease.json")["Body"].read())
+        assert lease["run_id"] == "run-next"
+    assert s3_keys(s3, bucket) == []

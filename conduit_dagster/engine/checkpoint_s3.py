@@ -388,15 +388,30 @@ class S3CheckpointStore:
                 return lease
             if self._stale(doc, age):
                 sent = time.monotonic()
-                try:  # take over the dead run's lease, unless another run does first (or it is released meanwhile)
-                    response = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfMatch=etag)
-                    return _Lease(key, str(response["ETag"]), body, sent)
+                # take over the dead run's lease, unless another run does first (or it is released meanwhile); without
+                # conditional writes the endpoint may refuse If-Match, and the lease is read back instead (_verify)
+                takeover = {"IfMatch": etag} if self.conditional_writes else {}
+                try:
+                    response = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **takeover)
                 except Exception as exc:  # noqa: BLE001
+                    if is_unsupported(exc):
+                        raise self._unsupported() from None
                     if not (is_precondition_failed(exc) or is_missing(exc)):
                         raise CheckpointError(
                             f"{self._url(key)}: cannot take over the lease ({self._why(exc)}); nothing was read or written"
                         ) from None
-                continue
+                    continue
+                lease = _Lease(key, str(response["ETag"]), body, sent)
+                # A takeover is checked like a create: an endpoint that ignores If-Match (while honouring If-None-Match)
+                # would otherwise only be caught by runs that found no lease, and fencing would silently do nothing.
+                try:
+                    self._verify(lease, pipeline)
+                except PipelineBusyError:
+                    raise
+                except BaseException:
+                    self._release(lease)
+                    raise
+                return lease
             if watched is not None and etag != watched or time.monotonic() >= deadline:
                 raise self._busy(pipeline, key, doc, age, renewed=watched is not None and etag != watched)
             watched = watched or etag
