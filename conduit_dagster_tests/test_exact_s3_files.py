@@ -2,6 +2,7 @@
 server): each was a way to read rows twice, refuse sorted data, run without a working fence, delete what conduit did
 not write or print a secret."""
 
+import datetime as dt
 import json
 import os
 import socket
@@ -10,16 +11,19 @@ from typing import Any
 
 import boto3
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from botocore.exceptions import ClientError
 
 from conduit_dagster.engine.checkpoint_s3 import S3CheckpointStore, _boot_id, _pid_ns
 from conduit_dagster.engine.destinations.s3 import S3Destination
-from conduit_dagster.engine.errors import CheckpointError
+from conduit_dagster.engine.checkpoint import LocalCheckpointStore
+from conduit_dagster.engine.errors import CheckpointError, OrderingError
+from conduit_dagster.engine.runner import run_pipeline
 from conduit_dagster.engine.sources.files import FileSource
-from conduit_dagster.engine.spec import FileSourceSpec, S3ConnectionSpec, S3DestinationSpec
+from conduit_dagster.engine.spec import FileSourceSpec, S3ConnectionSpec, S3DestinationSpec, load_spec_text
 from conduit_dagster_tests.conftest import s3_keys
-from conduit_dagster_tests.helpers import assert_same_rows
+from conduit_dagster_tests.helpers import assert_same_rows, output_rows
 
 
 def dest_spec(bucket: str, endpoint: str) -> S3DestinationSpec:
@@ -124,3 +128,56 @@ def test_without_conditional_writes_a_dead_runs_lease_is_still_taken_over(s3, s3
         lease = json.loads(s3.get_object(Bucket=bucket, Key="cp/orders.lease.json")["Body"].read())
         assert lease["run_id"] == "run-next"
     assert s3_keys(s3, bucket) == []
+
+
+# --- file sources: checkpoint-column values ------------------------------------------------------------------------
+
+BERLIN_FALL_BACK = dt.datetime(2024, 10, 27, 0, 0, tzinfo=dt.UTC)  # 03:00 CEST becomes 02:00 CET at 01:00 UTC
+
+
+def local_files_pipeline(tmp_path: Any, path: str, column: str, batch_size: int) -> Any:
+    text = f"""
+sources: [{{name: files, type: file, path: {path}, format: parquet, resume: true, checkpoint_column: {column}}}]
+destinations: [{{name: out, type: local, path: out}}]
+resources: [{{name: events, source: files, destination: out, batch_size: {batch_size}}}]
+"""
+    return load_spec_text(text, tmp_path / "ingest.yml").resources[0]
+
+
+def berlin(quarters: range) -> pa.Array:
+    values = [BERLIN_FALL_BACK + dt.timedelta(minutes=15 * q) for q in quarters]
+    return pa.array(values, pa.timestamp("us", "Europe/Berlin"))
+
+
+def test_a_zoned_timestamp_column_sorted_across_a_dst_fall_back_loads_and_resumes_exactly(tmp_path):
+    """Rows sorted by a Europe/Berlin timestamp run 02:00..02:45 CEST, then 02:00..02:45 CET again. Python compares two
+    datetimes of one zone by wall clock (fold ignored): where a chunk or file ended at 02:45 CEST and the next began at
+    02:00 CET, the sorted data was refused as going backwards, and could not be loaded at all."""
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"ts": berlin(range(0, 12)), "id": list(range(12))}), tmp_path / "in" / "a.parquet", row_group_size=4)
+    pq.write_table(pa.table({"ts": berlin(range(12, 20)), "id": list(range(12, 20))}), tmp_path / "in" / "b.parquet")
+    expected = [(r["ts"], r["id"]) for r in pq.read_table(tmp_path / "in").to_pylist()]
+    resource = local_files_pipeline(tmp_path, str(tmp_path / "in") + "/", "ts", batch_size=3)
+    store = LocalCheckpointStore(tmp_path / "checkpoints")
+
+    # a first run stops after some batches (as a crash would), the second resumes from its checkpoint
+    events = run_pipeline(resource, store, run_id="first")
+    for event in events:
+        if getattr(event, "index", -1) == 4:
+            break
+    events.close()
+    checkpoint = store.load("events")
+    assert checkpoint is not None and checkpoint.batches_committed == 5
+    list(run_pipeline(resource, store, run_id="second"))
+    assert_same_rows(expected, output_rows(tmp_path / "out" / "events"))
+
+
+def test_a_zoned_timestamp_that_goes_back_across_a_dst_fall_back_is_reported(tmp_path):
+    """The other side of the same comparison: 02:30 CET (01:30 UTC) then 02:45 CEST (00:45 UTC) goes back 45 minutes,
+    but its wall clock goes forward, and the step passed the order check (rows a resume would then skip or repeat)."""
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"ts": berlin(range(0, 7))}), tmp_path / "in" / "a.parquet")  # ends 02:30 CET
+    pq.write_table(pa.table({"ts": berlin(range(3, 5))}), tmp_path / "in" / "b.parquet")  # 02:45 CEST, 02:00 CET
+    src = file_source(str(tmp_path / "in") + "/", "parquet")
+    with pytest.raises(OrderingError, match=r"goes backwards in .*b\.parquet at row 1"):
+        read_all(src, "ts")

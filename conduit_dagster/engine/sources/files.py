@@ -267,17 +267,19 @@ class FileSource:
     def _keys(self, keys: pa.Array, url: str) -> pa.Array:
         """Checkpoint values as the checkpoint keeps them: nanosecond timestamps go to microseconds (Python's
         datetime), refused when that would round a value, since two values would then compare equal or resume
-        would skip a row."""
+        would skip a row. Timestamps with a time zone are compared in UTC: Python compares two datetimes of one
+        zone by their wall clock, fold ignored, so across a DST fall-back (02:45 CEST, then 02:00 CET) sorted rows
+        looked backwards, and rows that really went backwards there passed the check."""
         t = keys.type
-        if pa.types.is_timestamp(t) and t.unit == "ns":
-            try:
-                return pc.cast(keys, pa.timestamp("us", t.tz), safe=True)
-            except pa.ArrowInvalid:
-                raise SourceError(
-                    f"{self.where}: {url}: checkpoint column holds timestamps with nanoseconds, which a checkpoint (and "
-                    "Python) keeps only to the microsecond; write the column in microseconds, or pick another column"
-                ) from None
-        return keys
+        if not pa.types.is_timestamp(t) or (t.unit != "ns" and t.tz in (None, "UTC")):
+            return keys
+        try:
+            return pc.cast(keys, pa.timestamp("us" if t.unit == "ns" else t.unit, "UTC" if t.tz else None), safe=True)
+        except pa.ArrowInvalid:
+            raise SourceError(
+                f"{self.where}: {url}: checkpoint column holds timestamps with nanoseconds, which a checkpoint (and "
+                "Python) keeps only to the microsecond; write the column in microseconds, or pick another column"
+            ) from None
 
     def count(self, query: str, upto: tuple[str, Any] | None = None) -> int:
         schema = self.schema()
