@@ -255,28 +255,36 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LineDict:
     result.lines = {}
     result.nulls = set()
     result.line = node.start_mark.line + 1
-    # `<<: *anchor` merges another mapping's keys, as YAML's merge key defines: flatten_mapping puts the merged
-    # pairs first, so this mapping's own keys override them; a merged key keeps the line it was written on.
-    own = sum(1 for key_node, _ in node.value if key_node.tag != _MERGE_TAG)
-    loader.flatten_mapping(node)
-    merged = len(node.value) - own
-    own_keys: set[str] = set()
-    for i, (key_node, value_node) in enumerate(node.value):
+    merges: list[yaml.Node] = []
+    for key_node, value_node in node.value:
+        if key_node.tag == _MERGE_TAG:
+            merges.extend(value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node])
+            continue
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, str):
             raise SpecError(f"{key_node.start_mark.line + 1}: keys must be strings, got {key!r}")
         key = str(key)
-        if i >= merged:
-            if key in own_keys:
-                raise SpecError(f"{key_node.start_mark.line + 1}: key {key!r} appears twice; keep one")
-            own_keys.add(key)
-        value = loader.construct_object(value_node, deep=True)
-        result[key] = value
+        if key in result:
+            raise SpecError(f"{key_node.start_mark.line + 1}: key {key!r} appears twice; keep one")
+        result[key] = loader.construct_object(value_node, deep=True)
         result.lines[key] = key_node.start_mark.line + 1
-        if value is None and isinstance(value_node, yaml.ScalarNode) and value_node.tag == _NULL_TAG and value_node.value:
+        if result[key] is None and value_node.tag == _NULL_TAG and value_node.value:
             result.nulls.add(key)
-        else:
-            result.nulls.discard(key)
+    # `<<: *anchor` (or a list of them) merges other mappings' keys as YAML's merge key defines: the mapping's own
+    # keys win, then the earlier merged mapping's. Resolved here rather than by PyYAML's flatten_mapping, whose
+    # precedence has changed between releases; a merged key keeps the line it was written on, for errors.
+    for merged in merges:
+        if not isinstance(merged, yaml.MappingNode):
+            raise SpecError(
+                f"{merged.start_mark.line + 1}: `<<:` merges a mapping, e.g. `<<: *defaults` or `<<: [*a, *b]`; got a {merged.id}"
+            )
+        other = loader.construct_object(merged, deep=True)
+        for key, value in other.items():
+            if key not in result:
+                result[key] = value
+                result.lines[key] = other.lines[key]
+                if key in other.nulls:
+                    result.nulls.add(key)
     return result
 
 
