@@ -12,6 +12,8 @@ from dagster import (
     AssetCheckResult,
     AssetChecksDefinition,
     AssetExecutionContext,
+    AssetKey,
+    AssetObservation,
     AssetsDefinition,
     AssetSelection,
     Failure,
@@ -23,7 +25,7 @@ from dagster import (
 )
 from dagster_aws.s3 import S3Resource
 
-from conduit_dagster.engine.checkpoint import encode_value
+from conduit_dagster.engine.checkpoint import CheckpointStore, encode_value
 from conduit_dagster.engine.destinations import open_destination
 from conduit_dagster.engine.errors import ConduitError
 from conduit_dagster.engine.runner import BatchCommitted, RunFinished, RunStarted, RunWarning, run_pipeline
@@ -40,6 +42,11 @@ from conduit_dagster.resources import CheckpointStoreResource, data_lake_clients
 
 _SOURCE_KINDS = {"postgresql": "postgres", "sqlite": "sqlite", "file": "file"}
 _FORMAT_KINDS = {"parquet": "parquet", "csv": "csv", "jsonl": "json"}
+# where the previous run kept its checkpoints (an observation at the start of every run, and each materialization)
+STORE_KEY = "conduit/checkpoint_store"
+# a run tag naming the previous checkpoint location: the operator says it was moved or abandoned, so this run may start
+# without what it held
+MOVED_TAG = "conduit/checkpoints_moved_from"
 
 
 def asset_description(resource: ResourceSpec) -> str:
@@ -102,6 +109,89 @@ def finished_metadata(event: RunFinished, column: str | None) -> dict[str, Any]:
     }
 
 
+def _holds(store: CheckpointStore, resource: ResourceSpec) -> str | None:
+    """What the store holds that a run of this pipeline resumes from: a checkpoint, or an incremental state."""
+    if store.has_checkpoint(resource.name):
+        return "the checkpoint of its unfinished run"
+    if resource.incremental_column is None:
+        return None
+    try:
+        found = store.load_state(resource.name) is not None
+    except ConduitError:
+        found = True  # unreadable, but there
+    return "its incremental state" if found else None
+
+
+def previous_store(context: AssetExecutionContext, key: AssetKey) -> str | None:
+    """Where the latest run of this asset that recorded it kept its checkpoints."""
+    latest: tuple[int, str] | None = None
+    for fetch in (context.instance.fetch_observations, context.instance.fetch_materializations):
+        for record in fetch(key, limit=1).records:
+            event = record.asset_observation or record.asset_materialization
+            value = event.metadata.get(STORE_KEY) if event is not None else None
+            if value is not None and (latest is None or record.storage_id > latest[0]):
+                latest = (record.storage_id, str(value.value))
+    return latest[1] if latest else None
+
+
+def check_store_switch(
+    context: AssetExecutionContext,
+    spec: IngestSpec,
+    resource: ResourceSpec,
+    checkpoints: CheckpointStoreResource,
+    store: CheckpointStore,
+) -> None:
+    """Refuse a run whose checkpoint store holds nothing for the pipeline while the store its previous run used does.
+
+    The launchpad's ``location``, $CONDUIT_CHECKPOINTS or ingest.yml may point a run at another store than the run
+    before it. Without this, a run after a failed one would not resume but start over (an ``append`` destination
+    gets the rows twice), and an incremental load would start again from initial_value (every row twice)."""
+    name = resource.name
+    previous = previous_store(context, AssetKey(name))
+    if previous is None or previous == store.location or _holds(store, resource):
+        return
+    if context.run.tags.get(MOVED_TAG) == previous:
+        context.log.warning(f"{name}: starting without what {previous} holds for it (run tag {MOVED_TAG})")
+        return
+    way_out = (
+        f"Run it with the checkpoints location {previous!r} (the `checkpoints` resource's `location` in the launchpad, "
+        f"or $CONDUIT_CHECKPOINTS), or copy that store's {name}.json / {name}.state.json here; to start over here "
+        f"on purpose, launch with the run tag {MOVED_TAG}={previous}"
+    )
+    try:
+        elsewhere = _holds(checkpoints.store_at(spec, previous), resource)
+    except ConduitError as exc:
+        raise Failure(
+            description=f"{name}: the previous run kept its checkpoints in {previous}, which cannot be read now ({exc}), "
+            f"and this run's store {store.location} holds none for it; starting here could load rows twice. "
+            f"Nothing was read or written. {way_out}"
+        ) from None
+    if elsewhere:
+        raise Failure(
+            description=f"{name}: {elsewhere} is in {previous}, where its previous run kept it, but this run's "
+            f"checkpoint store is {store.location}, which holds none: starting over here would load rows twice "
+            f"(or start an incremental load from initial_value). Nothing was read or written. {way_out}"
+        )
+
+
+def output_row_count(resource: ResourceSpec, s3: S3Resource | None) -> int | None:
+    """Rows in the published output, counted there: an incremental, append or merge output holds more (or, merged,
+    fewer) rows than one run processed."""
+    with data_lake_clients(s3):
+        destination = open_destination(resource.destination, resource.name, accumulate=resource.incremental_column is not None)
+    try:
+        return destination.count()
+    finally:
+        destination.close()
+
+
+def counts_whole_output(resource: ResourceSpec) -> bool:
+    """A run's records_processed is the whole output (a full refresh replaces it)."""
+    if resource.incremental_column is not None:
+        return False
+    return not (isinstance(resource.destination, PostgresDestinationSpec) and resource.destination.mode != "replace")
+
+
 def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefinition:
     decorate = asset(
         name=resource.name,
@@ -125,8 +215,12 @@ def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefini
         name = resource.name
         try:
             store = checkpoints.open_store(spec)
+            if resource.resume:
+                check_store_switch(context, spec, resource, checkpoints, store)
         except ConduitError as exc:
             raise Failure(description=f"{name}: {exc}") from None
+        if resource.resume:
+            context.log_event(AssetObservation(asset_key=AssetKey(name), metadata={STORE_KEY: store.location}))
         finished: RunFinished | None = None
         try:
             with data_lake_clients(s3):
@@ -159,9 +253,17 @@ def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefini
             f"{finished.duration_s:.1f} s, {finished.rows_per_second:,.0f} rows/s; output in {finished.destination}"
         )
         metadata = finished_metadata(finished, resource.checkpoint_column)
-        return MaterializeResult(
-            metadata={**metadata, "dagster/uri": destination_uri(resource), "conduit/checkpoint_store": store.location}
-        )
+        if not counts_whole_output(resource):
+            try:
+                rows = output_row_count(resource, s3)
+            except ConduitError as exc:
+                rows = None
+                context.log.warning(f"{name}: the output's rows could not be counted: {exc}")
+            if rows is None:
+                del metadata["dagster/row_count"]
+            else:
+                metadata["dagster/row_count"] = rows
+        return MaterializeResult(metadata={**metadata, "dagster/uri": destination_uri(resource), STORE_KEY: store.location})
 
     # `s3` (dagster-aws's S3Resource) only for pipelines that read or write S3 data: it fills the connection settings
     # ingest.yml leaves unset (EnvVar credentials, endpoint, region), and the launchpad can set them

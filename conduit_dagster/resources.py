@@ -7,6 +7,7 @@ to the environment and then ingest.yml, so a launchpad config that sets one fiel
 """
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,6 +30,34 @@ from conduit_dagster.engine.spec import (
 )
 from conduit_dagster.engine.stores import CHECKPOINTS_ENV, checkpoint_settings, open_checkpoint_store
 
+# "S3://", "s3:/", "gs://", "file://": a URL, not a directory; taken as a path it would make a folder named "S3:" and
+# start a run with no checkpoint (a full load, or an incremental one from initial_value, loading rows twice)
+_URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:/")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{0,61}[a-z0-9]$")  # lowercase letters, digits, dots, hyphens: never "KEY:SECRET@b"
+
+
+def checked_location(location: str | None) -> str | None:
+    """The ``location`` config, checked: a directory, or ``s3://bucket/prefix`` with a valid bucket; None when unset.
+
+    Refused values are not echoed when they could hold credentials (``s3://KEY:SECRET@bucket``)."""
+    value = (location or "").strip()
+    if not value:
+        return None
+    after_scheme = value.partition(":")[2]
+    shown = "the value given" if "@" in value or ":" in after_scheme else repr(value)
+    fix = "write s3://bucket/prefix (credentials come from the AWS environment or the resource's aws_* fields) or a directory"
+    if value.startswith("s3://"):
+        bucket, _, prefix = value.removeprefix("s3://").partition("/")
+        if not _BUCKET.match(bucket) or ".." in bucket:
+            raise SpecError(f"the checkpoints resource's `location`: {shown} does not name a valid S3 bucket; {fix}")
+        parts = prefix.strip("/").split("/")
+        if prefix.strip("/") and any(part in ("", ".", "..") for part in parts):
+            raise SpecError(f"the checkpoints resource's `location`: {shown} has an unclean key prefix (//, . or ..); {fix}")
+        return value
+    if _URL_LIKE.match(value):
+        raise SpecError(f"the checkpoints resource's `location`: {shown} is neither a directory nor an s3:// URL; {fix}")
+    return value
+
 
 class CheckpointStoreResource(ConfigurableResource):
     """Where pipeline checkpoints are kept."""
@@ -41,10 +70,15 @@ class CheckpointStoreResource(ConfigurableResource):
 
     def open_store(self, spec: IngestSpec) -> CheckpointStore:
         """The store to use for the pipelines of ``spec`` (its folder anchors relative locations)."""
+        return self.store_at(spec, self.location)
+
+    def store_at(self, spec: IngestSpec, location: str | None) -> CheckpointStore:
+        """The store at ``location`` (a directory or s3://bucket/prefix; None: this resource's fields, the environment
+        and ingest.yml), reached with this resource's connection settings."""
         raise NotImplementedError
 
-    def _settings(self, spec: IngestSpec) -> CheckpointsSpec:
-        env = {**os.environ, CHECKPOINTS_ENV: self.location} if self.location else None
+    def _settings(self, spec: IngestSpec, location: str | None) -> CheckpointsSpec:
+        env = {**os.environ, CHECKPOINTS_ENV: location} if location else None
         return checkpoint_settings(spec.checkpoints, env)
 
 
@@ -62,11 +96,12 @@ class LocalCheckpointStoreResource(CheckpointStoreResource):
         "else .checkpoints/ beside ingest.yml",
     )
 
-    def open_store(self, spec: IngestSpec) -> CheckpointStore:
-        settings = self._settings(spec)
-        if settings.type == "s3" and self.location:  # the launchpad switched this run to S3
+    def store_at(self, spec: IngestSpec, location: str | None) -> CheckpointStore:
+        location = checked_location(location)
+        settings = self._settings(spec, location)
+        if settings.type == "s3" and location:  # the launchpad switched this run to S3
             return open_checkpoint_store(settings, spec.base_dir)
-        configured = (None if self.location else self.directory) or (settings.directory if settings.type == "local" else None)
+        configured = (None if location else self.directory) or (settings.directory if settings.type == "local" else None)
         return LocalCheckpointStore(resolve_checkpoint_dir(spec.base_dir, configured))
 
 
@@ -88,11 +123,12 @@ class S3CheckpointStoreResource(CheckpointStoreResource, S3Resource):
         default=None, description="Require S3 conditional writes (If-None-Match / If-Match) to guard ownership (default true)"
     )
 
-    def open_store(self, spec: IngestSpec) -> CheckpointStore:
-        settings = self._settings(spec)
-        if settings.type == "local" and self.location:  # the launchpad switched this run to a directory
+    def store_at(self, spec: IngestSpec, location: str | None) -> CheckpointStore:
+        location = checked_location(location)
+        settings = self._settings(spec, location)
+        if settings.type == "local" and location:  # the launchpad switched this run to a directory
             return open_checkpoint_store(settings, spec.base_dir)
-        if self.location:  # s3://bucket/prefix given here wins over the bucket and prefix fields
+        if location:  # s3://bucket/prefix given here wins over the bucket and prefix fields
             return self._open(spec, settings.bucket, settings.prefix, settings)
         return self._open(spec, self.bucket, self.prefix, settings)
 
