@@ -276,7 +276,8 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LineDict:
     for merged in merges:
         if not isinstance(merged, yaml.MappingNode):
             raise SpecError(
-                f"{merged.start_mark.line + 1}: `<<:` merges a mapping, e.g. `<<: *defaults` or `<<: [*a, *b]`; this is not a mapping"
+                f"{merged.start_mark.line + 1}: `<<:` merges a mapping, e.g. `<<: *defaults` or `<<: [*a, *b]`; "
+                "this is not a mapping"
             )
         other = loader.construct_object(merged, deep=True)
         for key, value in other.items():
