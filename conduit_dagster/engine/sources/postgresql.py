@@ -74,9 +74,11 @@ _OID_TYPES: dict[int, pa.DataType] = {
     1115: pa.list_(pa.timestamp("us")),
     1185: pa.list_(pa.timestamp("us", tz="UTC")),
 }
-# Types psycopg2 would turn into Python objects we do not map (arrays of them, intervals, whose timedelta
-# would make '1 mon' 30 days): kept as PostgreSQL's text, as COPY gives them.
-_RAW_TEXT_OIDS = (1231, 2951, 199, 3807, 1187, 1183, 1001, 1014, 1003, 1028, 1041, 651, 1270, 1263, 1186)
+# Types psycopg2 would turn into Python objects we do not map (arrays of them; intervals, whose timedelta
+# would make '1 mon' 30 days; timetz, written back as +02:00 for +02; ranges, as Range objects): kept as
+# PostgreSQL's text, exactly as COPY gives them.
+_RANGE_OIDS = (3904, 3905, 3906, 3907, 3908, 3909, 3910, 3911, 3912, 3913, 3926, 3927)
+_RAW_TEXT_OIDS = (1231, 2951, 199, 3807, 1187, 1183, 1001, 1014, 1003, 1028, 1041, 651, 1270, 1263, 1186, 1266, *_RANGE_OIDS)
 _RAW_TEXT = psycopg2.extensions.new_type(_RAW_TEXT_OIDS, "CONDUIT_RAW_TEXT", lambda value, cur: value)
 # Columns CSV cannot carry into their Arrow type: arrays (become lists).
 _CURSOR_ONLY_OIDS = frozenset({oid for oid, t in _OID_TYPES.items() if pa.types.is_list(t)})
