@@ -9,8 +9,21 @@ Two routes, same bytes:
   process list.
 - ``ThreadCopy`` runs psycopg2's ``copy_expert`` in a thread into an OS pipe. It needs nothing
   but the driver, but psycopg2 calls back into Python once per row, which costs about a third
-  of the throughput. It is used where ``psql`` is not installed or the connection needs options
-  only a connection string can carry.
+  of the throughput. It is used where ``psql`` is not installed (or ``CONDUIT_PSQL=off``) or the
+  connection needs a keyword libpq has no environment variable for.
+
+The child's connection is the one ``pg.connect`` opens, in the same session (``pg.SESSION_SQL``,
+run on its standard input before the COPY, after the same startup options). Its environment
+is built afresh for libpq: every ``PG*`` variable of ours is dropped, since each can change
+the server, the database or the format of the values (PGSERVICE, PGSERVICEFILE, PGSYSCONFDIR,
+PGHOST, PGHOSTADDR, PGPORT, PGDATABASE, PGUSER, PGOPTIONS, PGTZ, PGDATESTYLE, PGGEQO,
+PGCLIENTENCODING, PGTARGETSESSIONATTRS, PGLOADBALANCEHOSTS, PGAPPNAME, PGLOCALEDIR...), except
+those that only secure or authenticate the same connection, which the in-process route (libpq
+reads them there too) honours as well: PGPASSWORD and PGPASSFILE (a password ingest.yml does not
+give), PGSSL*, PGGSS*, PGKRBSRVNAME, PGREQUIREPEER, PGREQUIREAUTH, PGCHANNELBINDING,
+PGREQUIRESSL. Then ingest.yml's parameters are set. A service file therefore never reaches the
+child; in-process, libpq still lets one fill transport settings (sslmode...) that nothing else
+gives, never the server, database, user or a session setting.
 """
 
 import os
@@ -24,27 +37,47 @@ from typing import IO, Any, Protocol
 
 import psycopg2
 
-from conduit_dagster.engine.errors import SourceError
+from conduit_dagster.engine.errors import ConduitError, SourceError
+from conduit_dagster.engine.pg import SESSION_SQL, connect_params
 from conduit_dagster.engine.spec import PostgresSourceSpec
 
-SESSION_OPTIONS = (
-    "-c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=3 -c bytea_output=hex -c default_transaction_read_only=on"
-)
-_URL_PARAM_ENV = {
-    "sslmode": "PGSSLMODE",
-    "sslrootcert": "PGSSLROOTCERT",
-    "sslcert": "PGSSLCERT",
-    "sslkey": "PGSSLKEY",
-    "sslpassword": "PGSSLPASSWORD",
-    "connect_timeout": "PGCONNECT_TIMEOUT",
-    "application_name": "PGAPPNAME",
-    "target_session_attrs": "PGTARGETSESSIONATTRS",
-    "password": "PGPASSWORD",
-    "user": "PGUSER",
+# The startup options the child adds to pg.connect's: a source never writes.
+SOURCE_OPTIONS = "-c default_transaction_read_only=on"
+# libpq keyword -> its environment variable (libpq 15's set; a keyword missing here sends the read in-process)
+_PARAM_ENV = {
     "host": "PGHOST",
+    "hostaddr": "PGHOSTADDR",
     "port": "PGPORT",
     "dbname": "PGDATABASE",
+    "user": "PGUSER",
+    "password": "PGPASSWORD",
+    "passfile": "PGPASSFILE",
+    "options": "PGOPTIONS",
+    "client_encoding": "PGCLIENTENCODING",
+    "application_name": "PGAPPNAME",
+    "connect_timeout": "PGCONNECT_TIMEOUT",
+    "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "sslmode": "PGSSLMODE",
+    "sslcompression": "PGSSLCOMPRESSION",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcrl": "PGSSLCRL",
+    "sslcrldir": "PGSSLCRLDIR",
+    "sslsni": "PGSSLSNI",
+    "requirepeer": "PGREQUIREPEER",
+    "ssl_min_protocol_version": "PGSSLMINPROTOCOLVERSION",
+    "ssl_max_protocol_version": "PGSSLMAXPROTOCOLVERSION",
+    "gssencmode": "PGGSSENCMODE",
+    "krbsrvname": "PGKRBSRVNAME",
+    "gsslib": "PGGSSLIB",
+    "channel_binding": "PGCHANNELBINDING",
 }
+# The user's libpq variables the child keeps: transport and authentication of the connection ingest.yml names.
+_KEPT_PREFIXES = ("PGSSL", "PGGSS")
+_KEPT = frozenset(
+    {"PGPASSWORD", "PGPASSFILE", "PGKRBSRVNAME", "PGREQUIREPEER", "PGREQUIREAUTH", "PGCHANNELBINDING", "PGREQUIRESSL"}
+)
 PSQL_ENV = "CONDUIT_PSQL"  # a path to psql, or "off" to always use the in-process route
 
 
@@ -69,72 +102,74 @@ class CopyProducer(Protocol):
 
 
 def psql_path() -> str | None:
+    """The psql to run: $CONDUIT_PSQL, else the one on PATH; None for the in-process route. A $CONDUIT_PSQL that is
+    not an executable file is an error, never a silent fallback."""
     chosen = os.environ.get(PSQL_ENV, "")
     if chosen.lower() == "off":
         return None
-    return chosen or shutil.which("psql")
+    if not chosen:
+        return shutil.which("psql")
+    if not (os.path.isfile(chosen) and os.access(chosen, os.X_OK)):
+        raise SourceError(
+            f"{PSQL_ENV}={chosen} is not an executable file: set {PSQL_ENV} to the path of the psql client "
+            f"(e.g. /usr/bin/psql, from the postgresql-client package), unset it to use the psql on PATH, or set "
+            f"{PSQL_ENV}=off to read through psycopg2 in-process"
+        )
+    return chosen
 
 
 def psql_environment(spec: PostgresSourceSpec) -> dict[str, str] | None:
-    """libpq environment variables for ``spec``, or None when only a connection string would do."""
-    env: dict[str, str] = {"PGAPPNAME": "conduit-dagster", "PGCONNECT_TIMEOUT": "15"}
-    options = SESSION_OPTIONS
+    """libpq environment variables for ``spec`` (pg.connect's parameters), or None when one has no variable."""
+    try:
+        params = connect_params(spec)
+    except ConduitError:
+        return None  # the in-process route reports the connection's problem
+    options = f"{params['options']} {SOURCE_OPTIONS}"
     if spec.schema:
         if not re.fullmatch(r"[A-Za-z0-9_]+", spec.schema):
             return None
         options += f" -c search_path={spec.schema}"
-    if spec.url is not None:
-        from sqlalchemy.engine import make_url
-
-        try:
-            url = make_url(spec.url.reveal())
-        except Exception:  # noqa: BLE001 - let the in-process route report the URL's problem
+    env: dict[str, str] = {}
+    for key, value in {**params, "options": options}.items():
+        if key not in _PARAM_ENV:
             return None
-        parts: dict[str, Any] = {
-            "host": url.host,
-            "port": url.port,
-            "dbname": url.database,
-            "user": url.username,
-            "password": url.password,
-        }
-        for key, value in url.query.items():
-            if key not in _URL_PARAM_ENV or not isinstance(value, str):
-                return None  # e.g. `options`: only a connection string carries it faithfully
-            if parts.get(key) in (None, ""):
-                parts[key] = value
-    else:
-        parts = {
-            "host": spec.host,
-            "port": spec.port,
-            "dbname": spec.database,
-            "user": spec.user,
-            "password": spec.password.reveal() if spec.password is not None else None,
-        }
-    for key, value in parts.items():
-        if value is not None and value != "":
-            env[_URL_PARAM_ENV[key]] = str(value)
-    env["PGOPTIONS"] = options
+        if value != "":
+            env[_PARAM_ENV[key]] = value
     return env
+
+
+def child_environment(env: dict[str, str]) -> dict[str, str]:
+    """The process environment with the user's libpq variables dropped (bar transport/auth), then ``env``."""
+    child = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("PG") or key in _KEPT or key.startswith(_KEPT_PREFIXES)
+    }
+    child.update(env)
+    return child
 
 
 class PsqlCopy:
     def __init__(self, psql: str, env: dict[str, str], copy_sql: bytes, redact: Any) -> None:
         self._redact = redact
         self._stderr = tempfile.TemporaryFile()
-        child_env = dict(os.environ)  # the user's libpq settings (PGPASSFILE, PGSSLROOTCERT...) apply as to psycopg2
-        user_options = child_env.get("PGOPTIONS", "")
-        child_env.update(env)
-        if user_options:
-            child_env["PGOPTIONS"] = f"{user_options} {env['PGOPTIONS']}"
-        self.proc = subprocess.Popen(
-            [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            env=child_env,
-        )
+        try:
+            self.proc = subprocess.Popen(
+                [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr,
+                env=child_environment(env),
+            )
+        except OSError as exc:
+            self._stderr.close()
+            raise SourceError(
+                f"cannot run {psql} ({exc.strerror}): set {PSQL_ENV} to the path of the psql client, "
+                f"or {PSQL_ENV}=off to read through psycopg2 in-process"
+            ) from None
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(copy_sql + b";\n")
+        # SET after the startup options: also beats what libpq sends from the environment and ALTER ROLE ... SET
+        self.proc.stdin.write(SESSION_SQL.encode() + b";\n" + copy_sql + b";\n")
         self.proc.stdin.close()
         self.stream = self.proc.stdout
 
