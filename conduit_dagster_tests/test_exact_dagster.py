@@ -151,3 +151,50 @@ def test_location_with_credentials_is_refused_without_echoing_them(tmp_path, s3_
     logs = "\n".join(str(e.message) for e in instance.all_logs(result.run_id))
     assert "hunter2secret" not in message and "hunter2secret" not in logs
     assert s3_keys(s3, bucket) == []
+
+
+FILES_TO_PG = """
+sources:
+  - {{name: landed, type: file, path: data/*.csv, resume: true, checkpoint_column: id}}
+destinations:
+  - {{name: wh, type: postgresql, database: test, user: postgres, schema: {schema}, mode: append}}
+resources:
+  - {{name: orders, source: landed, destination: wh, batch_size: 30}}
+"""
+
+
+def test_failed_append_run_resumed_with_another_store_is_refused(
+    tmp_path, pg_schema, postgres_dsn, s3_endpoint, bucket, monkeypatch
+):
+    """An append run fails mid-way (a file out of order) with its checkpoint in S3 (the launchpad's `location`); the
+    next launch (a schedule, a retry with the default store) found no checkpoint locally and appended every committed
+    batch again. It must stop and point at the S3 checkpoint; resumed there, the table holds each row once."""
+    from conduit_dagster_tests.helpers import pg_rows
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.csv").write_text("id,v\n" + "".join(f"{i},v{i}\n" for i in range(1, 101)))
+    (data / "b.csv").write_text("id,v\n" + "".join(f"{i},v{i}\n" for i in range(50, 61)))  # goes back: the run stops
+    defs = build_definitions(write_ingest(tmp_path, FILES_TO_PG.format(schema=pg_schema)))
+    instance = DagsterInstance.ephemeral()
+    on_s3 = LocalCheckpointStoreResource(location=f"s3://{bucket}/cp")
+
+    failed = _run(defs, instance, on_s3)
+    assert not failed.success and "b.csv" in _failure(failed)
+    committed = pg_rows(postgres_dsn, f"SELECT id, v FROM {pg_schema}.orders")
+    assert committed  # some batches are in the table
+    (data / "b.csv").write_text("id,v\n" + "".join(f"{i},v{i}\n" for i in range(101, 111)))
+
+    refused = _run(defs, instance, LocalCheckpointStoreResource())
+    assert not refused.success
+    message = _failure(refused)
+    assert f"the checkpoint of its unfinished run is in s3://{bucket}/cp/" in message
+    assert "Nothing was read or written" in message
+    assert pg_rows(postgres_dsn, f"SELECT id, v FROM {pg_schema}.orders") == committed
+
+    assert _run(defs, instance, on_s3).success
+    assert_same_rows(
+        [(i, f"v{i}") for i in [*range(1, 101), *range(101, 111)]],
+        pg_rows(postgres_dsn, f"SELECT id, v FROM {pg_schema}.orders"),
+    )
