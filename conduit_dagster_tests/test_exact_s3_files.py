@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 from typing import Any
 
 import boto3
@@ -181,3 +182,32 @@ def test_a_zoned_timestamp_that_goes_back_across_a_dst_fall_back_is_reported(tmp
     src = file_source(str(tmp_path / "in") + "/", "parquet")
     with pytest.raises(OrderingError, match=r"goes backwards in .*b\.parquet at row 1"):
         read_all(src, "ts")
+
+
+# --- the S3 destination ---------------------------------------------------------------------------------------------
+
+
+def test_publishing_never_deletes_objects_beside_the_output_that_conduit_did_not_write(s3, s3_endpoint, bucket):
+    """The clean-up after a publish removed every old object under `<output>/part-` that the manifest did not name, so a
+    file someone put beside the output (`part-notes.txt`, `part-2024/summary.csv`) was deleted by the next run."""
+    first = S3Destination(dest_spec(bucket, s3_endpoint), "orders")
+    first.set_fence(lambda: None)
+    first.start(None)
+    first.write(0, pa.table({"id": [1, 2]}))
+    first.publish(1)
+    (published,) = s3_keys(s3, bucket, "raw/orders/part-")
+    theirs = {"raw/orders/part-notes.txt": b"notes", "raw/orders/part-2024/summary.csv": b"a,b\n1,2\n"}
+    for key, data in theirs.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+    leftover = "raw/orders/part-0123456789ab-000000.parquet"  # a crashed publish's copy: conduit's, and removed
+    s3.copy_object(Bucket=bucket, Key=leftover, CopySource={"Bucket": bucket, "Key": published})
+    time.sleep(3)  # older than the next manifest by more than the clean-up's margin
+    second = S3Destination(dest_spec(bucket, s3_endpoint), "orders")
+    second.set_fence(lambda: None)
+    second.start(None)
+    second.write(0, pa.table({"id": [3]}))
+    second.publish(1)
+    for key, data in theirs.items():
+        assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == data, f"{key} was deleted"
+    assert leftover not in s3_keys(s3, bucket, "raw/orders/")
+    assert_same_rows([(3,)], read_all(file_source(f"s3://{bucket}/raw/orders/*.parquet", "parquet", s3_endpoint)))

@@ -368,8 +368,9 @@ class S3Destination:
         def old(o: S3Object) -> bool:
             return o.last_modified is not None and o.last_modified <= horizon
 
+        # only names a publish of conduit's gives: `part-notes.txt` or `part-x/y.csv` put there by someone else is not ours
         outputs = [o.key for o in list_objects(self.client, self.bucket, self.output + "part-") if old(o)]
-        self._delete([k for k in outputs if k[len(self.output) :] not in keep])
+        self._delete([k for k in outputs if _OUTPUT_PART_RE.match(k[len(self.output) :]) and k[len(self.output) :] not in keep])
         self._abort_uploads(self.staging, before=horizon)
         self._delete([o.key for o in list_objects(self.client, self.bucket, self.staging) if old(o)])
 
