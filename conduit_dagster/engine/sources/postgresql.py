@@ -30,7 +30,7 @@ import pyarrow.csv as pacsv
 from conduit_dagster.engine.errors import ConduitError, OrderingError, SourceError
 from conduit_dagster.engine.pg import connect, describe, redact
 from conduit_dagster.engine.sources.base import Chunk, key_index, rows_to_batch
-from conduit_dagster.engine.sources.pgcopy import PsqlCopy, ThreadCopy, psql_environment, psql_path
+from conduit_dagster.engine.sources.pgcopy import open_copy_producer
 from conduit_dagster.engine.spec import PostgresSourceSpec
 from conduit_dagster.engine.sql import clean_query, quote_ident, replace_last_value, wrap_query
 
@@ -489,13 +489,9 @@ class PostgresSource:
             # Binding happens client-side in psycopg2 either way; COPY takes no parameters, so the literal is
             # quoted by libpq's escaping here, exactly as execute() would.
             copy_sql = b"COPY (" + cur.mogrify(sql, params) + b") TO STDOUT WITH (FORMAT csv)"
-        psql = psql_path() if self.use_psql else None
-        env = psql_environment(self.spec) if psql else None
-        producer: PsqlCopy | ThreadCopy
-        if psql and env is not None:
-            producer = PsqlCopy(psql, env, copy_sql, lambda text: redact(text, self.spec))
-        else:
-            producer = ThreadCopy(self.conn, copy_sql)
+        producer = open_copy_producer(
+            self.spec, self.conn, copy_sql, lambda text: redact(text, self.spec), use_psql=self.use_psql
+        )
         finished = False
         try:
             try:
