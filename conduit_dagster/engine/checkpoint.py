@@ -12,11 +12,13 @@ microseconds and offset, dates, Decimals by ``str``, bytes as hex.
 
 import builtins
 import datetime as dt
+import errno
 import fcntl
 import json
 import os
+import secrets
 import socket
-import tempfile
+import stat
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -256,6 +258,117 @@ class CheckpointStore(Protocol):
         ...
 
 
+NO_LINKS = "conduit does not follow links in its checkpoint/output folders; remove it"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+class LinkRefusedError(OSError):
+    """An entry conduit would open, replace or delete in its own folders is a symlink (or a hard link, fifo or
+    device): following it could truncate or delete a file elsewhere. An OSError, so that every handler of a
+    failed file operation reports it, with ``message`` as its text."""
+
+    def __init__(self, path: "Path | str", what: str = "is a symlink", hint: str = NO_LINKS) -> None:
+        self.message = f"{path} {what}; {hint}"
+        super().__init__(errno.ELOOP, self.message, str(path))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _is_link(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def refuse_link(dir_fd: int, name: str, shown: "Path | str") -> None:
+    """Raise LinkRefusedError if ``name`` in the folder ``dir_fd`` is a symlink (a missing entry is fine)."""
+    if _is_link(dir_fd, name):
+        raise LinkRefusedError(shown)
+
+
+def open_dir(path: Path, *, create: bool = False) -> int:
+    """A descriptor of a configured folder (a checkpoint directory or a destination's path). Links in the path
+    the user configured are theirs and are followed; everything conduit makes inside is opened through it."""
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return os.open(path, _DIR_FLAGS)
+
+
+def open_subdir(dir_fd: int, name: str, shown: "Path | str", *, create: bool = False) -> int:
+    """A descriptor of the folder ``name`` in ``dir_fd``, made if ``create``; never through a symlink."""
+    if create:
+        try:
+            os.mkdir(name, dir_fd=dir_fd)
+        except FileExistsError:
+            pass
+    try:
+        return os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(dir_fd, name):
+            raise LinkRefusedError(shown) from None
+        raise
+
+
+def open_file(dir_fd: int, name: str, shown: "Path | str", flags: int, mode: int = 0o644) -> int:
+    """Open the file ``name`` in ``dir_fd`` never through a symlink, and only if it is a regular file; one opened
+    for writing in place (not made here, by O_EXCL) must have no other hard link."""
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LinkRefusedError(shown) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise LinkRefusedError(shown, "is not a regular file", "conduit keeps only its own files there; move it away")
+        if flags & (os.O_WRONLY | os.O_RDWR) and not flags & os.O_EXCL and st.st_nlink > 1:
+            raise LinkRefusedError(
+                shown, "has another hard link", "writing it would change that other file too; conduit follows no links, remove it"
+            )
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_file_at(dir_fd: int, name: str, shown: "Path | str") -> bytes | None:
+    """The bytes of ``name`` in ``dir_fd``, None if it does not exist; never through a symlink."""
+    try:
+        fd = open_file(dir_fd, name, shown, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def write_atomic_at(dir_fd: int, name: str, data: bytes, shown: "Path | str", *, sync_dir: bool = True) -> None:
+    """Write ``data`` to ``name`` in the folder ``dir_fd`` so that a reader sees the old or the new file, never a
+    part: through a new temporary file (O_EXCL, so never through a link someone planted) renamed over it. A
+    symlink at ``name`` is refused, not replaced."""
+    refuse_link(dir_fd, name, shown)
+    tmp = f".{name}.{secrets.token_hex(6)}.tmp"
+    fd = open_file(dir_fd, tmp, os.path.join(os.path.dirname(shown), tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fdatasync(f.fileno())  # the data and its size; mtime need not be durable
+        refuse_link(dir_fd, name, shown)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        raise
+    if sync_dir:
+        os.fsync(dir_fd)
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file, or a directory (which makes the renames and deletions in it durable)."""
     fd = os.open(path, os.O_RDONLY)
@@ -271,22 +384,11 @@ def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
     The file's bytes are always fsync'd before the rename. ``sync_dir=False`` skips the fsync of
     the directory after it: the rename may then be lost in a power cut, leaving the previous file.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    dir_fd = open_dir(path.parent, create=True)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fdatasync(f.fileno())  # the data and its size; mtime need not be durable
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    if sync_dir:
-        fsync_path(path.parent)
+        write_atomic_at(dir_fd, path.name, data, path, sync_dir=sync_dir)
+    finally:
+        os.close(dir_fd)
 
 
 def resolve_checkpoint_dir(base_dir: Path, configured: str | None = None) -> Path:
@@ -298,7 +400,10 @@ def resolve_checkpoint_dir(base_dir: Path, configured: str | None = None) -> Pat
 
 
 class LocalCheckpointStore:
-    """One ``<pipeline>.json`` file per pipeline in a directory."""
+    """One ``<pipeline>.json`` file per pipeline in a directory.
+
+    The directory may be shared, so nothing in it is trusted to be what its name says: every file is opened,
+    replaced and deleted through a descriptor of the directory, never through a symlink (see ``open_file``)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
@@ -308,6 +413,28 @@ class LocalCheckpointStore:
             raise CheckpointError(f"invalid pipeline name {pipeline!r} for a checkpoint file")
         return self.directory / f"{pipeline}.json"
 
+    @contextmanager
+    def _dir(self, *, create: bool = False) -> Iterator[int | None]:
+        """A descriptor of the directory; None when it does not exist and ``create`` is false."""
+        try:
+            fd = open_dir(self.directory, create=create)
+        except FileNotFoundError:
+            if create:
+                raise
+            yield None
+            return
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _read(self, path: Path) -> str | None:
+        with self._dir() as fd:
+            if fd is None:
+                return None
+            data = read_file_at(fd, path.name, path)
+        return None if data is None else data.decode("utf-8")
+
     def describe(self, pipeline: str) -> str:
         return str(self._path(pipeline))
 
@@ -316,7 +443,7 @@ class LocalCheckpointStore:
         return str(self.directory)
 
     def has_checkpoint(self, pipeline: str) -> bool:
-        return self._path(pipeline).exists()
+        return os.path.lexists(self._path(pipeline))
 
     def assert_owner(self, pipeline: str) -> None:
         """An flock cannot be lost while its holder lives."""
@@ -324,13 +451,15 @@ class LocalCheckpointStore:
     def load(self, pipeline: str) -> Checkpoint | None:
         path = self._path(pipeline)
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
+            text = self._read(path)
+        except LinkRefusedError as exc:
+            raise CheckpointError(f"{exc.message}; nothing was read or written") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise CheckpointError(
                 f"{path}: cannot read checkpoint ({exc}); fix it or start over with `{CLEAR_HINT.format(name=pipeline)}`"
             ) from None
+        if text is None:
+            return None
         return Checkpoint.from_json(text, where=str(path), pipeline=pipeline)
 
     def save(self, checkpoint: Checkpoint) -> None:
@@ -338,19 +467,30 @@ class LocalCheckpointStore:
         try:
             # No directory fsync: if a power cut loses this rename, the previous checkpoint comes back and
             # the run replays one more batch, which overwrites its own part. Exactness holds; 1 ms saved.
-            write_atomic(path, checkpoint.to_json().encode("utf-8"), sync_dir=False)
+            with self._dir(create=True) as fd:
+                assert fd is not None
+                write_atomic_at(fd, path.name, checkpoint.to_json().encode("utf-8"), path, sync_dir=False)
+        except LinkRefusedError as exc:
+            raise CheckpointError(f"{exc.message}; the previous checkpoint is unchanged") from None
         except OSError as exc:
             raise CheckpointError(
                 f"{path}: cannot write checkpoint ({exc.strerror or exc}); the previous checkpoint is unchanged"
             ) from None
 
+    def _unlink(self, path: Path, *, sync: bool) -> None:
+        """Delete ``path``: a symlink there is itself deleted (unlink never follows it), not what it points to."""
+        with self._dir() as fd:
+            if fd is None:
+                return
+            try:
+                os.unlink(path.name, dir_fd=fd)
+            except FileNotFoundError:
+                return
+            if sync:
+                os.fsync(fd)
+
     def delete(self, pipeline: str) -> None:
-        path = self._path(pipeline)
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return
-        fsync_path(path.parent)
+        self._unlink(self._path(pipeline), sync=True)
 
     def list(self) -> list[str]:
         if not self.directory.is_dir():
@@ -370,20 +510,29 @@ class LocalCheckpointStore:
     def load_state(self, pipeline: str) -> IncrementalState | None:
         path = self._state_path(pipeline)
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+            text = self._read(path)
+        except LinkRefusedError as exc:
+            raise CheckpointError(f"{exc.message}; nothing was read or written") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: cannot read incremental state ({exc})") from None
+        if text is None:
             return None
         return IncrementalState.from_json(text, where=str(path), pipeline=pipeline)
 
     def save_state(self, state: IncrementalState) -> None:
         path = self._state_path(state.pipeline)
         try:
-            write_atomic(path, state.to_json().encode("utf-8"))  # with the directory fsync: it must outlive the run
+            with self._dir(create=True) as fd:
+                assert fd is not None
+                # with the directory fsync: it must outlive the run
+                write_atomic_at(fd, path.name, state.to_json().encode("utf-8"), path)
+        except LinkRefusedError as exc:
+            raise CheckpointError(f"{exc.message}; the incremental state is unchanged") from None
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot write incremental state ({exc.strerror or exc})") from None
 
     def delete_state(self, pipeline: str) -> None:
-        self._state_path(pipeline).unlink(missing_ok=True)
+        self._unlink(self._state_path(pipeline), sync=False)
 
     @contextmanager
     def lock(self, pipeline: str, run_id: str | None) -> Iterator[None]:
@@ -391,9 +540,14 @@ class LocalCheckpointStore:
         so a crashed run never blocks the next. It holds between processes of one machine (every
         Dagster run and CLI run sharing this directory); across machines use a shared store."""
         self._path(pipeline)  # validates the name
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f".{pipeline}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            with self._dir(create=True) as dir_fd:
+                assert dir_fd is not None
+                # the lock file is truncated and written in place: never through a link to someone else's file
+                fd = open_file(dir_fd, path.name, path, os.O_RDWR | os.O_CREAT)
+        except LinkRefusedError as exc:
+            raise CheckpointError(f"{exc.message}; nothing was read or written") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
