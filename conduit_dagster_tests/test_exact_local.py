@@ -393,3 +393,25 @@ def test_incremental_output_folder_made_empty_by_someone_gets_a_marker(tmp_path)
     conn.close()
     assert run(res, store)[-1].rows_this_run == 1
     assert_same_rows([*source_rows(), (51, "n51")], output_rows(tmp_path / "lake" / "events"))
+
+
+def test_publish_without_an_atomic_swap_replaces_the_output_and_follows_no_link(tmp_path, monkeypatch):
+    """Where renameat2 cannot swap (another kernel or file system), publish renames the old output away first."""
+    from conduit_dagster.engine.destinations import local
+
+    monkeypatch.setattr(local, "_exchange", lambda *args: False)  # the platform without the swap
+    spec, store = setup(tmp_path)
+    res = spec.resource("orders")
+    run(res, store)
+    run(res, store)  # the second publish replaces the first output
+    assert_same_rows(source_rows(), output_rows(tmp_path / "lake" / "orders"))
+    assert not list((tmp_path / "lake" / "_conduit_staging").iterdir()), "the old output was removed"
+    stop_after(res, store, 5)  # every batch committed; publish comes next
+    gen = generation_dir(tmp_path, "orders")
+    old = gen.parent / f"orders.old{gen.name.split('.')[1]}"
+    old.symlink_to(tmp_path / "victim", target_is_directory=True)
+    before = snapshot(tmp_path)
+    with pytest.raises(DestinationError) as excinfo:
+        run(res, store)
+    refused(tmp_path, before, excinfo, old)
+    assert_same_rows(source_rows(), output_rows(tmp_path / "lake" / "orders"))

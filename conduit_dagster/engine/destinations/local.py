@@ -358,6 +358,7 @@ class LocalDestination:
                     shutil.rmtree(self._gen_name, dir_fd=staging)  # now holds the previous output
                 else:
                     old = f"{self.pipeline}.old{self.generation}"
+                    refuse_link(staging, old, self.staging_root / old)
                     os.rename(self.pipeline, old, src_dir_fd=root, dst_dir_fd=staging)
                     os.rename(self._gen_name, self.pipeline, src_dir_fd=staging, dst_dir_fd=root)
                     shutil.rmtree(old, ignore_errors=True, dir_fd=staging)
