@@ -22,6 +22,7 @@ from typing import Any
 from conduit_dagster.engine.checkpoint import CheckpointStore, encode_value
 from conduit_dagster.engine.errors import ConduitError, DestinationError
 from conduit_dagster.engine.spec import INGEST_FILE_ENV, CheckpointsSpec, LocalDestinationSpec, S3DestinationSpec, load_spec
+from conduit_dagster.engine.sql import quote_ident
 from conduit_dagster.engine.stores import CHECKPOINTS_ENV, checkpoint_settings, open_checkpoint_store
 
 
@@ -111,11 +112,15 @@ def cmd_clear(args: argparse.Namespace) -> int:
     store = _store(args)
     names = [args.pipeline_name] if args.pipeline_name else store.list()
     cleared = []
+    leftovers: dict[str, str] = {}
     for name in names:
         if store.has_checkpoint(name):
             with store.lock(name, "conduit clear-checkpoints"):  # never pull a checkpoint from under a live run
+                leftover = _staging_of(store, name)
                 store.delete(name)
             cleared.append(name)
+            if leftover:
+                leftovers[name] = leftover
         elif args.pipeline_name:
             print(f"no checkpoint for {name!r} in {store.location}")
             return 0
@@ -123,6 +128,9 @@ def cmd_clear(args: argparse.Namespace) -> int:
         print(f"no checkpoints in {store.location}")
     for name in cleared:
         print(f"cleared {name} ({store.describe(name)}); its next run is a full refresh")
+        if name in leftovers:  # no run will touch it again, and this command cannot reach the database
+            print(f"  its unfinished output stays in PostgreSQL, in staging table {leftovers[name]}; drop it with:")
+            print(f"  DROP TABLE IF EXISTS {leftovers[name]};")
     if args.state:  # incremental state: the next run starts again from initial_value
         states = store.list_states()
         for name in [args.pipeline_name] if args.pipeline_name else states:
@@ -131,6 +139,20 @@ def cmd_clear(args: argparse.Namespace) -> int:
                     store.delete_state(name)
                 print(f"cleared the incremental state of {name}; its next run loads from initial_value again")
     return 0
+
+
+def _staging_of(store: CheckpointStore, name: str) -> str | None:
+    """The PostgreSQL staging table (schema-qualified, quoted) a checkpoint owns, if it names one."""
+    from conduit_dagster.engine.destinations.postgresql import owned_staging
+
+    try:
+        checkpoint = store.load(name)
+    except ConduitError:
+        return None  # a damaged checkpoint: nothing to read from it
+    if checkpoint is None or not checkpoint.destination_id.startswith("postgresql://"):
+        return None
+    owned = owned_staging(checkpoint.destination, name, checkpoint.destination_id)
+    return f"{quote_ident(owned[0])}.{quote_ident(owned[1])}" if owned else None
 
 
 def _check_destination(dest: Any) -> str:

@@ -38,7 +38,19 @@ def _backwards_error(column: str, prev: Any, value: Any) -> OrderingError:
     )
 
 
-def _check_list(keys: list[Any], previous: Any, column: str) -> None:
+def _at_checkpoint_error(column: str, value: Any) -> OrderingError:
+    return OrderingError(
+        f"checkpoint column {column!r}: the resumed read returned value {value!r}, equal to the checkpoint's last value "
+        f"{value!r}; a resume reads only rows past it (WHERE {column} > {value!r}), and every row at that value was "
+        "loaded already, so loading it would repeat rows. The source compares the column differently from the value "
+        "the checkpoint stores (a collation, a rounded or cast type): make the column compare exactly (cast it in "
+        "the query), or pick another checkpoint_column. Nothing more was written"
+    )
+
+
+def _check_list(keys: list[Any], previous: Any, column: str, strict_first: bool) -> None:
+    if strict_first and keys and previous is not None and _same(keys[0], previous):
+        raise _at_checkpoint_error(column, keys[0])
     prev = previous
     for value in keys:
         if value is None:
@@ -56,11 +68,18 @@ def _check_list(keys: list[Any], previous: Any, column: str) -> None:
         prev = value
 
 
+def _same(value: Any, previous: Any) -> bool:
+    try:
+        return bool(value == previous)
+    except (TypeError, ArithmeticError):
+        return False  # the type mismatch is reported by the ordering check
+
+
 def _first(mask: pa.Array) -> int:
     return int(pc.index(mask, True).as_py())
 
 
-def _check_arrow(keys: pa.Array, previous: Any, column: str) -> None:
+def _check_arrow(keys: pa.Array, previous: Any, column: str, strict_first: bool) -> None:
     if keys.null_count:
         i = _first(pc.is_null(keys))
         raise _null_error(column, keys[i - 1].as_py() if i else previous)
@@ -70,6 +89,8 @@ def _check_arrow(keys: pa.Array, previous: Any, column: str) -> None:
     first = keys[0].as_py()
     if previous is not None and first < previous:
         raise _backwards_error(column, previous, first)
+    if strict_first and previous is not None and _same(first, previous):
+        raise _at_checkpoint_error(column, first)
     if len(keys) > 1:
         back = pc.less(keys.slice(1), keys.slice(0, len(keys) - 1))
         if pc.any(back).as_py():
@@ -77,12 +98,13 @@ def _check_arrow(keys: pa.Array, previous: Any, column: str) -> None:
             raise _backwards_error(column, keys[i].as_py(), keys[i + 1].as_py())
 
 
-def check_keys(keys: Keys, previous: Any, column: str) -> None:
-    """Every value present and orderable, and none smaller than the one before it."""
+def check_keys(keys: Keys, previous: Any, column: str, *, strict_first: bool = False) -> None:
+    """Every value present and orderable, and none smaller than the one before it; with ``strict_first`` (the
+    first chunk of a resumed read, ``previous`` being the checkpoint's value) the first one also not equal to it."""
     if isinstance(keys, pa.Array):
-        _check_arrow(keys, previous, column)
+        _check_arrow(keys, previous, column, strict_first)
     else:
-        _check_list(keys, previous, column)
+        _check_list(keys, previous, column, strict_first)
 
 
 class KeyBuffer:

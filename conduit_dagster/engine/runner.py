@@ -7,7 +7,9 @@ Exactness rests on four rules:
    repeat none.
 2. A checkpoint is saved only after its batch is durable at the destination.
 3. Part names come from the batch's index, so a batch replayed after a crash between its write
-   and its checkpoint overwrites itself; parts beyond the checkpoint are dropped on resume.
+   and its checkpoint overwrites itself; parts beyond the checkpoint are dropped on resume. Where a
+   committed batch cannot be taken back (rows appended or merged into a table), the destination
+   reports it on resume instead, and the run adopts it as if its checkpoint had been saved.
 4. A run's output becomes visible only when the run finishes, as a whole, replacing the previous
    output; the checkpoint is deleted after that.
 """
@@ -20,7 +22,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 
@@ -33,7 +35,7 @@ from conduit_dagster.engine.checkpoint import (
     encode_value,
 )
 from conduit_dagster.engine.destinations import Destination, open_destination
-from conduit_dagster.engine.errors import CheckpointError
+from conduit_dagster.engine.errors import CheckpointError, SourceError
 from conduit_dagster.engine.keys import KeyBuffer, check_keys
 from conduit_dagster.engine.sources import Chunk, Source, open_source
 from conduit_dagster.engine.spec import (
@@ -260,24 +262,44 @@ def _check_resume_value(src: Source, resource: ResourceSpec, after: Any, where: 
     )
 
 
+def refuse_duplicate_columns(chunks: Iterator[Chunk], where: str) -> Iterator[Chunk]:
+    """Stop before the first batch if two result columns share a name: Parquet readers reject such a file, a
+    PostgreSQL table cannot have them, and by-name lookups (checkpoint column, primary key) would be ambiguous."""
+    for i, chunk in enumerate(chunks):
+        if i == 0:
+            counts = Counter(chunk.data.schema.names)
+            duplicated = [name for name, n in counts.items() if n > 1]
+            if duplicated:
+                names = ", ".join(repr(n) for n in duplicated)
+                raise SourceError(
+                    f"{where}: the query's result has more than one column named {names} (columns: "
+                    f"{', '.join(chunk.data.schema.names)}); give each a distinct name with AS (e.g. "
+                    "SELECT a.id AS a_id, b.id AS b_id ...). Nothing was written"
+                )
+        yield chunk
+
+
 def cut_batches(chunks: Iterator[Chunk], batch_size: int, column: str | None, after: Any) -> Iterator[tuple[pa.Table, Any]]:
     """Regroup source chunks into batches of about ``batch_size`` rows that never split a tie.
 
     Yields (table, last checkpoint value). A batch grows past ``batch_size`` only to keep a run of
-    equal checkpoint values together.
+    equal checkpoint values together. ``after`` is the checkpoint's value when resuming: every row at it
+    was loaded already, so the read must start strictly past it.
     """
     pending: list[pa.RecordBatch] = []
     keys = KeyBuffer()
     count = 0
     scanned = 0  # how far a tie at the cut point has been followed already
     last_seen = after
+    first = True
     for chunk in chunks:
         n = chunk.data.num_rows
         if n == 0:
             continue
         if column is not None:
             assert chunk.keys is not None
-            check_keys(chunk.keys, last_seen, column)
+            check_keys(chunk.keys, last_seen, column, strict_first=first and after is not None)
+            first = False
             last = chunk.keys[-1]
             last_seen = last.as_py() if isinstance(last, pa.Scalar) else last
             keys.extend(chunk.keys)
@@ -336,6 +358,10 @@ def _run_locked(
     set_fence = getattr(dest, "set_fence", None)
     if callable(set_fence):  # a destination that cleans up after others checks first that this run still owns the pipeline
         set_fence(lambda: store.assert_owner(name))
+    set_resumable = getattr(dest, "set_resumable", None)
+    if callable(set_resumable):  # without a checkpoint, what a failed run leaves can never be resumed
+        set_resumable(resource.resume)
+    rolls_forward = bool(getattr(dest, "rolls_forward", False))
     fingerprint = query_fingerprint(resource)
     checkpoint = store.load(name) if resource.resume else None
     if checkpoint is not None:
@@ -391,6 +417,36 @@ def _run_locked(
     after = checkpoint.last_value if checkpoint else None
     index = checkpoint.batches_committed if checkpoint else 0
     records = checkpoint.records_processed if checkpoint else 0
+    boundary: list[str] = list(checkpoint.incremental.get("boundary", [])) if checkpoint else []
+    if checkpoint is not None and resumption.committed:
+        # Batches the destination committed after the last checkpoint are final: adopt them as if their
+        # checkpoints had been saved, and read on past them (reading their range again could only repeat rows).
+        assert column is not None
+        for batch in resumption.committed:
+            if batch.index != index or batch.last_key is None:
+                raise CheckpointError(
+                    f"{store.describe(name)}: the destination {dest.describe()} reports batch {batch.index} "
+                    f"(last value {batch.last_key!r}) committed after the checkpoint's batch {index - 1}, so the run "
+                    f"cannot tell which rows it holds; start over with `{CLEAR_HINT.format(name=name)}`"
+                )
+            after, index, records = batch.last_key, index + 1, records + batch.rows
+            if incremental:
+                boundary = list(batch.state.get("boundary", []))
+        store.save(
+            Checkpoint(
+                pipeline=name,
+                checkpoint_column=column,
+                last_value=after,
+                records_processed=records,
+                batches_committed=index,
+                run_id=run_id,
+                query_sha256=fingerprint,
+                source_id=src_id,
+                destination_id=dest_id,
+                destination=resumption.state,
+                incremental=incremental.document(boundary) if incremental else {},
+            )
+        )
     src = source or (None if resumption.already_published else open_source(resource.source))
     if src is not None and incremental:
         src.bind({"last_value": incremental.bound})
@@ -407,12 +463,14 @@ def _run_locked(
     last_value = after
     checkpoint_s = 0.0
 
-    boundary: list[str] = list(checkpoint.incremental.get("boundary", [])) if checkpoint else []
-
     def commit(index: int, table: pa.Table, batch_last: Any, records: int, batch_boundary: list[str]) -> float:
         """Write one batch durably, then checkpoint it; returns the seconds the checkpoint took."""
         store.assert_owner(name)  # a run that lost the pipeline (its lease taken over) writes nothing more
-        dest.write(index, table, column, batch_last)
+        if rolls_forward:  # stored with the batch: what its checkpoint needs if a crash loses the checkpoint
+            state = {"boundary": batch_boundary} if incremental else {}
+            cast(Any, dest).write(index, table, column, batch_last, batch_state=state)
+        else:
+            dest.write(index, table, column, batch_last)
         if not resource.resume:
             return 0.0
         assert column is not None
@@ -443,7 +501,8 @@ def _run_locked(
     try:
         if src is not None and not resumption.already_published:
             chunks = src.read(resource.query, column, after, resume=after is not None, fetch_size=resource.batch_size)
-            stream = incremental.drop_loaded(chunks) if incremental else chunks
+            stream = refuse_duplicate_columns(chunks, f"pipeline {name!r} (source {src.describe()})")
+            stream = incremental.drop_loaded(stream) if incremental else stream
             for table, batch_last in cut_batches(stream, resource.batch_size, column, after):
                 if table.num_rows > TIE_WARNING_FACTOR * resource.batch_size:
                     yield RunWarning(

@@ -1,9 +1,7 @@
 """PostgreSQL destination: each batch bulk-loaded with COPY in one transaction that also records
-which batch it was and its last checkpoint value, so a batch replayed after a crash (committed,
-not yet checkpointed) is recognised: its committed rows are not applied twice, in every mode and
-without a primary key, and only rows past the recorded value (ones the source gained meanwhile)
-are added. A session advisory lock on the target table, held from start to publish, keeps two
-writers of one table apart, whichever machines they run on.
+which batch it was, its row count and last checkpoint value, and what the runner's checkpoint of it
+needs (an incremental run's boundary). A session advisory lock on the target table, held from start
+to publish, keeps two writers of one table apart, whichever machines they run on.
 
 Modes (``mode:`` on the destination):
 
@@ -12,8 +10,25 @@ Modes (``mode:`` on the destination):
     append   rows are added to the target, batch by batch.
     merge    rows are upserted on ``primary_key`` (the last row of a key within a batch wins).
 
-Bookkeeping lives in ``<schema>._conduit_batches``. Tables conduit creates carry the comment
-``conduit-dagster pipeline <name>`` (exactly); replace never drops a table without it.
+Resuming after a crash between a batch's commit and its checkpoint:
+
+    append, merge  a committed batch is final. ``start`` reports the batches recorded past the
+             checkpoint and the runner rolls forward: it adopts them as if their checkpoints had been
+             saved and reads on past the last one's key. No part of a committed batch is applied twice,
+             and no later batch brings its rows again.
+    replace  the staging rows of batches past the checkpoint are deleted and that range is read again.
+
+What this promises for rows that become visible late (a transaction that commits after conduit read
+past its key): a row that appears in the source with a key at or below a range conduit already read
+and committed is not loaded by that run, crash or not, and never twice. Replace mode, like the file
+destinations, reads an uncheckpointed batch again after a crash and may then include it.
+
+Staging tables are named from the pipeline, the target's schema and table, and the generation, and the
+checkpoint records the name (``{"generation", "staging"}``): a run touches only its own. A staging
+table that disappears during a run (or before a resume with committed batches) is an error naming it,
+never silently created again; a run that cannot be resumed (``resume: false``) drops its own staging
+table when it fails. Bookkeeping lives in ``<schema>._conduit_batches``. Tables conduit creates carry
+the comment ``conduit-dagster pipeline <name>`` (exactly); replace never drops a table without it.
 """
 
 import hashlib
@@ -21,7 +36,6 @@ import io
 import json
 import time
 import uuid
-from decimal import Decimal
 from typing import Any
 
 import psycopg2
@@ -29,7 +43,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from conduit_dagster.engine.checkpoint import decode_value, encode_value
-from conduit_dagster.engine.destinations.base import Resumption
+from conduit_dagster.engine.destinations.base import CommittedBatch, Resumption
 from conduit_dagster.engine.errors import CheckpointError, ConduitError, DestinationError
 from conduit_dagster.engine.pg import connect, describe, redact
 from conduit_dagster.engine.spec import PostgresDestinationSpec
@@ -37,6 +51,39 @@ from conduit_dagster.engine.sql import quote_ident
 
 BATCHES = "_conduit_batches"
 BATCH_COLUMN = "_conduit_batch"
+STAGING_PREFIX = "_conduit_stage_"
+
+
+def staging_name(pipeline: str, schema: str, table: str, generation: str) -> str:
+    """A staging table's name: a digest, not the names, as PostgreSQL cuts identifiers at 63 bytes (a long
+    name would be cut into one shared with another pipeline); the schema and table are in it so that two
+    deployments of one pipeline name into one schema never share one."""
+    digest = hashlib.sha256(f"{pipeline}\0{schema}\0{table}".encode()).hexdigest()[:16]
+    return f"{STAGING_PREFIX}{digest}_{generation[:12]}"
+
+
+def legacy_staging_name(pipeline: str, generation: str) -> str:
+    """The staging table of a checkpoint written before the name was recorded: a digest of the pipeline alone."""
+    return f"{STAGING_PREFIX}{hashlib.sha256(pipeline.encode()).hexdigest()[:16]}_{generation[:12]}"
+
+
+def owned_staging(state: dict[str, Any], pipeline: str, destination_id: str) -> tuple[str, str] | None:
+    """(schema, table) of the staging table a replace-mode checkpoint's destination state owns, if any."""
+    generation = state.get("generation")
+    if "?mode=replace" not in destination_id or not isinstance(generation, str) or not generation.isalnum():
+        return None
+    staging = state.get("staging") or legacy_staging_name(pipeline, generation)
+    schema = state.get("schema")
+    if not isinstance(schema, str):  # older checkpoints: the identity ends ".../<schema>.<table>?mode=replace"
+        schema = destination_id.rsplit("?", 1)[0].rsplit("/", 1)[-1].split(".", 1)[0]
+    return (schema, staging) if isinstance(staging, str) else None
+
+
+def lock_key(schema: str, table: str) -> int:
+    """The table's advisory-lock key: 64 bits of a SHA-256 (32-bit ``hashtext`` keys collide between
+    different tables often enough to report a busy table that nobody writes)."""
+    digest = hashlib.sha256(f"conduit:{schema}.{table}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def pg_type(t: pa.DataType) -> str:
@@ -99,6 +146,9 @@ def _csv_bytes(table: pa.Table) -> bytes:
 
 
 class PostgresDestination:
+    # a committed batch is final (append, merge): a resume adopts it instead of writing it again
+    rolls_forward = True
+
     def __init__(self, spec: PostgresDestinationSpec, pipeline: str, *, accumulate: bool = False) -> None:
         # accumulate (an incremental load) is what append and merge do already; replace is refused for it in the spec
         self.spec = spec
@@ -107,7 +157,14 @@ class PostgresDestination:
         self.table = spec.table or pipeline
         self.mode = spec.mode
         self.generation: str | None = None
+        self.staging: str | None = None
         self.comment = f"conduit-dagster pipeline {pipeline}"
+        # once the write target existed in this run (or the checkpoint says batches went into it), a missing
+        # one means someone dropped it: its committed rows are gone, and creating it again would hide that
+        self._target_expected = False
+        self._created_staging = False
+        self._published = False
+        self._resumable = True  # until the runner says no checkpoint can come back for this generation
         try:
             self.conn = connect(spec, "destination")
         except ConduitError as exc:
@@ -119,15 +176,9 @@ class PostgresDestination:
         return f"{quote_ident(self.schema)}.{quote_ident(name)}"
 
     @property
-    def _staging_prefix(self) -> str:
-        # a digest of the pipeline's name, not the name: PostgreSQL cuts identifiers at 63 bytes, and a
-        # long name would be cut into one shared with another pipeline, or no longer match its own prefix
-        return f"_conduit_stage_{hashlib.sha256(self.pipeline.encode()).hexdigest()[:16]}_"
-
-    @property
     def _staging(self) -> str:
-        assert self.generation is not None
-        return f"{self._staging_prefix}{self.generation[:12]}"
+        assert self.staging is not None
+        return self.staging
 
     def _write_target(self) -> str:
         return self._staging if self.mode == "replace" else self.table
@@ -141,7 +192,19 @@ class PostgresDestination:
             "that batch was rolled back and the checkpoint is unchanged"
         )
 
+    def _missing(self, name: str, why: str) -> DestinationError:
+        what = "staging table" if name != self.table else "table"
+        return DestinationError(
+            f"destination {self.spec.name!r}: the {what} {self.schema}.{name} of pipeline {self.pipeline!r} is missing "
+            f"{why}; someone dropped it, and its rows with it. Nothing more was written; start over with "
+            f"`conduit clear-checkpoints --pipeline-name {self.pipeline}`"
+        )
+
     # --- protocol ----------------------------------------------------------------------
+
+    def set_resumable(self, resumable: bool) -> None:
+        """False: no checkpoint names this run's generation, so close() drops an unpublished staging table."""
+        self._resumable = resumable
 
     def start(self, state: dict[str, Any] | None, committed: int = 0) -> Resumption:
         try:
@@ -149,41 +212,74 @@ class PostgresDestination:
                 cur.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)}")
                 cur.execute(
                     f"CREATE TABLE IF NOT EXISTS {self._q(BATCHES)} (pipeline text NOT NULL, generation text NOT NULL, "
-                    "batch_index integer NOT NULL, rows bigint NOT NULL, last_key text, "
+                    "batch_index integer NOT NULL, rows bigint NOT NULL, last_key text, batch_state jsonb, "
                     "committed_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (pipeline, generation, batch_index))"
                 )
                 cur.execute(f"ALTER TABLE {self._q(BATCHES)} ADD COLUMN IF NOT EXISTS last_key text")
+                cur.execute(f"ALTER TABLE {self._q(BATCHES)} ADD COLUMN IF NOT EXISTS batch_state jsonb")
                 self._fence(cur)
                 if state is None:
+                    # Nothing else is dropped: a staging table with another name belongs to another run (another
+                    # generation, or another deployment), and only its own checkpoint can say it is abandoned.
                     self.generation = uuid.uuid4().hex
-                    self._drop_stale_staging(cur)
                     if self.mode == "replace":
+                        self.staging = staging_name(self.pipeline, self.schema, self.table, self.generation)
                         self._check_replaceable(cur)
+                        return Resumption({"generation": self.generation, "staging": self.staging, "schema": self.schema})
                     return Resumption({"generation": self.generation})
-                generation = state.get("generation")
-                if not isinstance(generation, str) or not generation.isalnum():
-                    raise CheckpointError(f"pipeline {self.pipeline!r}: the checkpoint names no valid output generation")
-                self.generation = generation
-                if self.mode == "replace":
-                    if self._table_comment(cur, self.table) == f"{self.comment} generation {generation}":
-                        return Resumption(state, already_published=True)
-                    if not self._exists(cur, self._staging):
-                        if committed == 0:  # crashed before its first batch: the staging table comes with it
-                            return Resumption(state)
-                        raise CheckpointError(
-                            f"pipeline {self.pipeline!r}: the checkpoint's staging table {self.schema}.{self._staging} is "
-                            "missing, so it cannot be resumed; start over with "
-                            f"`conduit clear-checkpoints --pipeline-name {self.pipeline}`"
-                        )
-                    # rows of batches written after the last checkpoint are dropped; they will be read again
-                    cur.execute(f"DELETE FROM {self._q(self._staging)} WHERE {BATCH_COLUMN} >= %s", (committed,))
-                    cur.execute(
-                        f"DELETE FROM {self._q(BATCHES)} WHERE pipeline = %s AND generation = %s AND batch_index >= %s",
-                        (self.pipeline, generation, committed),
-                    )
-                return Resumption(state)
+                return self._resume(cur, state, committed)
         except psycopg2.Error as exc:
             raise self._fail("cannot prepare the output", exc) from None
+
+    def _resume(self, cur: Any, state: dict[str, Any], committed: int) -> Resumption:
+        generation = state.get("generation")
+        if not isinstance(generation, str) or not generation.isalnum():
+            raise CheckpointError(f"pipeline {self.pipeline!r}: the checkpoint names no valid output generation")
+        self.generation = generation
+        if self.mode == "replace":
+            staging = state.get("staging", legacy_staging_name(self.pipeline, generation))
+            if not isinstance(staging, str) or not staging.startswith(STAGING_PREFIX) or not staging.isascii():
+                raise CheckpointError(f"pipeline {self.pipeline!r}: the checkpoint names no valid staging table")
+            self.staging = staging
+            if self._table_comment(cur, self.table) == f"{self.comment} generation {generation}":
+                self._published = True
+                return Resumption(state, already_published=True)
+            if not self._exists(cur, staging):
+                if committed == 0:  # crashed before its first batch: the staging table comes with it
+                    return Resumption(state)
+                raise CheckpointError(
+                    f"pipeline {self.pipeline!r}: the checkpoint's staging table {self.schema}.{staging} is "
+                    "missing, so it cannot be resumed; start over with "
+                    f"`conduit clear-checkpoints --pipeline-name {self.pipeline}`"
+                )
+            self._target_expected = True
+            # rows of batches written after the last checkpoint are dropped; they will be read again
+            cur.execute(f"DELETE FROM {self._q(staging)} WHERE {BATCH_COLUMN} >= %s", (committed,))
+            cur.execute(
+                f"DELETE FROM {self._q(BATCHES)} WHERE pipeline = %s AND generation = %s AND batch_index >= %s",
+                (self.pipeline, generation, committed),
+            )
+            return Resumption(state)
+        # append, merge: what was committed past the checkpoint is in the table for good; the runner adopts it
+        cur.execute(
+            f"SELECT batch_index, rows, last_key, batch_state FROM {self._q(BATCHES)} "
+            "WHERE pipeline = %s AND generation = %s AND batch_index >= %s ORDER BY batch_index",
+            (self.pipeline, generation, committed),
+        )
+        beyond = tuple(
+            CommittedBatch(
+                index=int(index),
+                rows=int(rows),
+                last_key=None if last_key is None else decode_value(json.loads(last_key)),
+                state=dict(batch_state or {}),
+            )
+            for index, rows, last_key, batch_state in cur.fetchall()
+        )
+        if committed + len(beyond) > 0:
+            if not self._exists(cur, self.table):
+                raise self._missing(self.table, f"though {committed + len(beyond)} batch(es) of this run went into it")
+            self._target_expected = True
+        return Resumption(state, committed=beyond)
 
     def _fence(self, cur: Any) -> None:
         """A session advisory lock on the target table, held until this connection closes (or its holder dies):
@@ -193,7 +289,7 @@ class PostgresDestination:
         connection, a moment after the client closed it: the lock is tried for up to two seconds."""
         deadline = time.monotonic() + 2.0
         while True:
-            cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (f"conduit:{self.schema}.{self.table}",))
+            cur.execute("SELECT pg_try_advisory_lock(%s::bigint)", (lock_key(self.schema, self.table),))
             locked = bool(cur.fetchone()[0])
             if locked or time.monotonic() > deadline:
                 break
@@ -223,49 +319,50 @@ class PostgresDestination:
                 "or merge, or drop it yourself. Nothing was changed"
             )
 
-    def _drop_stale_staging(self, cur: Any) -> None:
-        cur.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = %s AND starts_with(tablename, %s)",
-            (self.schema, self._staging_prefix),
-        )
-        for (name,) in cur.fetchall():
-            cur.execute(f"DROP TABLE {self._q(name)}")
-
     def _create_table(self, cur: Any, name: str, table: pa.Table, *, with_batch: bool) -> None:
         columns = [f"{quote_ident(f.name)} {column_type(f)}" for f in table.schema]
         if with_batch:
             columns.append(f"{BATCH_COLUMN} integer NOT NULL")
         if self.mode == "merge":
             columns.append(f"PRIMARY KEY ({', '.join(quote_ident(k) for k in self.spec.primary_key)})")
-        cur.execute(f"CREATE TABLE IF NOT EXISTS {self._q(name)} ({', '.join(columns)})")
+        # not IF NOT EXISTS: it was checked missing in this transaction under the table's lock
+        cur.execute(f"CREATE TABLE {self._q(name)} ({', '.join(columns)})")
         cur.execute(f"COMMENT ON TABLE {self._q(name)} IS %s", (self.comment,))
 
-    def write(self, index: int, table: pa.Table, key_column: str | None = None, last_key: Any = None) -> None:
+    def write(
+        self,
+        index: int,
+        table: pa.Table,
+        key_column: str | None = None,
+        last_key: Any = None,
+        batch_state: dict[str, Any] | None = None,
+    ) -> None:
         target = self._write_target()
         key_json = json.dumps(encode_value(last_key)) if key_column is not None else None
         try:
             with self.conn, self.conn.cursor() as cur:
-                # The batch record first, in the batch's own transaction: a replayed batch finds it.
+                # The batch record first, in the batch's own transaction: a resume finds what was committed.
                 cur.execute(
-                    f"INSERT INTO {self._q(BATCHES)} (pipeline, generation, batch_index, rows, last_key) "
-                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    (self.pipeline, self.generation, index, table.num_rows, key_json),
+                    f"INSERT INTO {self._q(BATCHES)} (pipeline, generation, batch_index, rows, last_key, batch_state) "
+                    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    (self.pipeline, self.generation, index, table.num_rows, key_json, json.dumps(batch_state or {})),
                 )
                 if cur.rowcount == 0:
-                    # Committed before the crash that lost its checkpoint. Its rows are in; applying them again
-                    # would duplicate them. Rows the source gained past the recorded last key since then are
-                    # new: they go in now, in this transaction, and the record moves on.
-                    table = self._rows_past_record(cur, index, table, key_column)
-                    if table.num_rows == 0:
-                        return
-                    cur.execute(
-                        f"UPDATE {self._q(BATCHES)} SET rows = rows + %s, last_key = %s "
-                        "WHERE pipeline = %s AND generation = %s AND batch_index = %s",
-                        (table.num_rows, key_json, self.pipeline, self.generation, index),
+                    # A resume adopts committed batches and never writes them again: another writer got here
+                    raise DestinationError(
+                        f"destination {self.spec.name!r}: batch {index} of pipeline {self.pipeline!r} (generation "
+                        f"{self.generation}) is committed already in {self.schema}.{BATCHES}; writing it again would "
+                        "apply its rows twice. Is another run writing this pipeline? Nothing was written"
                     )
                 names = ", ".join(quote_ident(n) for n in table.schema.names)
-                if not self._exists(cur, target):
+                if self._exists(cur, target):
+                    self._target_expected = True
+                elif self._target_expected:
+                    raise self._missing(target, f"after batches of this run went into it (at batch {index})")
+                else:
                     self._create_table(cur, target, table, with_batch=self.mode == "replace")
+                    self._target_expected = True
+                    self._created_staging = self.mode == "replace"
                 if self.mode == "replace":
                     batch_col = pa.array([index] * table.num_rows, pa.int32())
                     data = table.append_column(BATCH_COLUMN, batch_col)
@@ -281,21 +378,6 @@ class PostgresDestination:
                     self._merge(cur, target, table, names)
         except psycopg2.Error as exc:
             raise self._fail(f"cannot write batch {index}", exc) from None
-
-    def _rows_past_record(self, cur: Any, index: int, table: pa.Table, key_column: str | None) -> pa.Table:
-        cur.execute(
-            f"SELECT last_key FROM {self._q(BATCHES)} WHERE pipeline = %s AND generation = %s AND batch_index = %s FOR UPDATE",
-            (self.pipeline, self.generation, index),
-        )
-        (recorded,) = cur.fetchone()
-        if key_column is None or recorded is None:
-            return table.slice(0, 0)
-        last = decode_value(json.loads(recorded))
-        keys = table.column(key_column).to_pylist()
-        if isinstance(last, Decimal):  # numeric without a precision travels as text
-            keys = [None if k is None else Decimal(k) for k in keys]
-        start = next((i for i, k in enumerate(keys) if k is not None and k > last), len(keys))
-        return table.slice(start)
 
     def _merge(self, cur: Any, target: str, table: pa.Table, names: str) -> None:
         keys = [quote_ident(k) for k in self.spec.primary_key]
@@ -325,6 +407,8 @@ class PostgresDestination:
                         cur.execute(f"ALTER TABLE {self._q(self._staging)} DROP COLUMN {BATCH_COLUMN}")
                         cur.execute(f"DROP TABLE IF EXISTS {self._q(self.table)}")
                         cur.execute(f"ALTER TABLE {self._q(self._staging)} RENAME TO {quote_ident(self.table)}")
+                    elif self._target_expected:  # publishing would empty the table instead of loading it
+                        raise self._missing(self._staging, "at publish, after batches of this run went into it")
                     elif self._exists(cur, self.table):
                         cur.execute(f"TRUNCATE {self._q(self.table)}")  # a run with no rows: the output is empty
                     else:
@@ -336,11 +420,28 @@ class PostgresDestination:
                 cur.execute(
                     f"DELETE FROM {self._q(BATCHES)} WHERE pipeline = %s AND generation = %s", (self.pipeline, self.generation)
                 )
+            self._published = True
         except psycopg2.Error as exc:
             raise self._fail("cannot publish the output", exc) from None
 
     def close(self) -> None:
-        self.conn.close()
+        try:
+            if not self._resumable and not self._published and self.generation is not None and not self.conn.closed:
+                self._discard()
+        finally:
+            self.conn.close()
+
+    def _discard(self) -> None:
+        """A run no checkpoint can resume ended unpublished: its staging table and batch records are nobody's."""
+        try:
+            with self.conn, self.conn.cursor() as cur:
+                if self._created_staging:
+                    cur.execute(f"DROP TABLE IF EXISTS {self._q(self._staging)}")
+                cur.execute(
+                    f"DELETE FROM {self._q(BATCHES)} WHERE pipeline = %s AND generation = %s", (self.pipeline, self.generation)
+                )
+        except psycopg2.Error:
+            pass  # the connection failed with the run; the staging table stays until dropped by hand
 
     def count(self) -> int | None:
         with self.conn, self.conn.cursor() as cur:
