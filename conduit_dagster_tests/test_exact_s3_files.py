@@ -19,8 +19,9 @@ from botocore.exceptions import ClientError
 from conduit_dagster.engine.checkpoint_s3 import S3CheckpointStore, _boot_id, _pid_ns
 from conduit_dagster.engine.destinations.s3 import S3Destination
 from conduit_dagster.engine.checkpoint import LocalCheckpointStore
-from conduit_dagster.engine.errors import CheckpointError, OrderingError
+from conduit_dagster.engine.errors import CheckpointError, ConduitError, OrderingError
 from conduit_dagster.engine.runner import run_pipeline
+from conduit_dagster.engine.s3 import make_client, public_endpoint
 from conduit_dagster.engine.sources.files import FileSource
 from conduit_dagster.engine.spec import FileSourceSpec, S3ConnectionSpec, S3DestinationSpec, load_spec_text
 from conduit_dagster_tests.conftest import s3_keys
@@ -211,3 +212,28 @@ def test_publishing_never_deletes_objects_beside_the_output_that_conduit_did_not
         assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == data, f"{key} was deleted"
     assert leftover not in s3_keys(s3, bucket, "raw/orders/")
     assert_same_rows([(3,)], read_all(file_source(f"s3://{bucket}/raw/orders/*.parquet", "parquet", s3_endpoint)))
+
+
+# --- secrets --------------------------------------------------------------------------------------------------------
+
+
+def test_credentials_in_the_environments_endpoint_url_are_never_printed(monkeypatch, s3_endpoint, tmp_path):
+    """ingest.yml refuses an endpoint_url holding user:password@, but AWS_ENDPOINT_URL_S3 (or an S3Resource's
+    endpoint_url) reaches botocore unchecked, and every S3 error message printed the endpoint as the client has it."""
+    secret = "SuperSecret99"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://admin:{secret}@127.0.0.1:9")
+    assert public_endpoint(f"https://k:{secret}@s3.example/?X-Amz-Credential={secret}") == "https://s3.example/"
+
+    attempts = []
+    src = file_source("s3://some-bucket/in/", "csv")
+    attempts.append(lambda: read_all(src))
+    dest = S3Destination(S3DestinationSpec(name="lake", bucket="some-bucket", prefix="raw", format="parquet"), "orders")
+    attempts.append(lambda: dest.start(None))
+    store = S3CheckpointStore(make_client(S3ConnectionSpec()), "some-bucket", "cp")
+    attempts.append(lambda: store.load("orders"))
+    for attempt in attempts:
+        with pytest.raises(ConduitError) as info:
+            attempt()
+        message = str(info.value)
+        assert "cannot reach the S3 endpoint http://127.0.0.1:9" in message, message
+        assert secret not in message and "admin" not in message, message

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from conduit_dagster.engine.errors import SourceError
 from conduit_dagster.engine.spec import S3ConnectionSpec
@@ -99,6 +100,7 @@ def is_missing(exc: BaseException) -> bool:
 def explain(exc: BaseException, *, bucket: str, endpoint: str | None) -> str:
     """A short reason and fix for a failed S3 call; never a credential."""
     code = error_code(exc)
+    endpoint = public_endpoint(endpoint) if endpoint else endpoint
     where = f"bucket {bucket!r}" + (f" at {endpoint}" if endpoint else "")
     if code == "NoSuchBucket":
         return f"{where} does not exist; create it or fix `bucket`"
@@ -119,9 +121,17 @@ def explain(exc: BaseException, *, bucket: str, endpoint: str | None) -> str:
     return f"{where}: {name}"
 
 
+def public_endpoint(url: str) -> str:
+    """An endpoint URL fit for a message: no user:password@ and no query (AWS_ENDPOINT_URL_S3 or an S3Resource's
+    endpoint_url may carry them; ingest.yml refuses them)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", "")) if parts.scheme else url.rpartition("@")[2].split("?")[0]
+
+
 def endpoint_of(client: Any) -> str | None:
     try:
-        return str(client.meta.endpoint_url)
+        return public_endpoint(str(client.meta.endpoint_url))
     except AttributeError:
         return None
 
