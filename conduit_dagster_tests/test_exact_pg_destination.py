@@ -68,6 +68,11 @@ def fill(pg, schema: str, ids) -> None:
         cur.executemany(f"INSERT INTO {schema}.src VALUES (%s, %s)", [(i, f"n{i}") for i in ids])
 
 
+def staging_tables(schema: str) -> list[str]:
+    rows = pg_rows(DSN, f"SELECT tablename FROM pg_tables WHERE schemaname = '{schema}' AND tablename LIKE '_conduit_stage_%'")
+    return [r[0] for r in rows]
+
+
 def crash_after_batch_1_committed(res: ResourceSpec, store) -> None:
     """Write batch 1 through the destination, then die before its checkpoint is saved.
 
@@ -187,7 +192,7 @@ def test_two_deployments_sharing_a_pipeline_name_and_schema_stay_exact(tmp_path,
         if isinstance(event, BatchCommitted) and event.index == 3:
             break
     a_run.close()
-    staging = a_store.load("things").destination["staging"]
+    (staging,) = staging_tables(out_schema)
     list(run_pipeline(b_res, b_store, run_id="b2"))
     assert pg_rows(DSN, f"SELECT to_regclass('{out_schema}.{staging}') IS NOT NULL") == [(True,)]
     assert list(run_pipeline(a_res, a_store, run_id="a3"))[-1].records_processed == 100
@@ -205,12 +210,13 @@ def test_a_staging_table_dropped_mid_run_is_an_error_naming_it(pg, pg_schema, ou
     for event in run:
         if isinstance(event, BatchCommitted) and event.index == 1:
             break
-    staging = store.load("things").destination["staging"]
+    (staging,) = staging_tables(out_schema)
     with pg.cursor() as cur:
         cur.execute(f"DROP TABLE {out_schema}.{staging}")
     with pytest.raises(DestinationError, match=f"staging table {out_schema}.{staging} .*is missing") as info:
         list(run)
     assert "conduit clear-checkpoints --pipeline-name things" in str(info.value)
+    assert store.load("things").destination["staging"] == staging
     assert pg_rows(DSN, f"SELECT to_regclass('{out_schema}.things') IS NULL") == [(True,)], "nothing was published"
 
 
@@ -220,8 +226,10 @@ def test_a_run_without_resume_drops_its_staging_table_when_it_fails(pg, pg_schem
     for event in run:
         if isinstance(event, BatchCommitted) and event.index == 1:
             break
+    assert len(staging_tables(out_schema)) == 1
     run.close()  # stopped mid-run: no checkpoint can resume this staging table
-    assert pg_rows(DSN, f"SELECT tablename FROM pg_tables WHERE schemaname = '{out_schema}' AND tablename LIKE '%stage%'") == []
+    assert staging_tables(out_schema) == []
+    assert pg_rows(DSN, f"SELECT count(*) FROM {out_schema}._conduit_batches") == [(0,)]
 
 
 def test_clear_checkpoints_names_the_staging_table_to_drop(tmp_path, pg, pg_schema, out_schema):
