@@ -3,6 +3,7 @@ server): each was a way to read rows twice, refuse sorted data, run without a wo
 not write or print a secret."""
 
 import datetime as dt
+import io
 import json
 import os
 import socket
@@ -16,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from botocore.exceptions import ClientError
 
+from conduit_dagster.engine.checkpoint import LocalCheckpointStore
 from conduit_dagster.engine.checkpoint_s3 import S3CheckpointStore, _boot_id, _pid_ns
 from conduit_dagster.engine.destinations.s3 import S3Destination
-from conduit_dagster.engine.checkpoint import LocalCheckpointStore
-from conduit_dagster.engine.errors import CheckpointError, ConduitError, OrderingError
+from conduit_dagster.engine.errors import CheckpointError, ConduitError, OrderingError, SourceError
 from conduit_dagster.engine.runner import run_pipeline
 from conduit_dagster.engine.s3 import make_client, public_endpoint
 from conduit_dagster.engine.sources.files import FileSource
@@ -237,3 +238,39 @@ def test_credentials_in_the_environments_endpoint_url_are_never_printed(monkeypa
         message = str(info.value)
         assert "cannot reach the S3 endpoint http://127.0.0.1:9" in message, message
         assert secret not in message and "admin" not in message, message
+
+
+# --- file sources on S3: an object replaced while it is read ---------------------------------------------------------
+
+
+def big_parquet(first: int, n: int) -> bytes:
+    """Plain, uncompressed int64 in two row groups: two versions with other values have the very same layout."""
+    buffer = io.BytesIO()
+    table = pa.table({"id": pa.array(range(first, first + n), pa.int64())})
+    pq.write_table(table, buffer, row_group_size=n // 2, compression="none", use_dictionary=False, write_statistics=False)
+    return buffer.getvalue()
+
+
+def test_a_parquet_object_replaced_while_it_is_read_stops_the_run_instead_of_mixing_versions(s3, s3_endpoint, bucket):
+    """Parquet on S3 is read by ranged GETs: the footer first, then each row group when its turn comes. An object
+    overwritten in between (same size, other rows) gave the first row groups of the old version and the rest of the
+    new one, silently: rows of both versions lost and none of either whole."""
+    n = 1_500_000  # 12 MB: more than one buffered read (8 MiB)
+    old, new = big_parquet(0, n), big_parquet(10**9, n)
+    assert len(old) == len(new)
+    s3.put_object(Bucket=bucket, Key="in/a.parquet", Body=old)
+    src = file_source(f"s3://{bucket}/in/", "parquet", s3_endpoint)
+    seen: list[int] = []
+    with pytest.raises(SourceError, match=rf"s3://{bucket}/in/a\.parquet changed while this run read it .*Run again"):
+        try:
+            for i, chunk in enumerate(src.read("", "id", None, resume=False, fetch_size=n // 2)):
+                seen += chunk.data.column(0).to_pylist()
+                if i == 0:
+                    s3.put_object(Bucket=bucket, Key="in/a.parquet", Body=new)
+        finally:
+            src.close()
+    assert seen == list(range(n // 2)), "only rows of the version listed"
+    # the next run reads the file as it is now, whole
+    assert read_all(file_source(f"s3://{bucket}/in/", "parquet", s3_endpoint), fetch_size=n) == [
+        (i,) for i in range(10**9, 10**9 + n)
+    ]

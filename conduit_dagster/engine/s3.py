@@ -255,10 +255,14 @@ def match_objects(client: Any, url: str) -> list[S3Object]:
 
 
 class RangeReader(io.RawIOBase):
-    """A seekable, read-only view of one S3 object through ranged GETs (for Parquet footers and row groups)."""
+    """A seekable, read-only view of one S3 object through ranged GETs (for Parquet footers and row groups).
 
-    def __init__(self, client: Any, bucket: str, key: str, size: int) -> None:
+    With ``etag`` (the version listed) every GET is conditional on it: an object replaced while it is read fails with
+    PreconditionFailed instead of giving the footer of one version and row groups of another."""
+
+    def __init__(self, client: Any, bucket: str, key: str, size: int, etag: str = "") -> None:
         self.client, self.bucket, self.key, self.size = client, bucket, key, size
+        self.condition = {"IfMatch": etag} if etag else {}
         self.pos = 0
 
     def readable(self) -> bool:
@@ -279,7 +283,9 @@ class RangeReader(io.RawIOBase):
         want = min(len(buffer), self.size - self.pos)
         if want <= 0:
             return 0
-        body = self.client.get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-{self.pos + want - 1}")["Body"]
+        body = self.client.get_object(
+            Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-{self.pos + want - 1}", **self.condition
+        )["Body"]
         data = body.read()
         n = len(data)
         buffer[:n] = data

@@ -36,6 +36,7 @@ from conduit_dagster.engine.s3 import (
     fixed_base,
     hidden_below,
     is_missing,
+    is_precondition_failed,
     make_client,
     match_objects,
     split_url,
@@ -64,6 +65,7 @@ class _File:
     size: int
     gzip: bool
     delimiter: str
+    etag: str = ""  # the S3 version listed: every read of the file is of that version, or fails
 
 
 @dataclass(frozen=True)
@@ -344,6 +346,12 @@ class FileSource:
 
     def _s3_error(self, url: str, exc: BaseException) -> SourceError:
         bucket = split_url(url)[0] if url.startswith("s3://") else self.bucket
+        if is_precondition_failed(exc):
+            return SourceError(
+                f"{self.where}: {url} changed while this run read it (its ETag is no longer the one listed), so the run "
+                "stopped rather than mix two versions of it. Run again (a resumed run reads the files as they are "
+                "then), and write new data under new names rather than overwrite a file a run may be reading"
+            )
         return SourceError(f"{self.where}: cannot read {url}: {explain(exc, bucket=bucket, endpoint=endpoint_of(self.client))}")
 
     def files(self) -> list[_File]:
@@ -351,7 +359,7 @@ class FileSource:
         if self._files is not None:
             return self._files
         path = self.spec.path
-        found: list[tuple[str, str, int]] = []  # (url, key, size)
+        found: list[tuple[str, str, int, str]] = []  # (url, key, size, etag)
         if self.spec.is_s3:
             try:
                 objects = match_objects(self.client, path)
@@ -363,7 +371,7 @@ class FileSource:
                 except _s3_errors() as bucket_exc:
                     raise self._s3_error(path, bucket_exc) from None
                 raise self._no_files() from None
-            found = [(f"s3://{self.bucket}/{o.key}", o.key, o.size) for o in objects]
+            found = [(f"s3://{self.bucket}/{o.key}", o.key, o.size, o.etag) for o in objects]
         else:
             base = ""
             if any(c in path for c in GLOB_CHARS):
@@ -375,15 +383,15 @@ class FileSource:
             else:
                 names = [path]
             names = sorted(n for n in names if os.path.isfile(n) and not (base and hidden_below(base, n)))
-            found = [(n, n, os.path.getsize(n)) for n in names]
+            found = [(n, n, os.path.getsize(n), "") for n in names]
         if not found:
             raise self._no_files()
         self._files = []
-        for url, key, size in found:
+        for url, key, size, etag in found:
             stem = key.lower()
             gz = stem.endswith(".gz") and self.spec.format != "parquet"
             stem = stem.removesuffix(".gz")
-            self._files.append(_File(url, key, size, gz, "\t" if stem.endswith(".tsv") else ","))
+            self._files.append(_File(url, key, size, gz, "\t" if stem.endswith(".tsv") else ",", etag))
         return self._files
 
     def schema(self) -> pa.Schema:
@@ -449,7 +457,8 @@ class FileSource:
         handles: list[Any] = []
         try:
             if self.spec.is_s3:
-                raw = self.client.get_object(Bucket=self.bucket, Key=f.key)["Body"]
+                condition = {"IfMatch": f.etag} if f.etag else {}
+                raw = self.client.get_object(Bucket=self.bucket, Key=f.key, **condition)["Body"]
             else:
                 raw = pa.OSFile(f.key, "rb")
             handles.append(raw)
@@ -471,7 +480,7 @@ class FileSource:
         handles: list[Any] = []
         try:
             if self.spec.is_s3:
-                raw: Any = io.BufferedReader(RangeReader(self.client, self.bucket, f.key, f.size), buffer_size=BLOCK_SIZE)
+                raw: Any = io.BufferedReader(RangeReader(self.client, self.bucket, f.key, f.size, f.etag), buffer_size=BLOCK_SIZE)
             else:
                 raw = pa.OSFile(f.key, "rb")
             handles.append(raw)
