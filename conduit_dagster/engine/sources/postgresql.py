@@ -86,8 +86,8 @@ _NUMERIC = 1700
 _BPCHAR = 1042
 
 # Checkpoint column types (by base type OID) whose PostgreSQL equality and order are those of the values
-# conduit hands over, with the Python type of those values. bool is exact too but has no entry: the runner
-# refuses bool checkpoint values of any other type.
+# conduit hands over, with the Python type of those values. bool is exact too, but has no entry: the runner's
+# type check refuses every bool.
 _KEY_TYPES: dict[int, tuple[type, ...]] = {
     **dict.fromkeys((20, 21, 23, 26), (int,)),  # int8, int2, int4, oid
     **dict.fromkeys((700, 701), (float,)),  # -0.0 = 0.0 on both sides; NaN is refused before reading
@@ -139,9 +139,6 @@ class _Key:
     def bound(self, placeholder: str) -> str:
         value = f"CAST({placeholder} AS {self.cast})"
         return f'({value} COLLATE "C")' if self.order != "plain" else value
-
-    def param(self, value: Any) -> Any:
-        return _bind_value(value)
 
 
 def _bind_value(value: Any) -> Any:
