@@ -274,3 +274,37 @@ def test_a_parquet_object_replaced_while_it_is_read_stops_the_run_instead_of_mix
     assert read_all(file_source(f"s3://{bucket}/in/", "parquet", s3_endpoint), fetch_size=n) == [
         (i,) for i in range(10**9, 10**9 + n)
     ]
+
+
+# --- file sources: values larger than a parse block ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_value_larger_than_a_parse_block_is_read_whole_and_no_row_twice(tmp_path, fmt):
+    """CSV is parsed in 1 MiB blocks and JSON Lines in 1 MiB blocks too; a row longer than that (one 3 MiB text value, a
+    valid file) stopped the run with "straddling object straddles two block boundaries ... fix the file". The CSV file
+    is now read again with larger blocks, skipping the rows already given, so none is lost or given twice."""
+    big = "x" * (3 << 20)
+    ids = list(range(60_000))
+    values = {i: (big if i == 50_000 else f"v{i}") for i in ids}  # the big row well after the first blocks
+    if fmt == "csv":
+        text = "id,v\n" + "".join(f'{i},"{values[i]}"\n' for i in ids)
+    else:
+        text = "".join(json.dumps({"id": i, "v": values[i]}) + "\n" for i in ids)
+    path = tmp_path / f"a.{fmt}"
+    path.write_text(text, encoding="utf-8")
+    rows = read_all(file_source(str(path), fmt), "id", fetch_size=7000)
+    assert [r[0] for r in rows] == ids
+    assert rows[50_000][1] == big and rows[49_999][1] == "v49999"
+    resumed = read_all(file_source(str(path), fmt), "id", after=49_999, fetch_size=7000)
+    assert [r[0] for r in resumed] == ids[50_000:] and resumed[0][1] == big
+
+
+def test_a_quote_never_closed_is_not_taken_for_a_large_value(tmp_path):
+    """Reading again with larger blocks must not turn a quote that is never closed (the rest of the file, 2 MiB of
+    rows, swallowed into one value) into a success."""
+    path = tmp_path / "a.csv"
+    rows = "".join(f"{i},v{i}\n" for i in range(1000, 200_000))
+    path.write_text('id,v\n1,fine\n2,"never closed\n' + rows, encoding="utf-8")
+    with pytest.raises(SourceError, match=r"a\.csv has a quote that is never closed"):
+        read_all(file_source(str(path), "csv"), "id")

@@ -48,6 +48,9 @@ BLOCK_SIZE = 8 << 20  # bytes read and parsed at a time: memory stays flat whate
 # Arrow's streaming CSV reader reads about 40 blocks ahead of its consumer (measured: peak Arrow memory 44 MB with
 # 1 MiB blocks, 80 MB with 2 MiB, the whole file with 8 MiB blocks under 320 MB), so CSV blocks are small.
 CSV_BLOCK_SIZE = 1 << 20
+# A CSV row (or JSON line) must fit in one parse block: a file with a larger value is read again with blocks 8 times
+# larger (only that file, and only then), up to this size.
+MAX_BLOCK_SIZE = 512 << 20
 _ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
 _CSV_COLUMN_RE = re.compile(r"CSV column #(\d+)")
 
@@ -420,21 +423,27 @@ class FileSource:
 
     def _infer(self, f: _File) -> tuple[pa.Schema, bool] | None:
         """The types the first block of a CSV or JSON Lines file shows, and whether it has rows (None: empty file)."""
+        if self.spec.format == "csv":
+            block_size = CSV_BLOCK_SIZE
+            while True:
+                with self._reading(f) as stream:
+                    try:
+                        reader = pacsv.open_csv(
+                            stream, read_options=_csv_read_options(block_size), parse_options=_csv_parse_options(f)
+                        )
+                        first = reader.read_next_batch()
+                    except StopIteration:
+                        return reader.schema, False
+                    except _ARROW_ERRORS as exc:
+                        if "Empty CSV" in str(exc):
+                            return None
+                        if not _larger_block_helps(exc, block_size, f):
+                            raise SourceError(f"{self.where}: cannot parse {f.url} as CSV: {_why(exc)}; fix the file") from None
+                        self._check_quotes(f)
+                        block_size *= 8
+                        continue
+                    return reader.schema, first.num_rows > 0
         with self._reading(f) as stream:
-            if self.spec.format == "csv":
-                try:
-                    reader = pacsv.open_csv(stream, read_options=_csv_read_options(), parse_options=_csv_parse_options(f))
-                except _ARROW_ERRORS as exc:
-                    if "Empty CSV" in str(exc):
-                        return None
-                    raise SourceError(f"{self.where}: cannot parse {f.url} as CSV: {exc}; fix the file") from None
-                try:
-                    first = reader.read_next_batch()
-                except StopIteration:
-                    return reader.schema, False
-                except _ARROW_ERRORS as exc:
-                    raise SourceError(f"{self.where}: cannot parse {f.url} as CSV: {exc}; fix the file") from None
-                return reader.schema, first.num_rows > 0
             for block in _line_blocks(stream):
                 try:
                     table = _read_json(block, None, "infer")
@@ -532,26 +541,60 @@ class FileSource:
 
     def _csv_batches(self, f: _File, schema: pa.Schema, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
         convert = pacsv.ConvertOptions(column_types=dict(zip(schema.names, schema.types, strict=True)), include_columns=columns)
-        with self._reading(f) as stream:
-            try:
-                reader = pacsv.open_csv(
-                    stream, read_options=_csv_read_options(), parse_options=_csv_parse_options(f), convert_options=convert
-                )
-            except _ARROW_ERRORS as exc:
-                if "Empty CSV" in str(exc):
-                    return
-                raise self._csv_error(f, exc, schema) from None
-            if columns is None:
-                self._check_names(f, reader.schema.names, schema)
-            target = _sub(schema, columns) if columns is not None else schema
-            while True:
+        target = _sub(schema, columns) if columns is not None else schema
+        block_size = CSV_BLOCK_SIZE
+        done = 0  # rows of this file given already: a read again with larger blocks (a value over a block) skips them
+        while True:
+            with self._reading(f) as stream:
                 try:
-                    batch = reader.read_next_batch()
-                except StopIteration:
-                    return
+                    reader = pacsv.open_csv(
+                        stream,
+                        read_options=_csv_read_options(block_size),
+                        parse_options=_csv_parse_options(f),
+                        convert_options=convert,
+                    )
                 except _ARROW_ERRORS as exc:
-                    raise self._csv_error(f, exc, schema) from None
-                yield self._conform(batch, target, f)
+                    if "Empty CSV" in str(exc):
+                        return
+                    if not _larger_block_helps(exc, block_size, f):
+                        raise self._csv_error(f, exc, schema) from None
+                    self._check_quotes(f)
+                    block_size *= 8
+                    continue
+                if columns is None:
+                    self._check_names(f, reader.schema.names, schema)
+                skip = done
+                while True:
+                    try:
+                        batch = reader.read_next_batch()
+                    except StopIteration:
+                        return
+                    except _ARROW_ERRORS as exc:
+                        if not _larger_block_helps(exc, block_size, f):
+                            raise self._csv_error(f, exc, schema) from None
+                        self._check_quotes(f)
+                        break
+                    if skip >= batch.num_rows:
+                        skip -= batch.num_rows
+                        continue
+                    batch, skip = batch.slice(skip), 0
+                    done += batch.num_rows
+                    yield self._conform(batch, target, f)
+            block_size *= 8
+
+    def _check_quotes(self, f: _File) -> None:
+        """Before reading a file again with larger blocks: a row over a block is a large value, or a quote never closed,
+        which Arrow would take as one value running to the end of the file (the rows after it swallowed into it). In
+        valid CSV every quote is closed or doubled, so the file holds an even number of them."""
+        quotes = 0
+        with self._reading(f) as stream:
+            while data := stream.read(BLOCK_SIZE):
+                quotes += data.count(b'"')
+        if quotes % 2:
+            raise SourceError(
+                f"{self.where}: {f.url} has a quote that is never closed (an odd number of '\"' in the file): the rest "
+                "of the file would be read as one value; fix the file"
+            )
 
     def _csv_error(self, f: _File, exc: Exception, schema: pa.Schema) -> SourceError:
         """Name the column a CSV value does not fit (Arrow only gives its position in the file)."""
@@ -567,7 +610,7 @@ class FileSource:
                 f"comes from the first rows of {self._schema_url}: fix the value in the file (or make the first rows show "
                 "the column's real type, e.g. 1.0 for a decimal column)"
             )
-        return SourceError(f"{self.where}: cannot parse {f.url} as CSV: {exc}; fix the file")
+        return SourceError(f"{self.where}: cannot parse {f.url} as CSV: {_why(exc)}; fix the file")
 
     def _csv_header(self, f: _File) -> list[str] | None:
         try:
@@ -701,8 +744,24 @@ def _sub(schema: pa.Schema, columns: list[str] | None) -> pa.Schema:
     return schema if columns is None else pa.schema([schema.field(c) for c in columns])
 
 
-def _csv_read_options() -> pacsv.ReadOptions:
-    return pacsv.ReadOptions(block_size=CSV_BLOCK_SIZE)
+def _csv_read_options(block_size: int = CSV_BLOCK_SIZE) -> pacsv.ReadOptions:
+    return pacsv.ReadOptions(block_size=block_size)
+
+
+def _straddles(exc: Exception) -> bool:
+    """Arrow's error for a row (a CSV row with its quoted newlines, or a JSON line) longer than its parse block."""
+    return "straddling object straddles two block boundaries" in str(exc)
+
+
+def _larger_block_helps(exc: Exception, block_size: int, f: _File) -> bool:
+    """A row over a block boundary, and a larger block could hold it (a block as large as the file holds any row)."""
+    return _straddles(exc) and block_size < MAX_BLOCK_SIZE and (f.gzip or block_size <= f.size)
+
+
+def _why(exc: Exception) -> str:
+    if _straddles(exc):
+        return f"a row is longer than {MAX_BLOCK_SIZE >> 20} MiB, or a quote is never closed"
+    return str(exc)
 
 
 def _csv_parse_options(f: _File) -> pacsv.ParseOptions:
@@ -712,7 +771,13 @@ def _csv_parse_options(f: _File) -> pacsv.ParseOptions:
 def _read_json(block: bytes, schema: pa.Schema | None, unexpected: str) -> pa.Table:
     """Parse whole lines; without a schema, infer one."""
     parse = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior=unexpected)
-    return pajson.read_json(io.BytesIO(block), read_options=pajson.ReadOptions(block_size=1 << 20), parse_options=parse)
+    try:
+        return pajson.read_json(io.BytesIO(block), read_options=pajson.ReadOptions(block_size=1 << 20), parse_options=parse)
+    except pa.ArrowInvalid as exc:
+        if not _straddles(exc):
+            raise
+    # a line over 1 MiB (one large value): the block is whole lines and already in memory, so parse it as one block
+    return pajson.read_json(io.BytesIO(block), read_options=pajson.ReadOptions(block_size=len(block) + 1), parse_options=parse)
 
 
 def _leaf_index(pf: pq.ParquetFile, column: str | None) -> int | None:
