@@ -308,3 +308,23 @@ def test_a_quote_never_closed_is_not_taken_for_a_large_value(tmp_path):
     path.write_text('id,v\n1,fine\n2,"never closed\n' + rows, encoding="utf-8")
     with pytest.raises(SourceError, match=r"a\.csv has a quote that is never closed"):
         read_all(file_source(str(path), "csv"), "id")
+
+
+# --- a manifest someone else wrote ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "manifest,message",
+    [
+        ({"parts": [["part-a.csv"]]}, r"_conduit_manifest\.json is damaged \(its 'parts' is not a list of names\)"),
+        ({"parts": ["part-a.csv", "part-gone.csv"]}, r"names s3://.*/in/part-gone\.csv, which does not exist"),
+    ],
+    ids=["not-names", "names-a-missing-part"],
+)
+def test_a_planted_or_damaged_manifest_is_named_with_the_fix(s3, s3_endpoint, bucket, manifest, message):
+    """A manifest whose parts are not names failed with a bare TypeError from deep inside the listing; one that names
+    a part that does not exist was retried as a publish in progress and then reported as "kept being republished"."""
+    s3.put_object(Bucket=bucket, Key="in/part-a.csv", Body=b"id\n1\n")
+    s3.put_object(Bucket=bucket, Key="in/_conduit_manifest.json", Body=json.dumps(manifest).encode())
+    with pytest.raises(SourceError, match=message):
+        read_all(file_source(f"s3://{bucket}/in/", "csv", s3_endpoint))

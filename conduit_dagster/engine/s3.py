@@ -172,12 +172,19 @@ def parse_manifest(body: bytes) -> dict[str, Any]:
     doc = json.loads(body)
     if not isinstance(doc, dict) or not isinstance(doc.get("parts", []), list):
         raise ValueError("not a manifest object")
+    for key in ("parts", "generations"):
+        names = doc.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) and n and "/" not in n for n in names):
+            raise ValueError(f"its {key!r} is not a list of names")
     return doc
 
 
-def _published_only(client: Any, bucket: str, listed: list[S3Object]) -> tuple[Callable[[S3Object], bool], dict[str, str]]:
+def _published_only(
+    client: Any, bucket: str, listed: list[S3Object], missing: dict[str, str]
+) -> tuple[Callable[[S3Object], bool], dict[str, str]]:
     """In a folder that holds a conduit output's manifest, only the parts it names are the output: copies left by a
-    publish that crashed midway (until the resumed run removes them) are not. Also returns each manifest's ETag."""
+    publish that crashed midway (until the resumed run removes them) are not. Also returns each manifest's ETag, and
+    fills ``missing`` with a part a manifest names that the listing lacks."""
     named: dict[str, set[str]] = {}
     etags: dict[str, str] = {}
     for o in listed:
@@ -200,8 +207,11 @@ def _published_only(client: Any, bucket: str, listed: list[S3Object]) -> tuple[C
 
     listed_names = {o.key for o in listed}
     for folder, parts in named.items():
-        if any(f"{folder}/{part}" not in listed_names for part in parts):
-            etags[f"{folder}/{CONDUIT_MANIFEST}"] = ""  # listed before a publish committed: read again
+        base = f"{folder}/" if folder else ""
+        absent = sorted(base + part for part in parts if base + part not in listed_names)
+        if absent:
+            etags[base + CONDUIT_MANIFEST] = ""  # listed before a publish committed: read again
+            missing[base + CONDUIT_MANIFEST] = absent[0]
     return keep, etags
 
 
@@ -229,17 +239,19 @@ def match_objects(client: Any, url: str) -> list[S3Object]:
     if not (pattern.endswith("/") or pattern == "") and not any(c in pattern for c in GLOB_CHARS):
         head = client.head_object(Bucket=bucket, Key=pattern)
         return [S3Object(pattern, int(head["ContentLength"]), str(head.get("ETag", "")))]
+    missing: dict[str, str] = {}
     for _attempt in range(5):
+        missing.clear()
         if pattern.endswith("/") or pattern == "":
             listed = list(list_objects(client, bucket, pattern))
-            keep, etags = _published_only(client, bucket, listed)
+            keep, etags = _published_only(client, bucket, listed, missing)
             found = [o for o in listed if not hidden_below(pattern, o.key) and not o.key.endswith("/") and keep(o)]
         else:
             depth = pattern.count("/")
             # Listed from the folder, not from the text before the wildcard: `out/part-*.parquet` must see
             # `out/_conduit_manifest.json`, or the copies a crashed publish left beside the output would be read too.
             listed = list(list_objects(client, bucket, fixed_base(pattern)))
-            keep, etags = _published_only(client, bucket, listed)
+            keep, etags = _published_only(client, bucket, listed, missing)
             found = [
                 o
                 for o in listed
@@ -251,6 +263,12 @@ def match_objects(client: Any, url: str) -> list[S3Object]:
         if _unchanged(client, bucket, etags):
             return sorted(found, key=lambda o: o.key)
         time.sleep(0.5)
+    if missing:  # the same part missing every time: not a publish in progress
+        manifest, part = next(iter(missing.items()))
+        raise SourceError(
+            f"s3://{bucket}/{manifest} names s3://{bucket}/{part}, which does not exist: the manifest lists the parts of "
+            "a conduit output, which this path reads; restore the part (or the output), or point the source elsewhere"
+        )
     raise SourceError(f"{url}: a conduit output under this path kept being republished while it was listed; try again")
 
 
