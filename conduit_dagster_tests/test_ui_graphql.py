@@ -59,6 +59,9 @@ class Dagster:
         self.logs = tmp
         self.procs: list[subprocess.Popen] = []
         workspace = str(tmp / "workspace.yaml")
+        # A brand-new SQLite DAGSTER_HOME migrated by the webserver, the daemon and the code server at once can fail
+        # ("alembic_version already exists"): create its storage first, alone.
+        subprocess.run([str(BIN / "dagster"), "instance", "migrate"], env=self.env, cwd=tmp, check=True, capture_output=True)
         self._start("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(self.port), "-w", workspace])
         self._start("daemon", [str(BIN / "dagster-daemon"), "run", "-w", workspace])
 
