@@ -203,6 +203,7 @@ def main() -> int:
     psql_version = subprocess.run(["psql", "--version"], capture_output=True, text=True).stdout.strip()
     print(f"{dt.date.today()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, {versions}, {psql_version}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"load average at start (a shared machine inflates and scatters every figure): {os.getloadavg()[0]:.2f}")
     ensure_table(args.rows)
     walls: dict[str, list[float]] = {r: [] for r in routes}
     for rep in range(args.repeat):
@@ -211,6 +212,7 @@ def main() -> int:
             walls[route].append(wall)
             print(f"  rep {rep + 1} {route:9s} {wall:7.2f} s", flush=True)
     floor = statistics.median(walls["floor"]) if "floor" in walls else None
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
     print(f"\n{args.rows:,} rows, {args.repeat} repetitions, whole-process wall time, median [min-max]")
     print(f"{'route':10s} {'wall s':>20s} {'rows/s':>12s} {'x floor':>8s}")
     for route in routes:

@@ -138,7 +138,7 @@ def connect_kwargs(spec: PostgresConnectionSpec) -> dict[str, Any]:
 
 def _password_forms(spec: PostgresConnectionSpec) -> list[str]:
     """Every form a secret of ``spec`` can take in a message: the password, the URL, the URL's password as written
-    (percent-encoded) and decoded, as libpq and as a URL parser each read it, and what sits before the host."""
+    (percent-encoded) and decoded, as libpq reads it and as written up to the host, and the pieces a raw '@' cuts it into."""
     forms: list[str] = []
     if spec.password is not None:
         forms.append(spec.password.reveal())
@@ -150,13 +150,13 @@ def _password_forms(spec: PostgresConnectionSpec) -> list[str]:
         # the user and password as written: up to the last '@' of the authority, or of the whole URL when the
         # password holds a raw '/' (masking too much is harmless)
         for userinfo in {authority.rsplit("@", 1)[0] if "@" in authority else "", rest.rsplit("@", 1)[0] if "@" in rest else ""}:
-            if not userinfo:
-                continue
-            forms.append(userinfo)
-            if ":" in userinfo:
-                forms.append(userinfo.split(":", 1)[1])
-            # a user or password with a raw '@' or ':' is cut there by libpq: each piece may show up alone
-            forms.extend(piece for piece in re.split(r"[@:/]", userinfo)[1:] if len(piece) >= 3)
+            if ":" not in userinfo:
+                continue  # a user alone is no secret (and names the role in libpq's messages)
+            # a password with a raw '@', ':' or '/' is cut there by libpq: each piece may show up alone (pieces this
+            # guess finds shorter than 3 characters are left: masking every 'a' would garble the message, and
+            # libpq's own reading of the password is masked below whatever its length)
+            password = userinfo.split(":", 1)[1]
+            forms.extend(piece for piece in [password, *re.split(r"[@:/]", password)] if len(piece) >= 3)
         try:
             pw = psycopg2.extensions.parse_dsn(url.replace("postgresql+psycopg2://", "postgresql://", 1)).get("password")
         except psycopg2.Error:
