@@ -297,10 +297,13 @@ def test_bad_conduit_psql_is_a_clear_error(places, monkeypatch, tmp_path, kind):
         path.write_text("#!/bin/sh\n")
         path.chmod(0o644)
     monkeypatch.setenv("CONDUIT_PSQL", str(path))
-    with pytest.raises(SourceError, match=r"CONDUIT_PSQL=.*psql is not an executable file: set CONDUIT_PSQL to the path .*=off"):
-        read(places["main"].spec(), True)
     src = PostgresSource(places["main"].spec())
     try:
+        with pytest.raises(
+            SourceError, match=r"CONDUIT_PSQL=.*psql is not an executable file: set CONDUIT_PSQL to the path .*=off"
+        ) as err:
+            list(src.read("SELECT * FROM vals", None, None, resume=False, fetch_size=1000))
+        assert str(err.value).startswith("source "), "the error names the source it stopped"
         with pytest.raises(SourceError, match="CONDUIT_PSQL"):
             open_copy_producer(src.spec, src.conn, b"COPY (SELECT 1) TO STDOUT", lambda t: t, use_psql=True)
     finally:

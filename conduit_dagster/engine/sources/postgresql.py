@@ -486,9 +486,12 @@ class PostgresSource:
             # Binding happens client-side in psycopg2 either way; COPY takes no parameters, so the literal is
             # quoted by libpq's escaping here, exactly as execute() would.
             copy_sql = b"COPY (" + cur.mogrify(sql, params) + b") TO STDOUT WITH (FORMAT csv)"
-        producer = open_copy_producer(
-            self.spec, self.conn, copy_sql, lambda text: redact(text, self.spec), use_psql=self.use_psql
-        )
+        try:
+            producer = open_copy_producer(
+                self.spec, self.conn, copy_sql, lambda text: redact(text, self.spec), use_psql=self.use_psql
+            )
+        except SourceError as exc:  # a bad CONDUIT_PSQL: say which source it stopped
+            raise SourceError(f"source {self.spec.name!r}: {exc}") from None
         finished = False
         try:
             try:
