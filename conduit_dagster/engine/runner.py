@@ -389,6 +389,24 @@ def _run_locked(
 
     src_id, dest_id = source_identity(resource), destination_identity(resource)
     incremental = _Incremental.open(resource, store, checkpoint)
+
+    def checkpoint_at(last: Any, records: int, batches: int, boundary: list[str]) -> Checkpoint:
+        """The checkpoint after ``batches`` committed batches, the last ending at ``last``."""
+        assert column is not None
+        return Checkpoint(
+            pipeline=name,
+            checkpoint_column=column,
+            last_value=last,
+            records_processed=records,
+            batches_committed=batches,
+            run_id=run_id,
+            query_sha256=fingerprint,
+            source_id=src_id,
+            destination_id=dest_id,
+            destination=resumption.state,
+            incremental=incremental.document(boundary) if incremental else {},
+        )
+
     store.assert_owner(name)  # starting a destination may clean up: only the pipeline's owner does
     if checkpoint is not None:
         resumption = dest.start(checkpoint.destination, checkpoint.batches_committed)
@@ -398,21 +416,7 @@ def _run_locked(
             # A checkpoint before the first batch: it names the output generation, so a crash after the first
             # commit resumes that generation (where the batch is recorded) instead of starting a second one.
             assert column is not None
-            store.save(
-                Checkpoint(
-                    pipeline=name,
-                    checkpoint_column=column,
-                    last_value=None,
-                    records_processed=0,
-                    batches_committed=0,
-                    run_id=run_id,
-                    query_sha256=fingerprint,
-                    source_id=src_id,
-                    destination_id=dest_id,
-                    destination=resumption.state,
-                    incremental=incremental.document([]) if incremental else {},
-                )
-            )
+            store.save(checkpoint_at(None, 0, 0, []))
     resumed = checkpoint is not None
     after = checkpoint.last_value if checkpoint else None
     index = checkpoint.batches_committed if checkpoint else 0
@@ -432,21 +436,7 @@ def _run_locked(
             after, index, records = batch.last_key, index + 1, records + batch.rows
             if incremental:
                 boundary = list(batch.state.get("boundary", []))
-        store.save(
-            Checkpoint(
-                pipeline=name,
-                checkpoint_column=column,
-                last_value=after,
-                records_processed=records,
-                batches_committed=index,
-                run_id=run_id,
-                query_sha256=fingerprint,
-                source_id=src_id,
-                destination_id=dest_id,
-                destination=resumption.state,
-                incremental=incremental.document(boundary) if incremental else {},
-            )
-        )
+        store.save(checkpoint_at(after, records, index, boundary))
     src = source or (None if resumption.already_published else open_source(resource.source))
     if src is not None and incremental:
         src.bind({"last_value": incremental.bound})
@@ -475,21 +465,7 @@ def _run_locked(
             return 0.0
         assert column is not None
         t0 = time.monotonic()
-        store.save(
-            Checkpoint(
-                pipeline=name,
-                checkpoint_column=column,
-                last_value=batch_last,
-                records_processed=records,
-                batches_committed=index + 1,
-                run_id=run_id,
-                query_sha256=fingerprint,
-                source_id=src_id,
-                destination_id=dest_id,
-                destination=resumption.state,
-                incremental=incremental.document(batch_boundary) if incremental else {},
-            )
-        )
+        store.save(checkpoint_at(batch_last, records, index + 1, batch_boundary))
         return time.monotonic() - t0
 
     # Batches are committed (write, then checkpoint) one at a time, in order, on a worker thread, while
