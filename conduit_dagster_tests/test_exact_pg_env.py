@@ -66,11 +66,10 @@ def reference(dsn: str, schema: str) -> tuple[list[dict[str, Any]], list[dict[st
                 }
                 for i, f8, r4, ts, tstz, d, t, b, m, utc in cur.fetchall()
             ]
-            cur.execute(f"SELECT id, extract(epoch FROM iv)::text FROM {schema}.ivals ORDER BY id")
-            ivals = [
-                {"id": i, "iv": None if s is None else dt.timedelta(microseconds=round(float(s) * 1_000_000))}
-                for i, s in cur.fetchall()
-            ]
+            # intervals arrive as PostgreSQL's own text in the postgres style (a month is not 30 days)
+            cur.execute("SET IntervalStyle = 'postgres'")
+            cur.execute(f"SELECT id, iv::text FROM {schema}.ivals ORDER BY id")
+            ivals = [{"id": i, "iv": s} for i, s in cur.fetchall()]
     finally:
         conn.close()
     return vals, ivals
@@ -195,7 +194,6 @@ def test_libpq_environment_changes_no_value(places, monkeypatch, tmp_path, name,
     main = places["main"]
     set_environment(monkeypatch, tmp_path, ENVIRONMENTS[name], places["other"].database)
     assert read(main.spec(), use_psql) == main.vals
-    # intervals go through a server-side cursor on the in-process connection, whatever the route asked
     assert read(main.spec(), use_psql, "SELECT * FROM ivals") == main.ivals
 
 
