@@ -16,7 +16,8 @@ import itertools
 import math
 import os
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -254,25 +255,24 @@ class PostgresSource:
         self.params: dict[str, Any] = {}
         self.use_copy = use_copy
         self.use_psql = use_psql
-        try:
-            self.conn = connect(spec, "source")
-        except ConduitError as exc:
-            raise SourceError(str(exc)) from None
+        self.conn = self._connect()
         psycopg2.extras.register_default_json(self.conn, loads=lambda s: s)
         psycopg2.extras.register_default_jsonb(self.conn, loads=lambda s: s)
         psycopg2.extensions.register_type(_RAW_TEXT, self.conn)
-        with self.conn.cursor() as cur:
-            # Text output that parses back exactly: UTC ISO timestamps, shortest-exact floats.
-            # Text output that parses back exactly: UTC ISO timestamps, shortest-exact floats, intervals in the
-            # 'postgres' style every PostgreSQL reads back ('1 year -1 mons', never '1-1' or 'P1Y').
-            cur.execute(
-                "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3; SET bytea_output = 'hex'; "
-                "SET IntervalStyle = 'postgres'"
-            )
-            if spec.schema:
-                cur.execute("SELECT set_config('search_path', %s, false)", (spec.schema,))
-        self.conn.commit()
         self.conn.set_session(readonly=True)
+
+    def _connect(self) -> Any:
+        """A connection in conduit's pinned session (pg.connect: UTC, ISO dates, postgres intervals, exact floats,
+        hex bytea, UTF8), with the source's search_path."""
+        try:
+            conn = connect(self.spec, "source")
+        except ConduitError as exc:
+            raise SourceError(str(exc)) from None
+        if self.spec.schema:
+            with conn.cursor() as cur:
+                cur.execute("SELECT set_config('search_path', %s, false)", (self.spec.schema,))
+            conn.commit()
+        return conn
 
     def describe(self) -> str:
         return describe(self.spec)
@@ -405,26 +405,53 @@ class PostgresSource:
         assert key is not None
         return _KEY_TYPES.get(key.oid)
 
-    def _check_sentinel(self, text: str, key: _Key) -> None:
-        """Refuse a checkpoint column holding NaN or 'infinity' before any row is read. Both sort after every other
-        value, so the largest value tells: one aggregate (an index lookup where the column has an index) instead of
-        a run that fails at its very end, after all other rows were written and checkpointed."""
+    def _check_sentinel(self, text: str, key: _Key) -> Callable[[], None] | None:
+        """Start the check that the checkpoint column holds no NaN or 'infinity'; returns the call that waits for it.
+
+        Both sort after every other value, so the largest value tells: one aggregate (an index lookup where the column
+        has an index) instead of a run that fails at its very end, after all other rows were written and checkpointed.
+        It runs on a connection of its own while the rows start streaming, and the first chunk is handed over only once
+        it has passed: nothing is written before, and the aggregate costs no wall time while the server has a core free.
+        """
         sentinel = _SENTINEL_KEYS.get(key.oid)
         if sentinel is None:
-            return
+            return None
         col = key.expr(f"conduit_src.{quote_ident(key.column)}")
-        with self.conn.cursor() as cur:
-            cur.execute(f"SELECT max({col})::text FROM (\n{text}\n) AS conduit_src", self._params())
-            largest = cur.fetchone()[0]
-        self.conn.rollback()
-        if largest != sentinel:
-            return
-        fix = f"WHERE {key.column} <> 'NaN'" if sentinel == "NaN" else f"WHERE isfinite({key.column})"
-        what = "equals nothing, so no resume point can be past it" if sentinel == "NaN" else "fits no Arrow date or timestamp"
-        raise OrderingError(
-            f"source {self.spec.name!r}: checkpoint column {key.column!r} holds {sentinel!r}, which {what}; nothing was "
-            f"read or written. Filter it out in the query ({fix}) or pick another checkpoint column"
-        )
+        sql, params = f"SELECT max({col})::text FROM (\n{text}\n) AS conduit_src", self._params()
+        outcome: list[BaseException | str | None] = []
+
+        def largest() -> None:
+            try:
+                conn = self._connect()
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute(sql, params)
+                        outcome.append(cur.fetchone()[0])
+                finally:
+                    conn.close()
+            except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
+                outcome.append(exc)
+
+        thread = threading.Thread(target=largest, name="conduit-key-check", daemon=True)
+        thread.start()
+
+        def wait() -> None:
+            thread.join()
+            found = outcome[0]
+            if isinstance(found, psycopg2.Error):
+                raise self._fail("query failed", found)
+            if isinstance(found, BaseException):
+                raise found
+            if found != sentinel:
+                return
+            fix = f"WHERE {key.column} <> 'NaN'" if sentinel == "NaN" else f"WHERE isfinite({key.column})"
+            what = "equals nothing, so no resume point can be past it" if sentinel == "NaN" else "fits no Arrow date or timestamp"
+            raise OrderingError(
+                f"source {self.spec.name!r}: checkpoint column {key.column!r} holds {sentinel!r}, which {what}; nothing "
+                f"was written. Filter it out in the query ({fix}) or pick another checkpoint column"
+            )
+
+        return wait
 
     def read(self, query: str, column: str | None, after: Any, *, resume: bool, fetch_size: int) -> Iterator[Chunk]:
         """COPY the wrapped query out as CSV and parse it with Arrow (the fast path), or, for columns
@@ -437,8 +464,6 @@ class PostgresSource:
         try:
             description, key = self._probe(query, column)
             text = self._text(query, key)
-            if key is not None:
-                self._check_sentinel(text, key)
         except psycopg2.Error as exc:
             self.conn.rollback()
             raise self._fail("query failed", exc) from None
@@ -453,10 +478,31 @@ class PostgresSource:
         )
         params = self._params(v=after) if resume else self._params()
         schema = self._schema(description, [arrow_type(d) for d in description])
+        checked = self._check_sentinel(text, key) if key is not None else None
         if self.use_copy and all(d.type_code not in _CURSOR_ONLY_OIDS for d in description):
-            yield from self._read_copy(sql, params, description, schema, key, fetch_size)
+            chunks = self._read_copy(sql, params, description, schema, key, fetch_size)
         else:
-            yield from self._read_cursor(sql, params, description, schema, key, fetch_size)
+            chunks = self._read_cursor(sql, params, description, schema, key, fetch_size)
+        if checked is None:
+            yield from chunks
+            return
+        try:
+            for chunk in chunks:
+                if checked is not None:
+                    checked()
+                    checked = None
+                yield chunk
+            if checked is not None:
+                checked()
+        except ConduitError:
+            if checked is not None:  # the read failed first (say on the 'infinity' itself): the key's error says why
+                pending, checked = checked, None
+                pending()
+            raise
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
 
     def _schema(self, description: list[Any], types: list[pa.DataType | None]) -> pa.Schema:
         """The Arrow schema, each field carrying its PostgreSQL type name (``conduit.pg_type``): a PostgreSQL
