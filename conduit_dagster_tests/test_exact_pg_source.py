@@ -3,6 +3,7 @@ route: a crash after any batch, then a resume, leaves exactly the source rows, o
 
 import dataclasses
 import datetime as dt
+import uuid
 from decimal import Decimal
 
 import psycopg2
@@ -443,3 +444,93 @@ def test_date_max_is_a_real_date_not_infinity(tmp_path, pg, pg_schema):
     finally:
         src.close()
     assert events[-1].last_value == dt.date(9999, 12, 31)
+
+
+# --- what the first review of the fixes found ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["copy-psql", "cursor"])
+def test_null_checkpoint_value_refused_before_an_append_commits_a_row(tmp_path, pg, pg_schema, route):
+    """NULL sorts after every value: found by the read, it stopped the run after 30 batches were appended for good."""
+    with pg.cursor() as cur:
+        cur.execute(f"CREATE TABLE {pg_schema}.v (i int, k int)")
+        cur.execute(f"INSERT INTO {pg_schema}.v SELECT g, g FROM generate_series(1, 30000) g")
+        cur.execute(f"INSERT INTO {pg_schema}.v VALUES (30001, NULL)")
+    dest = PostgresDestinationSpec(
+        name="wh", host="127.0.0.1", port=5432, database="test", user="postgres", schema=pg_schema, table="out", mode="append"
+    )
+    res = resource(tmp_path, pg_schema, "SELECT i, k FROM v", "k", batch=1000, destination=dest)
+    src = PostgresSource(res.source, **ROUTES[route])
+    try:
+        with pytest.raises(OrderingError, match=r"column 'k' holds NULL.*nothing was written.*WHERE k IS NOT NULL"):
+            list(run_pipeline(res, MemoryCheckpointStore(), run_id="r", source=src))
+    finally:
+        src.close()
+    with pg.cursor() as cur:
+        cur.execute(f"SELECT to_regclass('{pg_schema}.out') IS NOT NULL")
+        if cur.fetchone()[0]:
+            cur.execute(f"SELECT count(*) FROM {pg_schema}.out")
+            assert cur.fetchone()[0] == 0, "no row reached the append table"
+
+
+@pytest.mark.parametrize("route", ["copy-psql", "cursor"])
+def test_char_keys_with_characters_below_a_space_resume_exactly(tmp_path, pg, pg_schema, route):
+    """char(n) compares ignoring its padding ('a\\t' < 'a'), Python compares the padded text ('a\\t ' < 'a  ' is false):
+    the run stopped with 'went backwards' for ever."""
+    with pg.cursor() as cur:
+        cur.execute(f"CREATE TABLE {pg_schema}.v (i serial, k char(3))")
+        for v in ["a", "a", "a\t", "a\t", "a\x01b", "b", "b", "c", "ab", "a b"]:
+            cur.execute(f"INSERT INTO {pg_schema}.v (k) VALUES (%s)", (v,))
+    res = resource(tmp_path, pg_schema, "SELECT i, k FROM v", "k", batch=2)
+    store = MemoryCheckpointStore()
+    src = PostgresSource(res.source, **ROUTES[route])
+    try:
+        crash_after(res, store, 2, source=src)
+        list(run_pipeline(res, store, run_id="second", source=src))
+    finally:
+        src.close()
+    want = pg_rows(DSN, f"SELECT i, rpad(k::text, 3) FROM {pg_schema}.v")
+    assert_same_rows(want, output_rows(tmp_path / "out" / "t"))
+
+
+@pytest.fixture
+def win1251_schema(pg):
+    """A schema in a WIN1251 database: its bytes order Cyrillic otherwise than Unicode code points do."""
+    name = f"conduit_win1251_{uuid.uuid4().hex[:8]}"
+    with pg.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name}")
+        cur.execute(f"CREATE DATABASE {name} ENCODING 'WIN1251' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    yield name
+    with pg.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.mark.parametrize("route", ["copy-psql", "cursor"])
+def test_text_keys_in_a_database_not_ordered_by_code_points_resume_exactly(tmp_path, win1251_schema, route):
+    """In WIN1251 'ё' (0xB8) sorts before 'а' (0xE0) under COLLATE "C"; Python puts U+0451 after U+0430: the run went
+    'backwards' at the first 'а' after an 'ё'."""
+    dsn = f"host=127.0.0.1 dbname={win1251_schema} user=postgres"
+    conn = psycopg2.connect(dsn, client_encoding="UTF8")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE v (i serial, k text)")
+        for v in ["а", "а", "ё", "я", "я", "Ё", "б", "z", "ж"]:
+            cur.execute("INSERT INTO v (k) VALUES (%s)", (v,))
+    conn.close()
+    source = dataclasses.replace(spec(""), database=win1251_schema, schema=None)
+    res = dataclasses.replace(resource(tmp_path, "public", "SELECT i, k FROM v", "k", batch=2), source=source)
+    store = MemoryCheckpointStore()
+    src = PostgresSource(res.source, **ROUTES[route])
+    try:
+        crash_after(res, store, 2, source=src)
+        list(run_pipeline(res, store, run_id="second", source=src))
+    finally:
+        src.close()
+    conn = psycopg2.connect(dsn, client_encoding="UTF8")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT i, k FROM v")
+            want = list(cur.fetchall())
+    finally:
+        conn.close()
+    assert_same_rows(want, output_rows(tmp_path / "out" / "t"))

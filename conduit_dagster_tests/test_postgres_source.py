@@ -126,7 +126,7 @@ def test_postgres_null_checkpoint_value_is_an_error(tmp_path, pg, pg_schema):
         cur.execute(f"CREATE TABLE {pg_schema}.n (id int)")
         cur.execute(f"INSERT INTO {pg_schema}.n VALUES (1), (2), (NULL)")
     res = resource(tmp_path, source(pg_schema), "SELECT id FROM n", batch=10)
-    with pytest.raises(OrderingError, match="'id' holds a NULL after value 2"):
+    with pytest.raises(OrderingError, match="'id' holds NULL.*nothing was written.*WHERE id IS NOT NULL"):
         list(run_pipeline(res, MemoryCheckpointStore(), run_id="r"))
     assert not (tmp_path / "out" / "t").exists()
 

@@ -142,6 +142,7 @@ def wrap_query(
     collate: str | None = None,
     cast: str | None = None,
     expression: str | None = None,
+    bound: str | None = None,
 ) -> str:
     """The SELECT to run: the user's query as a subquery, filtered past ``param`` and ordered.
 
@@ -149,7 +150,8 @@ def wrap_query(
     ``collate`` forces an ordering that matches Python's (``"C"`` for PostgreSQL text).
     ``cast`` types the parameter as the column's own type, so that ``>`` compares like with like.
     ``expression`` (with ``{col}`` for the column) orders and compares something other than the bare column,
-    e.g. ``({col})::text COLLATE "C"``; it replaces ``collate``.
+    e.g. ``({col})::text COLLATE "C"``; it replaces ``collate``. ``bound`` is the parameter's own expression
+    (holding ``param``), compared with it; it replaces ``cast``.
     """
     inner = clean_query(query)
     if column is None:
@@ -161,7 +163,7 @@ def wrap_query(
         col = f"{col} COLLATE {quote_ident(collate)}"
     sql = f"SELECT * FROM (\n{inner}\n) AS conduit_src"
     if resume:
-        value = f"CAST({param} AS {cast})" if cast else param
+        value = bound if bound else f"CAST({param} AS {cast})" if cast else param
         sql += f"\nWHERE {col} > {value}"
     return sql + f"\nORDER BY {col}"
 

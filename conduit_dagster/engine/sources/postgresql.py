@@ -104,6 +104,8 @@ _KEY_TYPES: dict[int, tuple[type, ...]] = {
 }
 _PLAIN_KEYS = frozenset(_KEY_TYPES) - {25, 1043, 19, _BPCHAR} | {16}
 _COLLATE_KEYS = frozenset({25, 1043, 19, _BPCHAR})
+# Server encodings whose byte order is the code point order Python compares str by (under COLLATE "C").
+_CODE_POINT_ORDERED = frozenset({"UTF8", "SQL_ASCII", "LATIN1"})
 # Key types that can hold a value sorting after every other one that is no resume point: NaN (equal to
 # nothing in Python), 'infinity' (no Arrow date or timestamp holds it).
 _SENTINEL_KEYS = {700: "NaN", 701: "NaN", _NUMERIC: "NaN", 1082: "infinity", 1114: "infinity", 1184: "infinity"}
@@ -128,18 +130,31 @@ class _Key:
     oid: int  # the base type's (for a domain, the type it is over)
     type_name: str  # as the user wrote it, for messages
     cast: str  # the unconstrained base type the bound value is cast to, quoted
-    order: str  # "plain": the column itself; "collate": COLLATE "C"; "text": ::text COLLATE "C"
+    # "plain": the column itself; "collate": COLLATE "C"; "text": ::text COLLATE "C"; "padded": char(n) as the padded
+    # text conduit reads (PostgreSQL's own comparison ignores the padding, so 'a\t ' < 'a  ' there but not in Python)
+    order: str
+    width: int = 0  # char(n): n
+    # in a database whose encoding orders bytes otherwise than code points (WIN1251, KOI8, EUC...), text compares as
+    # its UTF-8 bytes: Python's order of str
+    utf8: bool = False
+
+    def _text(self, col: str) -> str:
+        if self.order == "padded":
+            return f"pg_catalog.rpad(({col})::pg_catalog.text, {self.width})"
+        return f"({col})::pg_catalog.text" if self.order == "text" or self.utf8 else col
 
     def expr(self, col: str) -> str:
-        if self.order == "collate":
-            return f'{col} COLLATE "C"'
-        if self.order == "text":
-            return f'({col})::pg_catalog.text COLLATE "C"'
-        return col
+        if self.order == "plain":
+            return col
+        if self.utf8:
+            return f"pg_catalog.convert_to({self._text(col)}, 'UTF8')"
+        return f'{self._text(col)} COLLATE "C"'
 
     def bound(self, placeholder: str) -> str:
-        value = f"CAST({placeholder} AS {self.cast})"
-        return f'({value} COLLATE "C")' if self.order != "plain" else value
+        if self.order == "plain":
+            return f"CAST({placeholder} AS {self.cast})"
+        value = f"CAST({placeholder} AS pg_catalog.text)"
+        return f"pg_catalog.convert_to({value}, 'UTF8')" if self.utf8 else f'({value} COLLATE "C")'
 
 
 def _bind_value(value: Any) -> Any:
@@ -255,6 +270,7 @@ class PostgresSource:
         self.params: dict[str, Any] = {}
         self.use_copy = use_copy
         self.use_psql = use_psql
+        self._server_encoding: str | None = None
         self.conn = self._connect()
         psycopg2.extras.register_default_json(self.conn, loads=lambda s: s)
         psycopg2.extras.register_default_jsonb(self.conn, loads=lambda s: s)
@@ -337,12 +353,15 @@ class PostgresSource:
         cast = f"{quote_ident(nspname)}.{quote_ident(typname)}"
         if oid in _PLAIN_KEYS:
             return _Key(column, oid, type_name, cast, "plain")
+        utf8 = self._encoding(cur) not in _CODE_POINT_ORDERED
         if oid == _BPCHAR and (desc.internal_size is None or desc.internal_size < 0):
             why = "character values without a length compare ignoring trailing spaces ('a' = 'a ')"
+        elif oid == _BPCHAR:
+            return _Key(column, oid, type_name, cast, "padded", width=desc.internal_size, utf8=utf8)
         elif oid in _COLLATE_KEYS:
-            return _Key(column, oid, type_name, cast, "collate")
+            return _Key(column, oid, type_name, cast, "collate", utf8=utf8)
         elif category == "S":  # citext and the like: their own equality is not byte equality, their text's is
-            return _Key(column, oid, type_name, "pg_catalog.text", "text")
+            return _Key(column, oid, type_name, "pg_catalog.text", "text", utf8=utf8)
         elif typtype == "e":
             why = "an enum is ordered by its declaration, not by its text"
         else:
@@ -352,6 +371,12 @@ class PostgresSource:
             f"({why}): rows could be skipped or read twice. CAST it to text in the query (e.g. {column}::text AS "
             f"{column}) or pick another checkpoint column"
         )
+
+    def _encoding(self, cur: Any) -> str:
+        if self._server_encoding is None:
+            cur.execute("SHOW server_encoding")
+            self._server_encoding = str(cur.fetchone()[0]).upper()
+        return self._server_encoding
 
     def probe(self, query: str, column: str | None) -> list[str]:
         try:
@@ -405,34 +430,36 @@ class PostgresSource:
         assert key is not None
         return _KEY_TYPES.get(key.oid)
 
-    def _check_sentinel(self, text: str, key: _Key) -> Callable[[], None] | None:
-        """Start the check that the checkpoint column holds no NaN or 'infinity'; returns the call that waits for it.
+    def _check_key_values(self, text: str, key: _Key) -> Callable[[], None]:
+        """Start the check that the checkpoint column holds no NULL, NaN or 'infinity'; returns the call that waits
+        for it.
 
-        Both sort after every other value, so the largest value tells: one aggregate (an index lookup where the column
-        has an index) instead of a run that fails at its very end, after all other rows were written and checkpointed.
-        It runs on a connection of its own while the rows start streaming, and the first chunk is handed over only once
-        it has passed: nothing is written before, and the aggregate costs no wall time while the server has a core free.
+        None of them can be a resume point, and all sort after every other value: found by the read, they would stop
+        the run at its very end, after every other row was written (and, in append mode, committed). So they are
+        looked for first: an index lookup each where the column has an index, else a pass over the query. The check
+        runs on a connection of its own while the rows start streaming, and the first chunk is handed over only once it
+        has passed: nothing is written before, and it costs no wall time while the server has a core free.
         """
         sentinel = _SENTINEL_KEYS.get(key.oid)
-        if sentinel is None:
-            return None
-        col = key.expr(f"conduit_src.{quote_ident(key.column)}")
-        sql, params = f"SELECT max({col})::text FROM (\n{text}\n) AS conduit_src", self._params()
-        outcome: list[BaseException | str | None] = []
+        col = f"conduit_src.{quote_ident(key.column)}"
+        largest = f"SELECT max({key.expr(col)})::text FROM (\n{text}\n) AS conduit_src" if sentinel else "SELECT NULL"
+        sql = f"SELECT ({largest}), EXISTS (SELECT 1 FROM (\n{text}\n) AS conduit_src WHERE {col} IS NULL)"
+        params = self._params()
+        outcome: list[BaseException | tuple[str | None, bool]] = []
 
-        def largest() -> None:
+        def look() -> None:
             try:
                 conn = self._connect()
                 try:
                     with conn.cursor() as cur:
                         cur.execute(sql, params)
-                        outcome.append(cur.fetchone()[0])
+                        outcome.append(cur.fetchone())
                 finally:
                     conn.close()
             except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
                 outcome.append(exc)
 
-        thread = threading.Thread(target=largest, name="conduit-key-check", daemon=True)
+        thread = threading.Thread(target=look, name="conduit-key-check", daemon=True)
         thread.start()
 
         def wait() -> None:
@@ -442,7 +469,14 @@ class PostgresSource:
                 raise self._fail("query failed", found)
             if isinstance(found, BaseException):
                 raise found
-            if found != sentinel:
+            top, has_null = found
+            if has_null:
+                raise OrderingError(
+                    f"source {self.spec.name!r}: checkpoint column {key.column!r} holds NULL, which cannot be ordered for "
+                    f"resume; nothing was written. Filter it out in the query (WHERE {key.column} IS NOT NULL), COALESCE "
+                    "it, or pick another checkpoint column"
+                )
+            if sentinel is None or top != sentinel:
                 return
             fix = f"WHERE {key.column} <> 'NaN'" if sentinel == "NaN" else f"WHERE isfinite({key.column})"
             what = "equals nothing, so no resume point can be past it" if sentinel == "NaN" else "fits no Arrow date or timestamp"
@@ -473,12 +507,12 @@ class PostgresSource:
             column,
             resume=resume,
             param="%(v)s",
-            cast=key.cast if key is not None else None,
             expression=key.expr("{col}") if key is not None else None,
+            bound=key.bound("%(v)s") if key is not None else None,
         )
         params = self._params(v=after) if resume else self._params()
         schema = self._schema(description, [arrow_type(d) for d in description])
-        checked = self._check_sentinel(text, key) if key is not None else None
+        checked = self._check_key_values(text, key) if key is not None else None
         if self.use_copy and all(d.type_code not in _CURSOR_ONLY_OIDS for d in description):
             chunks = self._read_copy(sql, params, description, schema, key, fetch_size)
         else:
