@@ -272,9 +272,9 @@ def refuse_duplicate_columns(chunks: Iterator[Chunk], where: str) -> Iterator[Ch
             if duplicated:
                 names = ", ".join(repr(n) for n in duplicated)
                 raise SourceError(
-                    f"{where}: the query's result has more than one column named {names} (columns: "
-                    f"{', '.join(chunk.data.schema.names)}); give each a distinct name with AS (e.g. "
-                    "SELECT a.id AS a_id, b.id AS b_id ...). Nothing was written"
+                    f"{where}: the rows have more than one column named {names} (columns: "
+                    f"{', '.join(chunk.data.schema.names)}); give each a distinct name: with AS in a query (e.g. "
+                    "SELECT a.id AS a_id, b.id AS b_id ...), in the header of a file source's files. Nothing was written"
                 )
         yield chunk
 

@@ -87,8 +87,8 @@ _NUMERIC = 1700
 _BPCHAR = 1042
 
 # Checkpoint column types (by base type OID) whose PostgreSQL equality and order are those of the values
-# conduit hands over, with the Python type of those values. bool is exact too, but has no entry: the runner's
-# type check refuses every bool.
+# conduit hands over, with the Python type of those values. bool is exact too; it has no entry because the
+# runner's resume-value check (isinstance) cannot tell a bool from an int.
 _KEY_TYPES: dict[int, tuple[type, ...]] = {
     **dict.fromkeys((20, 21, 23, 26), (int,)),  # int8, int2, int4, oid
     **dict.fromkeys((700, 701), (float,)),  # -0.0 = 0.0 on both sides; NaN is refused before reading
