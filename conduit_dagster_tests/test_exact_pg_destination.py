@@ -15,7 +15,7 @@ import pytest
 
 from conduit_dagster.engine.checkpoint import LocalCheckpointStore, MemoryCheckpointStore
 from conduit_dagster.engine.destinations import open_destination
-from conduit_dagster.engine.errors import DestinationError, OrderingError, SourceError
+from conduit_dagster.engine.errors import CheckpointError, DestinationError, OrderingError, SourceError
 from conduit_dagster.engine.runner import BatchCommitted, RunFinished, RunStarted, cut_batches, run_pipeline
 from conduit_dagster.engine.sources.base import Chunk
 from conduit_dagster.engine.sources.memory import MemorySource
@@ -161,6 +161,47 @@ resources:
     assert list(run_pipeline(res, store, run_id="c"))[-1].rows_this_run == 2
     got = pg_rows(DSN, f"SELECT id FROM {out_schema}.ev")
     assert Counter(r[0] for r in got) == Counter([1, 2, 3, 4, 5, 7, 8])  # 6 appeared below a committed range
+
+
+def test_incremental_resume_refuses_a_batch_recorded_without_its_boundary(tmp_path, pg, pg_schema, out_schema):
+    """A batch committed by a version that kept no boundary with it (batch_state NULL): adopting it with an empty
+    boundary made the next run load the rows equal to its last value a second time."""
+    with pg.cursor() as cur:
+        cur.execute(f"CREATE TABLE {pg_schema}.ev (id int, k int)")
+        cur.execute(f"INSERT INTO {pg_schema}.ev VALUES (1, 10), (2, 20), (3, 30), (4, 40), (5, 40)")
+    text = f"""
+sources:
+  - name: pg
+    type: postgresql
+    database: test
+    user: postgres
+    schema: {pg_schema}
+destinations:
+  - name: wh
+    type: postgresql
+    database: test
+    user: postgres
+    schema: {out_schema}
+    mode: append
+resources:
+  - name: ev
+    source: pg
+    destination: wh
+    batch_size: 2
+    incremental_column: k
+    initial_value: 0
+    query: SELECT id, k FROM ev WHERE k >= :last_value
+"""
+    res = load_spec(write_ingest(tmp_path, text)).resource("ev")
+    store = MemoryCheckpointStore()
+    crash_after_batch_1_committed(res, store)
+    with pg.cursor() as cur:
+        cur.execute(f"UPDATE {out_schema}._conduit_batches SET batch_state = NULL")
+    with pytest.raises(CheckpointError, match=r"batch 1 was committed .* by an older conduit version.*Finish this run"):
+        list(run_pipeline(res, store, run_id="b"))
+    assert store.load_state("ev") is None, "the incremental state did not move"
+    got = pg_rows(DSN, f"SELECT id FROM {out_schema}.ev")
+    assert Counter(r[0] for r in got) == Counter([1, 2, 3, 4, 5]), "nothing was written"
 
 
 def test_two_deployments_sharing_a_pipeline_name_and_schema_stay_exact(tmp_path, pg, pg_schema, out_schema):

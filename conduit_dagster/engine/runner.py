@@ -433,9 +433,17 @@ def _run_locked(
                     f"(last value {batch.last_key!r}) committed after the checkpoint's batch {index - 1}, so the run "
                     f"cannot tell which rows it holds; start over with `{CLEAR_HINT.format(name=name)}`"
                 )
+            if incremental and not isinstance(batch.state.get("boundary"), list):
+                # Recorded by a conduit version that kept no boundary with the batch: adopted without it, the rows
+                # equal to its last value would be loaded again by the next incremental run.
+                raise CheckpointError(
+                    f"{store.describe(name)}: batch {batch.index} was committed to {dest.describe()} by an older conduit "
+                    "version, which did not record the incremental boundary this resume needs; nothing was read or "
+                    "written. Finish this run with the version that started it, then upgrade"
+                )
             after, index, records = batch.last_key, index + 1, records + batch.rows
             if incremental:
-                boundary = list(batch.state.get("boundary", []))
+                boundary = list(batch.state["boundary"])
         store.save(checkpoint_at(after, records, index, boundary))
     src = source or (None if resumption.already_published else open_source(resource.source))
     if src is not None and incremental:

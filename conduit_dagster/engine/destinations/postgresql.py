@@ -82,7 +82,7 @@ def owned_staging(state: dict[str, Any], pipeline: str, destination_id: str) -> 
 def lock_key(schema: str, table: str) -> int:
     """The table's advisory-lock key: 64 bits of a SHA-256 (32-bit ``hashtext`` keys collide between
     different tables often enough to report a busy table that nobody writes)."""
-    digest = hashlib.sha256(f"conduit:{schema}.{table}".encode()).digest()
+    digest = hashlib.sha256(f"conduit:{quote_ident(schema)}.{quote_ident(table)}".encode()).digest()  # "a.b".c is not a."b.c"
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
