@@ -25,23 +25,15 @@ from dagster import (
 )
 from dagster_aws.s3 import S3Resource
 
+from conduit_dagster.engine.backends import destination_backend, source_backend
 from conduit_dagster.engine.checkpoint import CheckpointStore, encode_value
 from conduit_dagster.engine.destinations import open_destination
 from conduit_dagster.engine.errors import ConduitError
 from conduit_dagster.engine.runner import BatchCommitted, RunFinished, RunStarted, RunWarning, run_pipeline
 from conduit_dagster.engine.sources import open_source
-from conduit_dagster.engine.spec import (
-    FileSourceSpec,
-    IngestSpec,
-    LocalDestinationSpec,
-    PostgresDestinationSpec,
-    ResourceSpec,
-    S3DestinationSpec,
-)
+from conduit_dagster.engine.spec import IngestSpec, ResourceSpec
 from conduit_dagster.resources import CheckpointStoreResource, data_lake_clients, uses_s3
 
-_SOURCE_KINDS = {"postgresql": "postgres", "sqlite": "sqlite", "file": "file"}
-_FORMAT_KINDS = {"parquet": "parquet", "csv": "csv", "jsonl": "json"}
 # where the previous run kept its checkpoints (an observation at the start of every run, and each materialization)
 STORE_KEY = "conduit/checkpoint_store"
 # a run tag naming the previous checkpoint location: the operator says it was moved or abandoned, so this run may start
@@ -51,35 +43,17 @@ MOVED_TAG = "conduit/checkpoints_moved_from"
 
 def asset_description(resource: ResourceSpec) -> str:
     head = f"{resource.description}\n\n" if resource.description else ""
-    if isinstance(resource.source, FileSourceSpec):
-        return f"{head}{resource.source.format} files: `{resource.source.path}`"
-    return f"{head}```sql\n{resource.query.strip()}\n```"
+    return head + source_backend(resource.source).describe(resource)
 
 
 def asset_kinds(resource: ResourceSpec) -> set[str]:
     s, d = resource.source, resource.destination
-    kinds = {_SOURCE_KINDS[s.type]}
-    if isinstance(s, FileSourceSpec):
-        kinds = {"s3" if s.is_s3 else "file", _FORMAT_KINDS[s.format]}
-    if isinstance(d, LocalDestinationSpec | S3DestinationSpec):
-        kinds.add(_FORMAT_KINDS[d.format])
-    if isinstance(d, S3DestinationSpec):
-        kinds.add("s3")
-    if isinstance(d, PostgresDestinationSpec):
-        kinds.add("postgres")
-    return kinds
+    return source_backend(s).kinds(s) | destination_backend(d).kinds(d)
 
 
 def destination_uri(resource: ResourceSpec) -> str:
     """Where the asset's data lives, as a URI (``dagster/uri``); never a secret."""
-    d = resource.destination
-    if isinstance(d, S3DestinationSpec):
-        return d.uri(resource.name)
-    if isinstance(d, LocalDestinationSpec):
-        return (d.path / resource.name).as_uri()
-    from conduit_dagster.engine.pg import describe
-
-    return f"{describe(d)}/{d.schema or 'public'}.{d.table or resource.name}"
+    return destination_backend(resource.destination).uri(resource.destination, resource.name)
 
 
 def job_name(resource: ResourceSpec) -> str:
@@ -189,7 +163,7 @@ def counts_whole_output(resource: ResourceSpec) -> bool:
     """A run's records_processed is the whole output (a full refresh replaces it)."""
     if resource.incremental_column is not None:
         return False
-    return not (isinstance(resource.destination, PostgresDestinationSpec) and resource.destination.mode != "replace")
+    return destination_backend(resource.destination).counts_whole_output(resource.destination)
 
 
 def build_ingest_asset(spec: IngestSpec, resource: ResourceSpec) -> AssetsDefinition:
@@ -350,8 +324,7 @@ def build_ingest_checks(spec: IngestSpec) -> list[AssetChecksDefinition]:
     return [
         build_row_count_check(spec, r)
         for r in spec.resources
-        if r.incremental_column is not None
-        or not (isinstance(r.destination, PostgresDestinationSpec) and r.destination.mode != "replace")
+        if r.incremental_column is not None or destination_backend(r.destination).counts_whole_output(r.destination)
     ]
 
 

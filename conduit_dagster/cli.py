@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from conduit_dagster.engine.checkpoint import CheckpointStore, encode_value
-from conduit_dagster.engine.errors import ConduitError, DestinationError
-from conduit_dagster.engine.spec import INGEST_FILE_ENV, CheckpointsSpec, LocalDestinationSpec, S3DestinationSpec, load_spec
-from conduit_dagster.engine.sql import quote_ident
+from conduit_dagster.engine.errors import ConduitError
+from conduit_dagster.engine.spec import INGEST_FILE_ENV, CheckpointsSpec, load_spec
 from conduit_dagster.engine.stores import CHECKPOINTS_ENV, checkpoint_settings, open_checkpoint_store
 
 
@@ -112,11 +111,11 @@ def cmd_clear(args: argparse.Namespace) -> int:
     store = _store(args)
     names = [args.pipeline_name] if args.pipeline_name else store.list()
     cleared = []
-    leftovers: dict[str, str] = {}
+    leftovers: dict[str, list[str]] = {}
     for name in names:
         if store.has_checkpoint(name):
             with store.lock(name, "conduit clear-checkpoints"):  # never pull a checkpoint from under a live run
-                leftover = _staging_of(store, name)
+                leftover = _leftover_of(store, name)
                 store.delete(name)
             cleared.append(name)
             if leftover:
@@ -128,9 +127,8 @@ def cmd_clear(args: argparse.Namespace) -> int:
         print(f"no checkpoints in {store.location}")
     for name in cleared:
         print(f"cleared {name} ({store.describe(name)}); its next run is a full refresh")
-        if name in leftovers:  # no run will touch it again, and this command cannot reach the database
-            print(f"  its unfinished output stays in PostgreSQL, in staging table {leftovers[name]}; drop it with:")
-            print(f"  DROP TABLE IF EXISTS {leftovers[name]};")
+        for line in leftovers.get(name, []):  # no run will touch it again, and this command cannot reach the destination
+            print(f"  {line}")
     if args.state:  # incremental state: the next run starts again from initial_value
         states = store.list_states()
         for name in [args.pipeline_name] if args.pipeline_name else states:
@@ -141,43 +139,27 @@ def cmd_clear(args: argparse.Namespace) -> int:
     return 0
 
 
-def _staging_of(store: CheckpointStore, name: str) -> str | None:
-    """The PostgreSQL staging table (schema-qualified, quoted) a checkpoint owns, if it names one."""
-    from conduit_dagster.engine.destinations.postgresql import owned_staging
+def _leftover_of(store: CheckpointStore, name: str) -> list[str] | None:
+    """What a checkpoint's unfinished output leaves at its destination that no run will touch again (lines to show)."""
+    from conduit_dagster.engine.backends import destination_backends
 
     try:
         checkpoint = store.load(name)
     except ConduitError:
         return None  # a damaged checkpoint: nothing to read from it
-    if checkpoint is None or not checkpoint.destination_id.startswith("postgresql://"):
+    if checkpoint is None:
         return None
-    owned = owned_staging(checkpoint.destination, name, checkpoint.destination_id)
-    return f"{quote_ident(owned[0])}.{quote_ident(owned[1])}" if owned else None
+    for backend in destination_backends():
+        lines = backend.leftover(checkpoint.destination_id, checkpoint.destination, name)
+        if lines:
+            return lines
+    return None
 
 
 def _check_destination(dest: Any) -> str:
-    if isinstance(dest, LocalDestinationSpec):
-        existing = dest.path
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise DestinationError(f"destination {dest.name!r}: {existing} is not a writable directory")
-        return f"{dest.path} ({dest.format})"
-    if isinstance(dest, S3DestinationSpec):
-        from conduit_dagster.engine.s3 import explain, make_client
+    from conduit_dagster.engine.backends import destination_backend
 
-        client = make_client(dest.s3)
-        try:
-            client.list_objects_v2(Bucket=dest.bucket, MaxKeys=1)  # names a missing bucket (HEAD only says 404)
-        except Exception as exc:  # noqa: BLE001 - botocore raises many types; each is explained
-            raise DestinationError(
-                f"destination {dest.name!r}: {explain(exc, bucket=dest.bucket, endpoint=dest.s3.endpoint_url)}"
-            ) from None
-        return f"{dest.uri('<resource>')} ({dest.format})"
-    from conduit_dagster.engine.pg import connect, describe
-
-    connect(dest, "destination").close()
-    return f"{describe(dest)} schema {dest.schema or 'public'} ({dest.mode})"
+    return destination_backend(dest).check(dest)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

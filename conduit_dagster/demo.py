@@ -85,21 +85,23 @@ def build(path: Path, orders: int, seed: int = 7) -> None:
 def summary(ingest_file: Path) -> None:
     import pyarrow.dataset as ds
 
-    from conduit_dagster.engine.spec import LocalDestinationSpec, load_spec
+    from conduit_dagster.engine.backends import destination_backend
+    from conduit_dagster.engine.spec import load_spec
 
     spec = load_spec(ingest_file)
     for r in spec.resources:
-        if not isinstance(r.destination, LocalDestinationSpec):
+        local = destination_backend(r.destination).local_output(r.destination, r.name)
+        if local is None:
             print(f"{r.name}: written to {r.destination.type} destination {r.destination.name!r}")
             continue
-        out = r.destination.path / r.name
+        out, written = local
         if not out.is_dir():
             print(f"{r.name}: no output yet at {out}")
             continue
-        fmt = {"jsonl": "json"}.get(r.destination.format, r.destination.format)
+        fmt = {"jsonl": "json"}.get(written, written)
         n = ds.dataset(out, format=fmt).count_rows()
         parts = sorted(p.name for p in out.iterdir() if not p.name.startswith(("_", ".")))
-        print(f"{r.name}: {n:,} rows in {len(parts)} {r.destination.format} part files at {out}/")
+        print(f"{r.name}: {n:,} rows in {len(parts)} {written} part files at {out}/")
 
 
 def main(argv: list[str] | None = None) -> int:

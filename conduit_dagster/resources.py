@@ -22,11 +22,9 @@ from conduit_dagster.engine.errors import SpecError
 from conduit_dagster.engine.s3 import client_config, client_factory
 from conduit_dagster.engine.spec import (
     CheckpointsSpec,
-    FileSourceSpec,
     IngestSpec,
     ResourceSpec,
     S3ConnectionSpec,
-    S3DestinationSpec,
 )
 from conduit_dagster.engine.stores import CHECKPOINTS_ENV, checkpoint_settings, open_checkpoint_store
 
@@ -185,8 +183,10 @@ def data_lake_clients(resource: S3Resource | None) -> Iterator[None]:
 
 def uses_s3(resource: ResourceSpec) -> bool:
     """The pipeline reads or writes S3 data (and so asks for the ``s3`` resource)."""
+    from conduit_dagster.engine.backends import destination_backend, source_backend
+
     s, d = resource.source, resource.destination
-    return isinstance(d, S3DestinationSpec) or (isinstance(s, FileSourceSpec) and s.is_s3)
+    return destination_backend(d).uses_s3(d) or source_backend(s).uses_s3(s)
 
 
 def checkpoint_resource(spec: IngestSpec) -> CheckpointStoreResource:

@@ -4,7 +4,10 @@ A checkpoint is bound to ``query_fingerprint``, ``source_identity`` and ``destin
 strings changed, every existing checkpoint would refuse to resume. They are pinned here for each backend.
 """
 
+import re
 from pathlib import Path
+
+import pytest
 
 from conduit_dagster.engine.runner import destination_identity, query_fingerprint, source_identity
 from conduit_dagster.engine.spec import load_spec_text
@@ -94,3 +97,82 @@ def test_asset_kinds_uri_and_description_are_pinned_for_every_backend() -> None:
         for r in _spec().resources
     }
     assert got == GLUE
+
+
+def _source_backend(**changes: object):  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from conduit_dagster.engine.backends import source_backend
+
+    return dataclasses.replace(source_backend("sqlite"), **changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({}, "source type 'sqlite' is already registered"),
+        ({"type": "Bad-Type"}, "source type 'Bad-Type' is not a lowercase name"),
+        ({"type": "nokeys", "keys": frozenset({"name", "type"})}, "keys lack checkpoint_column, resume"),
+        ({"type": "setkeys", "keys": {"name", "type", "resume", "checkpoint_column"}}, "keys must be a frozenset"),
+        ({"type": "noopen", "open": None}, "open must be callable"),
+        ({"type": "noidentity", "identity": "sqlite:"}, "identity must be callable"),
+    ],
+)
+def test_the_registry_refuses_a_bad_source_backend(changes: dict[str, object], message: str) -> None:
+    from conduit_dagster.engine.backends import register_source_backend, source_types
+
+    before = source_types()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        register_source_backend(_source_backend(**changes))
+    assert source_types() == before
+
+
+def test_the_registry_refuses_a_bad_destination_backend() -> None:
+    import dataclasses
+
+    from conduit_dagster.engine.backends import (
+        destination_backend,
+        destination_types,
+        register_destination_backend,
+        register_source_backend,
+    )
+
+    local = destination_backend("local")
+    with pytest.raises(ValueError, match="destination type 'local' is already registered"):
+        register_destination_backend(local)
+    with pytest.raises(ValueError, match="destination type 'x': uri must be callable"):
+        register_destination_backend(dataclasses.replace(local, type="x", uri=None))
+    with pytest.raises(ValueError, match="destination type 'y': keys lack name"):
+        register_destination_backend(dataclasses.replace(local, type="y", keys=frozenset({"type"})))
+    with pytest.raises(TypeError, match="register_source_backend takes a SourceBackend, got DestinationBackend"):
+        register_source_backend(local)  # type: ignore[arg-type]
+    assert destination_types() == ("local", "postgresql", "s3")
+
+
+def test_an_unknown_type_names_the_registered_ones() -> None:
+    from conduit_dagster.engine.errors import SpecError
+
+    text = INGEST.replace("type: sqlite", "type: oracle")
+    with pytest.raises(SpecError, match=re.escape("unknown value 'oracle'; use one of: postgresql, sqlite, file")):
+        load_spec_text(text, Path("/srv/etl/ingest.yml"))
+
+
+def test_no_type_switch_outside_the_backends() -> None:
+    """The runner, the Dagster glue, the CLI and spec.py ask a backend; only a backend's own module knows its spec type."""
+    import conduit_dagster
+
+    root = Path(conduit_dagster.__file__).parent
+    backends = (root / "engine" / "sources", root / "engine" / "destinations")
+    switch = re.compile(
+        r"isinstance\([^)]*(Source|Destination)Spec\b"  # isinstance(d, PostgresDestinationSpec)
+        r"|(source|destination|\bs|\bd)\.type\s*(==|!=|in)"  # source.type == "file"
+        r"|_id\.startswith\("  # destination_id.startswith("postgresql://")
+    )
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.parent in backends:
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if switch.search(line):
+                found.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    assert found == []

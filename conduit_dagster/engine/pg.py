@@ -34,7 +34,7 @@ import psycopg2
 import psycopg2.extensions
 
 from conduit_dagster.engine.errors import ConduitError
-from conduit_dagster.engine.spec import PostgresConnectionSpec
+from conduit_dagster.engine.spec import PostgresConnectionSpec, Secret, _Entry
 
 # The session every connection (and the psql child) runs in: text output that parses back exactly
 # (UTF-8, UTC ISO timestamps, shortest-exact floats, hex bytea, postgres intervals, C money) and
@@ -221,3 +221,38 @@ def connect(spec: PostgresConnectionSpec, role: str) -> Any:
             f"{role} {spec.name!r}: cannot set the session at {describe(spec)} ({SESSION_SQL}): {redact(str(exc).strip(), spec)}"
         ) from None
     return conn
+
+
+# the keys of a PostgreSQL source or destination entry that say how to connect
+CONNECTION_KEYS = frozenset({"host", "port", "database", "user", "password", "schema", "url"})
+
+
+def parse_connection(e: _Entry) -> dict[str, Any]:
+    """The connection keys shared by PostgreSQL sources and destinations."""
+    url = e.text("url", url=True)
+    password = e.text("password")
+    if url is not None:
+        given = [k for k in ("host", "port", "database", "user", "password") if e.data.get(k) is not None]
+        if given:
+            raise e.fail("url", f"give either `url` or {', '.join(given)}, not both")
+        if not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg2://")):
+            raise e.fail("url", "must start with postgresql://; e.g. postgresql://user:${PG_PASSWORD}@host:5432/db")
+        rest = url.split("://", 1)[1]
+        if rest.count("@") > 1 or ("@" in rest and "/" in rest.partition("@")[0]):
+            # libpq takes the user and password up to the first @ (before any /): a raw @ or / in a password moves
+            # the host into the password or the password into the host, and the error would show a piece of it
+            raise e.fail(
+                "url",
+                "holds an @ or / that is not part of the URL's structure (the URL is not shown): percent-encode "
+                "them in a user name or password (@ as %40, / as %2F, : as %3A, # as %23, ? as %3F), or write the "
+                "password as ${VAR} inside the url (substituted values are encoded), or use the separate keys",
+            )
+        return {"url": Secret(url), "schema": e.text("schema")}
+    return {
+        "host": e.text("host", default="127.0.0.1") or "127.0.0.1",
+        "port": e.integer("port", default=5432, maximum=65535),
+        "database": e.text("database", required=True),
+        "user": e.text("user"),
+        "password": Secret(password) if password is not None else None,
+        "schema": e.text("schema"),
+    }

@@ -26,6 +26,7 @@ from typing import Any, cast
 
 import pyarrow as pa
 
+from conduit_dagster.engine.backends import destination_backend, source_backend
 from conduit_dagster.engine.checkpoint import (
     CLEAR_HINT,
     Checkpoint,
@@ -38,14 +39,7 @@ from conduit_dagster.engine.destinations import Destination, open_destination
 from conduit_dagster.engine.errors import CheckpointError, SourceError
 from conduit_dagster.engine.keys import KeyBuffer, check_keys
 from conduit_dagster.engine.sources import Chunk, Source, open_source
-from conduit_dagster.engine.spec import (
-    FileSourceSpec,
-    PostgresDestinationSpec,
-    PostgresSourceSpec,
-    ResourceSpec,
-    S3DestinationSpec,
-)
-from conduit_dagster.engine.sql import clean_query
+from conduit_dagster.engine.spec import ResourceSpec
 
 # A tie group larger than this many batches is reported: it has to sit in memory whole.
 TIE_WARNING_FACTOR = 10
@@ -104,38 +98,19 @@ Event = RunStarted | BatchCommitted | RunWarning | RunFinished
 
 def query_fingerprint(resource: ResourceSpec) -> str:
     """What the checkpoint's rows were selected by: the query, or for a file source its files and format."""
-    s = resource.source
-    selection = f"files {s.format} {s.path}" if isinstance(s, FileSourceSpec) else clean_query(resource.query).strip()
+    selection = source_backend(resource.source).selection(resource)
     text = f"{selection}\n--conduit checkpoint_column={resource.checkpoint_column}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def source_identity(resource: ResourceSpec) -> str:
     """What the checkpoint's rows were read from (never a secret)."""
-    s = resource.source
-    if isinstance(s, PostgresSourceSpec):
-        host, port, database = s.host, s.port, s.database
-        if s.url is not None:
-            from sqlalchemy.engine import make_url
-
-            url = make_url(s.url.reveal())
-            host, port, database = url.host or "", url.port or 5432, url.database
-        return f"postgresql://{host}:{port}/{database}?schema={s.schema or ''}"
-    if isinstance(s, FileSourceSpec) and s.is_s3:
-        return f"file:{s.path}?endpoint={s.s3.endpoint_url or ''}"
-    return f"{s.type}:{getattr(s, 'path', '')}"
+    return source_backend(resource.source).identity(resource.source)
 
 
 def destination_identity(resource: ResourceSpec) -> str:
     """Where the checkpoint's rows were written (never a secret)."""
-    d = resource.destination
-    if isinstance(d, PostgresDestinationSpec):
-        from conduit_dagster.engine.pg import describe
-
-        return f"{describe(d)}/{d.schema or 'public'}.{d.table or resource.name}?mode={d.mode}"
-    if isinstance(d, S3DestinationSpec):
-        return f"{d.uri(resource.name)}?format={d.format}&endpoint={d.s3.endpoint_url or ''}"
-    return f"{d.type}:{d.path}?format={d.format}"
+    return destination_backend(resource.destination).identity(resource.destination, resource.name)
 
 
 def row_hash(row: dict[str, Any], columns: tuple[str, ...] = ()) -> str:

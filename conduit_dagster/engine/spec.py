@@ -6,12 +6,17 @@ scalar values after YAML parsing, so an environment value can never change the d
 structure; inside a url they are percent-encoded, so they cannot change the URL's either. Keys
 whose text is shown or becomes SQL (query, description, names, columns, initial_value) refuse
 ``${VAR}``. Unquoted scalars keep the text written (YAML 1.1 would read ``012345`` as 5349).
+
+This module reads the document, its top-level sections and the resources; each ``sources:`` and
+``destinations:`` entry is parsed by the backend its ``type`` names (``engine/backends.py``), which owns its
+keys, their errors and its rules for the resources that use it. The helpers below ``building the spec`` are the
+pieces several backends share (paths, S3 connection keys, buckets, prefixes, column lists).
 """
 
 import os
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,17 +24,16 @@ from typing import Any
 import yaml
 
 from conduit_dagster.engine.errors import SpecError
-from conduit_dagster.engine.sql import clean_query, uses_last_value
+from conduit_dagster.engine.sql import uses_last_value
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 DEFAULT_BATCH_SIZE = 10_000
 INGEST_FILE_ENV = "CONDUIT_INGEST_FILE"
-SOURCE_TYPES = ("postgresql", "sqlite", "file")
-DESTINATION_TYPES = ("local", "postgresql", "s3")
 WRITE_MODES = ("replace", "append", "merge")
 FORMATS = ("parquet", "csv", "jsonl")
+FORMAT_KINDS = {"parquet": "parquet", "csv": "csv", "jsonl": "json"}  # a format's Dagster kind
 
 
 class Secret:
@@ -428,7 +432,7 @@ class _Entry:
             raise self.fail(key, f"{value!r} is not a valid name; use letters, digits and _ and start with a letter or _")
         return value
 
-    def finish(self, allowed: set[str]) -> None:
+    def finish(self, allowed: Collection[str]) -> None:
         for key in self.data:
             if key not in allowed:
                 hint = f"allowed keys: {', '.join(sorted(allowed))}"
@@ -466,24 +470,9 @@ def substitute_env(value: str, fail: Any = None, env: Mapping[str, str] | None =
 
 # --- building the spec -----------------------------------------------------------------
 
-_PG_KEYS = {"name", "type", "resume", "checkpoint_column", "host", "port", "database", "user", "password", "schema", "url"}
-_SQLITE_KEYS = {"name", "type", "resume", "checkpoint_column", "path"}
-_LOCAL_KEYS = {"name", "type", "path", "format"}
-_S3_KEYS = {"endpoint_url", "region", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
-_FILE_KEYS = {"name", "type", "resume", "checkpoint_column", "path", "format"} | _S3_KEYS
-_S3_DEST_KEYS = {"name", "type", "bucket", "prefix", "format"} | _S3_KEYS
+S3_KEYS = frozenset({"endpoint_url", "region", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"})
 _CHECKPOINT_KEYS = {"type", "directory", "bucket", "prefix", "lease_seconds", "conditional_writes", "endpoint_url", "region"}
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-_EXTENSIONS = {
-    ".csv": "csv",
-    ".tsv": "csv",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "jsonl",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-}
-_PG_DEST_KEYS = {"name", "type", "host", "port", "database", "user", "password", "schema", "url", "table", "mode", "primary_key"}
 _RESOURCE_KEYS = {
     "name",
     "source",
@@ -502,7 +491,7 @@ _RESOURCE_KEYS = {
 }
 
 
-def _path(e: _Entry, base: Path) -> Path:
+def entry_path(e: _Entry, base: Path) -> Path:
     """The entry's ``path``, relative to ingest.yml's folder."""
     value = e.text("path", required=True)
     assert value is not None
@@ -512,7 +501,7 @@ def _path(e: _Entry, base: Path) -> Path:
     return p if p.is_absolute() else (base / p).resolve()
 
 
-def _s3_connection(e: _Entry) -> S3ConnectionSpec:
+def s3_connection(e: _Entry) -> S3ConnectionSpec:
     """The keys that say how to reach S3; credentials should come from ${VAR}s or the AWS environment."""
     endpoint = e.text("endpoint_url")
     if endpoint is not None and not endpoint.startswith(("http://", "https://")):
@@ -536,7 +525,7 @@ def _s3_connection(e: _Entry) -> S3ConnectionSpec:
     )
 
 
-def _bucket(e: _Entry, value: str | None, key: str = "bucket") -> str:
+def bucket_name(e: _Entry, value: str | None, key: str = "bucket") -> str:
     if value is None or not _BUCKET_RE.match(value) or ".." in value:
         raise e.fail(
             key if value is not None else None,
@@ -546,110 +535,33 @@ def _bucket(e: _Entry, value: str | None, key: str = "bucket") -> str:
     return value
 
 
-def _prefix(e: _Entry, key: str = "prefix", default: str = "") -> str:
+def key_prefix(e: _Entry, key: str = "prefix", default: str = "") -> str:
     value = (e.text(key) or default).strip("/")
     if any(part in ("", ".", "..") for part in value.split("/")) and value:
         raise e.fail(key, f"{e.show(key, value)} is not a clean key prefix; write it like raw/shop (no //, . or ..)")
     return value
 
 
-def _file_source(file: Path, e: _Entry, name: str, resume: bool, column: str | None) -> "FileSourceSpec":
-    raw = e.text("path", required=True)
-    assert raw is not None
-    if raw.startswith("s3://"):
-        bucket, _, key = raw.removeprefix("s3://").partition("/")
-        _bucket(e, bucket, "path")
-        path = raw
-        s3 = _s3_connection(e)
-    else:
-        for key in _S3_KEYS:
-            if e.data.get(key) is not None:
-                raise e.fail(key, f"{key} applies to s3:// paths only; remove it")
-        path = str(_path(e, file.parent))
-        key = path
-        s3 = S3ConnectionSpec()
-    fmt = e.text("format")
-    if fmt is None:
-        stem = key.removesuffix(".gz")
-        fmt = next((f for ext, f in _EXTENSIONS.items() if stem.lower().endswith(ext)), None)
-        if fmt is None:
-            raise e.fail("path", "cannot tell the file format from the path; add `format: csv`, `jsonl` or `parquet`")
-    elif fmt not in FORMATS:
-        raise e.fail("format", f"unknown value {e.show('format', fmt)}; use one of: {', '.join(FORMATS)}")
-    e.finish(_FILE_KEYS)
-    return FileSourceSpec(name=name, path=path, format=fmt, s3=s3, resume=resume, checkpoint_column=column)
-
-
 def _source(file: Path, e: _Entry) -> SourceSpec:
+    """A ``sources:`` entry, parsed by the backend its ``type`` names."""
+    from conduit_dagster.engine.backends import source_backend, source_types
+
     name = e.name()
-    kind = e.choice("type", SOURCE_TYPES)
+    kind = e.choice("type", source_types())
     resume = bool(e.boolean("resume"))
     column = e.text("checkpoint_column", env=False)
-    if kind == "file":
-        return _file_source(file, e, name, resume, column)
-    if kind == "sqlite":
-        e.finish(_SQLITE_KEYS)
-        return SqliteSourceSpec(name=name, path=_path(e, file.parent), resume=resume, checkpoint_column=column)
-    e.finish(_PG_KEYS)
-    return PostgresSourceSpec(name=name, resume=resume, checkpoint_column=column, **_pg_connection(e))
-
-
-def _pg_connection(e: _Entry) -> dict[str, Any]:
-    """The connection keys shared by PostgreSQL sources and destinations."""
-    url = e.text("url", url=True)
-    password = e.text("password")
-    if url is not None:
-        given = [k for k in ("host", "port", "database", "user", "password") if e.data.get(k) is not None]
-        if given:
-            raise e.fail("url", f"give either `url` or {', '.join(given)}, not both")
-        if not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg2://")):
-            raise e.fail("url", "must start with postgresql://; e.g. postgresql://user:${PG_PASSWORD}@host:5432/db")
-        rest = url.split("://", 1)[1]
-        if rest.count("@") > 1 or ("@" in rest and "/" in rest.partition("@")[0]):
-            # libpq takes the user and password up to the first @ (before any /): a raw @ or / in a password moves
-            # the host into the password or the password into the host, and the error would show a piece of it
-            raise e.fail(
-                "url",
-                "holds an @ or / that is not part of the URL's structure (the URL is not shown): percent-encode "
-                "them in a user name or password (@ as %40, / as %2F, : as %3A, # as %23, ? as %3F), or write the "
-                "password as ${VAR} inside the url (substituted values are encoded), or use the separate keys",
-            )
-        return {"url": Secret(url), "schema": e.text("schema")}
-    return {
-        "host": e.text("host", default="127.0.0.1") or "127.0.0.1",
-        "port": e.integer("port", default=5432, maximum=65535),
-        "database": e.text("database", required=True),
-        "user": e.text("user"),
-        "password": Secret(password) if password is not None else None,
-        "schema": e.text("schema"),
-    }
+    spec: SourceSpec = source_backend(kind).parse(e, file, name, resume, column)
+    return spec
 
 
 def _destination(file: Path, e: _Entry) -> DestinationSpec:
+    """A ``destinations:`` entry, parsed by the backend its ``type`` names."""
+    from conduit_dagster.engine.backends import destination_backend, destination_types
+
     name = e.name()
-    kind = e.choice("type", DESTINATION_TYPES)
-    if kind == "postgresql":
-        e.finish(_PG_DEST_KEYS)
-        mode = e.choice("mode", WRITE_MODES, default="replace")
-        keys = _columns(e, "primary_key")
-        if mode == "merge" and not keys:
-            raise e.fail(None, "mode merge needs `primary_key: [column, ...]` to upsert on")
-        table = e.text("table", env=False)
-        if table is not None and not NAME_RE.match(table):
-            raise e.fail("table", f"{table!r} is not a valid table name; use letters, digits and _")
-        return PostgresDestinationSpec(name=name, table=table, mode=mode, primary_key=keys, **_pg_connection(e))
-    if kind == "s3":
-        e.finish(_S3_DEST_KEYS)
-        return S3DestinationSpec(
-            name=name,
-            bucket=_bucket(e, e.text("bucket")),
-            prefix=_prefix(e),
-            format=e.choice("format", FORMATS, default="parquet"),
-            s3=_s3_connection(e),
-        )
-    e.finish(_LOCAL_KEYS)
-    path = _path(e, file.parent)
-    return LocalDestinationSpec(name=name, path=path, format=e.choice("format", FORMATS, default="parquet"))
+    kind = e.choice("type", destination_types())
+    spec: DestinationSpec = destination_backend(kind).parse(e, file, name)
+    return spec
 
 
 def _schedule(e: _Entry) -> tuple[str | None, str | None]:
@@ -680,7 +592,7 @@ def _schedule(e: _Entry) -> tuple[str | None, str | None]:
     return cron, timezone
 
 
-def _columns(e: _Entry, key: str) -> tuple[str, ...]:
+def column_list(e: _Entry, key: str) -> tuple[str, ...]:
     raw = e.raw(key)
     if raw is None:
         return ()
@@ -778,9 +690,9 @@ def _checkpoints(file: Path, doc: "_LineDict") -> CheckpointsSpec | None:
         raise e.fail("directory", "directory applies to `type: local` only; an S3 store uses bucket and prefix")
     return CheckpointsSpec(
         type="s3",
-        bucket=_bucket(e, e.text("bucket")),
-        prefix=_prefix(e, default="conduit/checkpoints"),
-        s3=_s3_connection(e),
+        bucket=bucket_name(e, e.text("bucket")),
+        prefix=key_prefix(e, default="conduit/checkpoints"),
+        s3=s3_connection(e),
         lease_seconds=lease,
         conditional_writes=True if conditional is None else conditional,
     )
@@ -829,6 +741,8 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
     if not isinstance(doc, _LineDict):  # pragma: no cover - the loader always builds _LineDict
         raise SpecError(f"{path}: could not read the document")
 
+    from conduit_dagster.engine.backends import ResourceUse, destination_backend, source_backend
+
     sources: dict[str, SourceSpec] = {}
     for e in _entries(path, doc, "sources", True):
         s = _source(path, e)
@@ -864,37 +778,16 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
                 f"declared destinations: {', '.join(destinations) or 'none'}",
             )
         source = sources[source_name]
-        if isinstance(source, FileSourceSpec):
-            if e.data.get("query") is not None:
-                raise e.fail("query", f"source {source_name!r} reads files, which have no query; remove `query`")
-            query = ""
-        else:
-            query = e.text("query", required=True, env=False) or ""
-            try:
-                clean_query(query)
-            except SpecError as exc:
-                raise e.fail("query", f"{exc}") from None
+        source_kind = source_backend(source)
+        query = source_kind.resource_query(e, source, source_name)
         destination = destinations[dest_name]
-        if isinstance(destination, PostgresDestinationSpec) and destination.table:
-            for other in resources.values():
-                if other.destination is destination:
-                    raise e.fail(
-                        "destination",
-                        f"resources {other.name!r} and {name!r} would both write table {destination.table!r} of destination "
-                        f"{dest_name!r}; give each its own destination, or leave `table` out (it defaults to the resource name)",
-                    )
         resume = e.boolean("resume")
         explicit_column = e.text("checkpoint_column", env=False)
         resume = source.resume if resume is None else resume
         column = explicit_column or source.checkpoint_column
         incremental_column = e.text("incremental_column", env=False)
         initial_value = _initial_value(e)
-        if isinstance(source, FileSourceSpec) and incremental_column is not None:
-            raise e.fail(
-                "incremental_column",
-                "file sources have no query to bind :last_value in; drop incremental_column (resume: true with a "
-                "checkpoint_column resumes a crashed run)",
-            )
+        source_kind.check_resource(e, source, incremental_column)
         if uses_last_value(query) != (incremental_column is not None):
             raise e.fail(
                 "incremental_column" if incremental_column else "query",
@@ -917,23 +810,19 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
             if e.boolean("resume") is False:
                 raise e.fail("resume", "an incremental load always resumes after a crash; remove `resume: false`")
             column, resume = incremental_column, True
-            if isinstance(destination, PostgresDestinationSpec) and destination.mode == "replace":
-                raise e.fail(
-                    "destination",
-                    f"destination {dest_name!r} replaces its table on every run, which would keep "
-                    "only the newest rows of an incremental load; use mode append or merge",
-                )
         if resume and not column:
             raise e.fail(
                 "checkpoint_column" if "resume" in e.data else None,
                 "resume is on but no checkpoint_column is set; add `checkpoint_column: <column>` to the resource or its source",
             )
-        if isinstance(destination, PostgresDestinationSpec) and destination.mode == "append" and not resume:
-            raise e.fail(
-                "destination",
-                f"destination {dest_name!r} appends, which is exact after a crash only with resume: true and a "
-                "checkpoint_column (the rerun would append the rows again); turn resume on, or use mode replace or merge",
-            )
+        use = ResourceUse(
+            name=name,
+            destination_name=dest_name,
+            resume=resume,
+            incremental=incremental_column is not None,
+            others=tuple((other.name, other.destination) for other in resources.values()),
+        )
+        destination_backend(destination).check_resource(e, destination, use)
         cron, timezone = _schedule(e)
         resources[name] = ResourceSpec(
             name=name,
@@ -956,7 +845,7 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
             sensor_interval=_sensor(e, column),
             incremental_column=incremental_column,
             initial_value=initial_value,
-            incremental_key=_columns(e, "incremental_key"),
+            incremental_key=column_list(e, "incremental_key"),
         )
     return IngestSpec(
         path=path,

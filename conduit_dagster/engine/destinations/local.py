@@ -29,6 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from conduit_dagster.engine.backends import DestinationBackend, register_destination_backend
 from conduit_dagster.engine.checkpoint import (
     LinkRefusedError,
     open_dir,
@@ -40,7 +41,7 @@ from conduit_dagster.engine.checkpoint import (
 from conduit_dagster.engine.destinations.base import Resumption
 from conduit_dagster.engine.destinations.formats import EXTENSIONS, count_rows, write_part
 from conduit_dagster.engine.errors import CheckpointError, DestinationError
-from conduit_dagster.engine.spec import LocalDestinationSpec
+from conduit_dagster.engine.spec import FORMAT_KINDS, FORMATS, LocalDestinationSpec, _Entry, entry_path
 
 MARKER = "_conduit_generation"
 STAGING = "_conduit_staging"
@@ -374,3 +375,38 @@ def _lexists(dir_fd: int, name: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+# --- the backend: ingest.yml `type: local` -----------------------------------------------------------------------
+
+
+def _parse(e: _Entry, file: Path, name: str) -> LocalDestinationSpec:
+    e.finish(_KEYS)
+    path = entry_path(e, file.parent)
+    return LocalDestinationSpec(name=name, path=path, format=e.choice("format", FORMATS, default="parquet"))
+
+
+def _check(dest: LocalDestinationSpec) -> str:
+    """`conduit validate`: the directory (or its nearest existing parent) is writable."""
+    existing = dest.path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise DestinationError(f"destination {dest.name!r}: {existing} is not a writable directory")
+    return f"{dest.path} ({dest.format})"
+
+
+_KEYS = frozenset({"name", "type", "path", "format"})
+BACKEND = register_destination_backend(
+    DestinationBackend(
+        type="local",
+        keys=_KEYS,
+        parse=_parse,
+        open=LocalDestination,
+        identity=lambda d, pipeline: f"local:{d.path}?format={d.format}",
+        uri=lambda d, pipeline: (d.path / pipeline).as_uri(),
+        kinds=lambda d: {FORMAT_KINDS[d.format]},
+        check=_check,
+        local_output=lambda d, pipeline: (d.path / pipeline, d.format),
+    )
+)

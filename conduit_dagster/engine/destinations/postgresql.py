@@ -36,17 +36,19 @@ import io
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import psycopg2
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from conduit_dagster.engine.backends import DestinationBackend, ResourceUse, register_destination_backend
 from conduit_dagster.engine.checkpoint import decode_value, encode_value
 from conduit_dagster.engine.destinations.base import CommittedBatch, Resumption
 from conduit_dagster.engine.errors import CheckpointError, ConduitError, DestinationError
-from conduit_dagster.engine.pg import connect, describe, redact
-from conduit_dagster.engine.spec import PostgresDestinationSpec
+from conduit_dagster.engine.pg import CONNECTION_KEYS, connect, describe, parse_connection, redact
+from conduit_dagster.engine.spec import NAME_RE, WRITE_MODES, PostgresDestinationSpec, _Entry, column_list
 from conduit_dagster.engine.sql import quote_ident
 
 BATCHES = "_conduit_batches"
@@ -449,3 +451,86 @@ class PostgresDestination:
                 return None
             cur.execute(f"SELECT count(*) FROM {self._q(self.table)}")
             return int(cur.fetchone()[0])
+
+
+# --- the backend: ingest.yml `type: postgresql` ------------------------------------------------------------------
+
+
+def _parse(e: _Entry, file: Path, name: str) -> PostgresDestinationSpec:
+    e.finish(_KEYS)
+    mode = e.choice("mode", WRITE_MODES, default="replace")
+    keys = column_list(e, "primary_key")
+    if mode == "merge" and not keys:
+        raise e.fail(None, "mode merge needs `primary_key: [column, ...]` to upsert on")
+    table = e.text("table", env=False)
+    if table is not None and not NAME_RE.match(table):
+        raise e.fail("table", f"{table!r} is not a valid table name; use letters, digits and _")
+    return PostgresDestinationSpec(name=name, table=table, mode=mode, primary_key=keys, **parse_connection(e))
+
+
+def _check_resource(e: _Entry, d: PostgresDestinationSpec, use: ResourceUse) -> None:
+    """One table per resource; an incremental load never replaces; append is exact only when resuming."""
+    if d.table:
+        for other_name, other in use.others:
+            if other is d:
+                raise e.fail(
+                    "destination",
+                    f"resources {other_name!r} and {use.name!r} would both write table {d.table!r} of destination "
+                    f"{use.destination_name!r}; give each its own destination, or leave `table` out (it defaults to the "
+                    "resource name)",
+                )
+    if use.incremental and d.mode == "replace":
+        raise e.fail(
+            "destination",
+            f"destination {use.destination_name!r} replaces its table on every run, which would keep "
+            "only the newest rows of an incremental load; use mode append or merge",
+        )
+    if d.mode == "append" and not use.resume:
+        raise e.fail(
+            "destination",
+            f"destination {use.destination_name!r} appends, which is exact after a crash only with resume: true and a "
+            "checkpoint_column (the rerun would append the rows again); turn resume on, or use mode replace or merge",
+        )
+
+
+def _table_uri(d: PostgresDestinationSpec, pipeline: str) -> str:
+    """``postgresql://host:port/database/schema.table``: never a user or password."""
+    return f"{describe(d)}/{d.schema or 'public'}.{d.table or pipeline}"
+
+
+def _check(dest: PostgresDestinationSpec) -> str:
+    """`conduit validate`: connect."""
+    connect(dest, "destination").close()
+    return f"{describe(dest)} schema {dest.schema or 'public'} ({dest.mode})"
+
+
+def _leftover(destination_id: str, state: dict[str, Any], pipeline: str) -> list[str] | None:
+    """A replace-mode checkpoint's staging table, which no run touches once the checkpoint is cleared."""
+    if not destination_id.startswith("postgresql://"):
+        return None
+    owned = owned_staging(state, pipeline, destination_id)
+    if not owned:
+        return None
+    table = f"{quote_ident(owned[0])}.{quote_ident(owned[1])}"
+    return [
+        f"its unfinished output stays in PostgreSQL, in staging table {table}; drop it with:",
+        f"DROP TABLE IF EXISTS {table};",
+    ]
+
+
+_KEYS = frozenset({"name", "type", "table", "mode", "primary_key"} | CONNECTION_KEYS)
+BACKEND = register_destination_backend(
+    DestinationBackend(
+        type="postgresql",
+        keys=_KEYS,
+        parse=_parse,
+        open=PostgresDestination,
+        identity=lambda d, pipeline: f"{_table_uri(d, pipeline)}?mode={d.mode}",
+        uri=_table_uri,
+        kinds=lambda d: {"postgres"},
+        check=_check,
+        counts_whole_output=lambda d: d.mode == "replace",
+        check_resource=_check_resource,
+        leftover=_leftover,
+    )
+)

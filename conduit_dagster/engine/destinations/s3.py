@@ -27,10 +27,12 @@ import tempfile
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from conduit_dagster.engine.backends import DestinationBackend, register_destination_backend
 from conduit_dagster.engine.destinations.base import Resumption
 from conduit_dagster.engine.destinations.formats import EXTENSIONS, count_rows, write_part
 from conduit_dagster.engine.errors import CheckpointError, DestinationError
@@ -47,7 +49,16 @@ from conduit_dagster.engine.s3 import (
     make_client,
     parse_manifest,
 )
-from conduit_dagster.engine.spec import S3DestinationSpec
+from conduit_dagster.engine.spec import (
+    FORMAT_KINDS,
+    FORMATS,
+    S3_KEYS,
+    S3DestinationSpec,
+    _Entry,
+    bucket_name,
+    key_prefix,
+    s3_connection,
+)
 
 MANIFEST = CONDUIT_MANIFEST
 STAGING = "_conduit_staging"
@@ -391,3 +402,45 @@ class S3Destination:
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             return sum(pool.map(rows, manifest.get("parts", [])))
+
+
+# --- the backend: ingest.yml `type: s3` --------------------------------------------------------------------------
+
+
+def _parse(e: _Entry, file: Path, name: str) -> S3DestinationSpec:
+    e.finish(_KEYS)
+    return S3DestinationSpec(
+        name=name,
+        bucket=bucket_name(e, e.text("bucket")),
+        prefix=key_prefix(e),
+        format=e.choice("format", FORMATS, default="parquet"),
+        s3=s3_connection(e),
+    )
+
+
+def _check(dest: S3DestinationSpec) -> str:
+    """`conduit validate`: the bucket can be listed."""
+    client = make_client(dest.s3)
+    try:
+        client.list_objects_v2(Bucket=dest.bucket, MaxKeys=1)  # names a missing bucket (HEAD only says 404)
+    except Exception as exc:  # noqa: BLE001 - botocore raises many types; each is explained
+        raise DestinationError(
+            f"destination {dest.name!r}: {explain(exc, bucket=dest.bucket, endpoint=dest.s3.endpoint_url)}"
+        ) from None
+    return f"{dest.uri('<resource>')} ({dest.format})"
+
+
+_KEYS = frozenset({"name", "type", "bucket", "prefix", "format"} | S3_KEYS)
+BACKEND = register_destination_backend(
+    DestinationBackend(
+        type="s3",
+        keys=_KEYS,
+        parse=_parse,
+        open=S3Destination,
+        identity=lambda d, pipeline: f"{d.uri(pipeline)}?format={d.format}&endpoint={d.s3.endpoint_url or ''}",
+        uri=lambda d, pipeline: d.uri(pipeline),
+        kinds=lambda d: {FORMAT_KINDS[d.format], "s3"},
+        check=_check,
+        uses_s3=lambda d: True,
+    )
+)

@@ -19,7 +19,8 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,6 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from conduit_dagster.engine.backends import SourceBackend, register_source_backend
 from conduit_dagster.engine.errors import OrderingError, SourceError
 from conduit_dagster.engine.s3 import (
     GLOB_CHARS,
@@ -42,7 +44,18 @@ from conduit_dagster.engine.s3 import (
     split_url,
 )
 from conduit_dagster.engine.sources.base import Chunk, key_index
-from conduit_dagster.engine.spec import FileSourceSpec
+from conduit_dagster.engine.spec import (
+    FORMAT_KINDS,
+    FORMATS,
+    S3_KEYS,
+    FileSourceSpec,
+    ResourceSpec,
+    S3ConnectionSpec,
+    _Entry,
+    bucket_name,
+    entry_path,
+    s3_connection,
+)
 
 BLOCK_SIZE = 8 << 20  # bytes read and parsed at a time: memory stays flat whatever the file size
 # Arrow's streaming CSV reader reads about 40 blocks ahead of its consumer (measured: peak Arrow memory 44 MB with
@@ -810,3 +823,92 @@ def _count_upto(keys: pa.Array, value: Any) -> int:
     if exact:
         return int(pc.sum(pc.less_equal(keys, scalar)).as_py() or 0)
     return sum(1 for v in keys.to_pylist() if v is not None and v <= value)
+
+
+# --- the backend: ingest.yml `type: file` ------------------------------------------------------------------------
+
+_EXTENSIONS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+
+
+def _parse(e: _Entry, file: Path, name: str, resume: bool, column: str | None) -> FileSourceSpec:
+    raw = e.text("path", required=True)
+    assert raw is not None
+    if raw.startswith("s3://"):
+        bucket, _, key = raw.removeprefix("s3://").partition("/")
+        bucket_name(e, bucket, "path")
+        path = raw
+        s3 = s3_connection(e)
+    else:
+        for key in S3_KEYS:
+            if e.data.get(key) is not None:
+                raise e.fail(key, f"{key} applies to s3:// paths only; remove it")
+        path = str(entry_path(e, file.parent))
+        key = path
+        s3 = S3ConnectionSpec()
+    fmt = e.text("format")
+    if fmt is None:
+        stem = key.removesuffix(".gz")
+        fmt = next((f for ext, f in _EXTENSIONS.items() if stem.lower().endswith(ext)), None)
+        if fmt is None:
+            raise e.fail("path", "cannot tell the file format from the path; add `format: csv`, `jsonl` or `parquet`")
+    elif fmt not in FORMATS:
+        raise e.fail("format", f"unknown value {e.show('format', fmt)}; use one of: {', '.join(FORMATS)}")
+    e.finish(_KEYS)
+    return FileSourceSpec(name=name, path=path, format=fmt, s3=s3, resume=resume, checkpoint_column=column)
+
+
+def _resource_query(e: _Entry, source: FileSourceSpec, source_name: str) -> str:
+    """Files have no query: a resource that gives one is refused."""
+    if e.data.get("query") is not None:
+        raise e.fail("query", f"source {source_name!r} reads files, which have no query; remove `query`")
+    return ""
+
+
+def _check_resource(e: _Entry, source: FileSourceSpec, incremental_column: str | None) -> None:
+    if incremental_column is not None:
+        raise e.fail(
+            "incremental_column",
+            "file sources have no query to bind :last_value in; drop incremental_column (resume: true with a "
+            "checkpoint_column resumes a crashed run)",
+        )
+
+
+def _identity(s: FileSourceSpec) -> str:
+    return f"file:{s.path}?endpoint={s.s3.endpoint_url or ''}" if s.is_s3 else f"file:{s.path}"
+
+
+def _selection(resource: ResourceSpec) -> str:
+    """What a checkpoint's rows were selected by: the files and their format."""
+    s = cast(FileSourceSpec, resource.source)
+    return f"files {s.format} {s.path}"
+
+
+def _describe(resource: ResourceSpec) -> str:
+    s = cast(FileSourceSpec, resource.source)
+    return f"{s.format} files: `{s.path}`"
+
+
+_KEYS = frozenset({"name", "type", "resume", "checkpoint_column", "path", "format"} | S3_KEYS)
+BACKEND = register_source_backend(
+    SourceBackend(
+        type="file",
+        keys=_KEYS,
+        parse=_parse,
+        open=FileSource,
+        identity=_identity,
+        kinds=lambda s: {"s3" if s.is_s3 else "file", FORMAT_KINDS[s.format]},
+        selection=_selection,
+        describe=_describe,
+        resource_query=_resource_query,
+        check_resource=_check_resource,
+        uses_s3=lambda s: s.is_s3,
+    )
+)

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -28,11 +29,12 @@ import psycopg2.extras
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from conduit_dagster.engine.backends import SourceBackend, register_source_backend
 from conduit_dagster.engine.errors import ConduitError, OrderingError, SourceError
-from conduit_dagster.engine.pg import connect, describe, redact
+from conduit_dagster.engine.pg import CONNECTION_KEYS, connect, describe, parse_connection, redact
 from conduit_dagster.engine.sources.base import Chunk, key_index, rows_to_batch
 from conduit_dagster.engine.sources.pgcopy import open_copy_producer
-from conduit_dagster.engine.spec import PostgresSourceSpec
+from conduit_dagster.engine.spec import PostgresSourceSpec, _Entry
 from conduit_dagster.engine.sql import clean_query, quote_ident, replace_last_value, wrap_query
 
 _counter = itertools.count()
@@ -687,3 +689,35 @@ class PostgresSource:
 
     def close(self) -> None:
         self.conn.close()
+
+
+# --- the backend: ingest.yml `type: postgresql` ------------------------------------------------------------------
+
+
+def _parse(e: _Entry, file: Path, name: str, resume: bool, column: str | None) -> PostgresSourceSpec:
+    e.finish(_KEYS)
+    return PostgresSourceSpec(name=name, resume=resume, checkpoint_column=column, **parse_connection(e))
+
+
+def _identity(s: PostgresSourceSpec) -> str:
+    """The server, database and schema (never the user or password): what a checkpoint's rows were read from."""
+    host, port, database = s.host, s.port, s.database
+    if s.url is not None:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(s.url.reveal())
+        host, port, database = url.host or "", url.port or 5432, url.database
+    return f"postgresql://{host}:{port}/{database}?schema={s.schema or ''}"
+
+
+_KEYS = frozenset({"name", "type", "resume", "checkpoint_column"} | CONNECTION_KEYS)
+BACKEND = register_source_backend(
+    SourceBackend(
+        type="postgresql",
+        keys=_KEYS,
+        parse=_parse,
+        open=PostgresSource,
+        identity=_identity,
+        kinds=lambda s: {"postgres"},
+    )
+)

@@ -8,13 +8,15 @@ resumed run derives the same one.
 
 import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from conduit_dagster.engine.backends import SourceBackend, register_source_backend
 from conduit_dagster.engine.errors import SourceError
 from conduit_dagster.engine.sources.base import Chunk, key_index, rows_to_batch
-from conduit_dagster.engine.spec import SqliteSourceSpec
+from conduit_dagster.engine.spec import SqliteSourceSpec, _Entry, entry_path
 from conduit_dagster.engine.sql import clean_query, quote_ident, wrap_query
 
 _TYPEOF = {"integer": pa.int64(), "real": pa.float64(), "text": pa.string(), "blob": pa.binary()}
@@ -113,3 +115,24 @@ class SqliteSource:
 
     def close(self) -> None:
         self.conn.close()
+
+
+# --- the backend: ingest.yml `type: sqlite` ----------------------------------------------------------------------
+
+
+def _parse(e: _Entry, file: Path, name: str, resume: bool, column: str | None) -> SqliteSourceSpec:
+    e.finish(_KEYS)
+    return SqliteSourceSpec(name=name, path=entry_path(e, file.parent), resume=resume, checkpoint_column=column)
+
+
+_KEYS = frozenset({"name", "type", "resume", "checkpoint_column", "path"})
+BACKEND = register_source_backend(
+    SourceBackend(
+        type="sqlite",
+        keys=_KEYS,
+        parse=_parse,
+        open=SqliteSource,
+        identity=lambda s: f"sqlite:{s.path}",
+        kinds=lambda s: {"sqlite"},
+    )
+)
