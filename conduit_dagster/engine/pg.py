@@ -27,6 +27,7 @@ outside ingest.yml.
 
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -34,7 +35,22 @@ import psycopg2
 import psycopg2.extensions
 
 from conduit_dagster.engine.errors import ConduitError
-from conduit_dagster.engine.spec import PostgresConnectionSpec, Secret, _Entry
+from conduit_dagster.engine.spec import Secret, _Entry
+
+
+@dataclass(frozen=True)
+class PostgresConnectionSpec:
+    """The connection keys shared by PostgreSQL sources and destinations."""
+
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 5432
+    database: str | None = None
+    user: str | None = None
+    password: Secret | None = None
+    schema: str | None = None
+    url: Secret | None = None
+
 
 # The session every connection (and the psql child) runs in: text output that parses back exactly
 # (UTF-8, UTC ISO timestamps, shortest-exact floats, hex bytea, postgres intervals, C money) and

@@ -13,18 +13,28 @@ keys, their errors and its rules for the resources that use it. The helpers belo
 pieces several backends share (paths, S3 connection keys, buckets, prefixes, column lists).
 """
 
+import importlib
 import os
 import re
 import urllib.parse
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
 from conduit_dagster.engine.errors import SpecError
 from conduit_dagster.engine.sql import uses_last_value
+
+if TYPE_CHECKING:  # each backend's spec, importable from here too (see __getattr__)
+    from conduit_dagster.engine.destinations.local import LocalDestinationSpec as LocalDestinationSpec
+    from conduit_dagster.engine.destinations.postgresql import PostgresDestinationSpec as PostgresDestinationSpec
+    from conduit_dagster.engine.destinations.s3 import S3DestinationSpec as S3DestinationSpec
+    from conduit_dagster.engine.pg import PostgresConnectionSpec as PostgresConnectionSpec
+    from conduit_dagster.engine.sources.files import FileSourceSpec as FileSourceSpec
+    from conduit_dagster.engine.sources.postgresql import PostgresSourceSpec as PostgresSourceSpec
+    from conduit_dagster.engine.sources.sqlite import SqliteSourceSpec as SqliteSourceSpec
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -60,36 +70,6 @@ class Secret:
 
 
 @dataclass(frozen=True)
-class PostgresConnectionSpec:
-    """The connection keys shared by PostgreSQL sources and destinations."""
-
-    name: str
-    host: str = "127.0.0.1"
-    port: int = 5432
-    database: str | None = None
-    user: str | None = None
-    password: Secret | None = None
-    schema: str | None = None
-    url: Secret | None = None
-
-
-@dataclass(frozen=True)
-class PostgresSourceSpec(PostgresConnectionSpec):
-    resume: bool = False
-    checkpoint_column: str | None = None
-    type: str = "postgresql"
-
-
-@dataclass(frozen=True)
-class SqliteSourceSpec:
-    name: str
-    path: Path
-    resume: bool = False
-    checkpoint_column: str | None = None
-    type: str = "sqlite"
-
-
-@dataclass(frozen=True)
 class S3ConnectionSpec:
     """How to reach S3 or an S3-compatible store. Unset credentials come from the usual AWS chain
     (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, instance roles); an unset endpoint_url
@@ -102,58 +82,51 @@ class S3ConnectionSpec:
     session_token: Secret | None = None
 
 
-@dataclass(frozen=True)
-class FileSourceSpec:
-    """CSV, JSON Lines or Parquet files: a local path or glob, or s3://bucket/key, a prefix (ending in /) or a glob."""
+# Each backend's spec lives in its backend's module; these names stay importable from here (read on first use, so
+# that reading this module never imports a backend, and a backend module can import this one).
+_BACKEND_SPECS = {
+    "PostgresConnectionSpec": "conduit_dagster.engine.pg",
+    "PostgresSourceSpec": "conduit_dagster.engine.sources.postgresql",
+    "SqliteSourceSpec": "conduit_dagster.engine.sources.sqlite",
+    "FileSourceSpec": "conduit_dagster.engine.sources.files",
+    "LocalDestinationSpec": "conduit_dagster.engine.destinations.local",
+    "PostgresDestinationSpec": "conduit_dagster.engine.destinations.postgresql",
+    "S3DestinationSpec": "conduit_dagster.engine.destinations.s3",
+}
 
-    name: str
-    path: str
-    format: str
-    s3: S3ConnectionSpec = field(default_factory=S3ConnectionSpec)
-    resume: bool = False
-    checkpoint_column: str | None = None
-    type: str = "file"
+
+def __getattr__(name: str) -> type:
+    module = _BACKEND_SPECS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    found: type = getattr(importlib.import_module(module), name)
+    return found
+
+
+class SourceSpec(Protocol):
+    """What every source spec has; each backend's own frozen dataclass adds its keys (PostgresSourceSpec ...)."""
 
     @property
-    def is_s3(self) -> bool:
-        return self.path.startswith("s3://")
+    def name(self) -> str: ...
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def resume(self) -> bool: ...
+
+    @property
+    def checkpoint_column(self) -> str | None: ...
 
 
-SourceSpec = PostgresSourceSpec | SqliteSourceSpec | FileSourceSpec
+class DestinationSpec(Protocol):
+    """What every destination spec has; each backend's own frozen dataclass adds its keys (S3DestinationSpec ...)."""
 
+    @property
+    def name(self) -> str: ...
 
-@dataclass(frozen=True)
-class LocalDestinationSpec:
-    name: str
-    path: Path
-    format: str = "parquet"
-    type: str = "local"
-
-
-@dataclass(frozen=True)
-class PostgresDestinationSpec(PostgresConnectionSpec):
-    table: str | None = None
-    mode: str = "replace"
-    primary_key: tuple[str, ...] = ()
-    type: str = "postgresql"
-
-
-@dataclass(frozen=True)
-class S3DestinationSpec:
-    """Part files under s3://bucket/prefix/<resource>/."""
-
-    name: str
-    bucket: str
-    prefix: str = ""
-    format: str = "parquet"
-    s3: S3ConnectionSpec = field(default_factory=S3ConnectionSpec)
-    type: str = "s3"
-
-    def uri(self, pipeline: str) -> str:
-        return f"s3://{self.bucket}/{self.prefix + '/' if self.prefix else ''}{pipeline}/"
-
-
-DestinationSpec = LocalDestinationSpec | PostgresDestinationSpec | S3DestinationSpec
+    @property
+    def type(self) -> str: ...
 
 
 @dataclass(frozen=True)

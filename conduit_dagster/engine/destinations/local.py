@@ -24,6 +24,7 @@ import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,18 @@ from conduit_dagster.engine.checkpoint import (
 from conduit_dagster.engine.destinations.base import Resumption
 from conduit_dagster.engine.destinations.formats import EXTENSIONS, count_rows, write_part
 from conduit_dagster.engine.errors import CheckpointError, DestinationError
-from conduit_dagster.engine.spec import FORMAT_KINDS, FORMATS, LocalDestinationSpec, _Entry, entry_path
+from conduit_dagster.engine.spec import FORMAT_KINDS, FORMATS, _Entry, entry_path
+
+
+@dataclass(frozen=True)
+class LocalDestinationSpec:
+    """ingest.yml `type: local` destination: part files under path/<resource>/."""
+
+    name: str
+    path: Path
+    format: str = "parquet"
+    type: str = "local"
+
 
 MARKER = "_conduit_generation"
 STAGING = "_conduit_staging"

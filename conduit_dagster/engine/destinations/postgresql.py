@@ -36,6 +36,7 @@ import io
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,20 @@ from conduit_dagster.engine.backends import DestinationBackend, ResourceUse, reg
 from conduit_dagster.engine.checkpoint import decode_value, encode_value
 from conduit_dagster.engine.destinations.base import CommittedBatch, Resumption
 from conduit_dagster.engine.errors import CheckpointError, ConduitError, DestinationError
-from conduit_dagster.engine.pg import CONNECTION_KEYS, connect, describe, parse_connection, redact
-from conduit_dagster.engine.spec import NAME_RE, WRITE_MODES, PostgresDestinationSpec, _Entry, column_list
+from conduit_dagster.engine.pg import CONNECTION_KEYS, PostgresConnectionSpec, connect, describe, parse_connection, redact
+from conduit_dagster.engine.spec import NAME_RE, WRITE_MODES, _Entry, column_list
 from conduit_dagster.engine.sql import quote_ident
+
+
+@dataclass(frozen=True)
+class PostgresDestinationSpec(PostgresConnectionSpec):
+    """ingest.yml `type: postgresql` destination: the connection, and the table and mode its resources write."""
+
+    table: str | None = None
+    mode: str = "replace"
+    primary_key: tuple[str, ...] = ()
+    type: str = "postgresql"
+
 
 BATCHES = "_conduit_batches"
 BATCH_COLUMN = "_conduit_batch"

@@ -27,6 +27,7 @@ import tempfile
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +54,28 @@ from conduit_dagster.engine.spec import (
     FORMAT_KINDS,
     FORMATS,
     S3_KEYS,
-    S3DestinationSpec,
+    S3ConnectionSpec,
     _Entry,
     bucket_name,
     key_prefix,
     s3_connection,
 )
+
+
+@dataclass(frozen=True)
+class S3DestinationSpec:
+    """Part files under s3://bucket/prefix/<resource>/."""
+
+    name: str
+    bucket: str
+    prefix: str = ""
+    format: str = "parquet"
+    s3: S3ConnectionSpec = field(default_factory=S3ConnectionSpec)
+    type: str = "s3"
+
+    def uri(self, pipeline: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix + '/' if self.prefix else ''}{pipeline}/"
+
 
 MANIFEST = CONDUIT_MANIFEST
 STAGING = "_conduit_staging"

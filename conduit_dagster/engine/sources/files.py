@@ -9,6 +9,7 @@ part file the destination writes has the same columns and types, and a resumed r
 
 import bisect
 import csv
+import dataclasses
 import datetime as dt
 import glob
 import io
@@ -48,7 +49,6 @@ from conduit_dagster.engine.spec import (
     FORMAT_KINDS,
     FORMATS,
     S3_KEYS,
-    FileSourceSpec,
     ResourceSpec,
     S3ConnectionSpec,
     _Entry,
@@ -56,6 +56,24 @@ from conduit_dagster.engine.spec import (
     entry_path,
     s3_connection,
 )
+
+
+@dataclass(frozen=True)
+class FileSourceSpec:
+    """CSV, JSON Lines or Parquet files: a local path or glob, or s3://bucket/key, a prefix (ending in /) or a glob."""
+
+    name: str
+    path: str
+    format: str
+    s3: S3ConnectionSpec = dataclasses.field(default_factory=S3ConnectionSpec)
+    resume: bool = False
+    checkpoint_column: str | None = None
+    type: str = "file"
+
+    @property
+    def is_s3(self) -> bool:
+        return self.path.startswith("s3://")
+
 
 BLOCK_SIZE = 8 << 20  # bytes read and parsed at a time: memory stays flat whatever the file size
 # Arrow's streaming CSV reader reads about 40 blocks ahead of its consumer (measured: peak Arrow memory 44 MB with

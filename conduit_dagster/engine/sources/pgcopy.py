@@ -33,13 +33,15 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import psycopg2
 
 from conduit_dagster.engine.errors import ConduitError, SourceError
 from conduit_dagster.engine.pg import SESSION_SQL, connect_params
-from conduit_dagster.engine.spec import PostgresSourceSpec
+
+if TYPE_CHECKING:
+    from conduit_dagster.engine.sources.postgresql import PostgresSourceSpec
 
 # The startup options the child adds to pg.connect's: a source never writes.
 SOURCE_OPTIONS = "-c default_transaction_read_only=on"
@@ -118,7 +120,7 @@ def psql_path() -> str | None:
     return chosen
 
 
-def psql_environment(spec: PostgresSourceSpec) -> dict[str, str] | None:
+def psql_environment(spec: "PostgresSourceSpec") -> dict[str, str] | None:
     """libpq environment variables for ``spec`` (pg.connect's parameters), or None when one has no variable."""
     try:
         params = connect_params(spec)
@@ -238,7 +240,7 @@ class ThreadCopy:
 
 
 def open_copy_producer(
-    spec: PostgresSourceSpec, conn: Any, copy_sql: bytes, redact: Callable[[str], str], *, use_psql: bool
+    spec: "PostgresSourceSpec", conn: Any, copy_sql: bytes, redact: Callable[[str], str], *, use_psql: bool
 ) -> CopyProducer:
     """The producer for ``copy_sql``: the ``psql`` child when it is wanted, found and the connection is
     expressible in its environment, else psycopg2's ``copy_expert`` on ``conn`` in a thread."""

@@ -31,11 +31,21 @@ import pyarrow.csv as pacsv
 
 from conduit_dagster.engine.backends import SourceBackend, register_source_backend
 from conduit_dagster.engine.errors import ConduitError, OrderingError, SourceError
-from conduit_dagster.engine.pg import CONNECTION_KEYS, connect, describe, parse_connection, redact
+from conduit_dagster.engine.pg import CONNECTION_KEYS, PostgresConnectionSpec, connect, describe, parse_connection, redact
 from conduit_dagster.engine.sources.base import Chunk, key_index, rows_to_batch
 from conduit_dagster.engine.sources.pgcopy import open_copy_producer
-from conduit_dagster.engine.spec import PostgresSourceSpec, _Entry
+from conduit_dagster.engine.spec import _Entry
 from conduit_dagster.engine.sql import clean_query, quote_ident, replace_last_value, wrap_query
+
+
+@dataclass(frozen=True)
+class PostgresSourceSpec(PostgresConnectionSpec):
+    """ingest.yml `type: postgresql` source: the connection, and the checkpoint column its resources default to."""
+
+    resume: bool = False
+    checkpoint_column: str | None = None
+    type: str = "postgresql"
+
 
 _counter = itertools.count()
 

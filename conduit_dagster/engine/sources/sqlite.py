@@ -8,6 +8,7 @@ resumed run derives the same one.
 
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,20 @@ import pyarrow as pa
 from conduit_dagster.engine.backends import SourceBackend, register_source_backend
 from conduit_dagster.engine.errors import SourceError
 from conduit_dagster.engine.sources.base import Chunk, key_index, rows_to_batch
-from conduit_dagster.engine.spec import SqliteSourceSpec, _Entry, entry_path
+from conduit_dagster.engine.spec import _Entry, entry_path
 from conduit_dagster.engine.sql import clean_query, quote_ident, wrap_query
+
+
+@dataclass(frozen=True)
+class SqliteSourceSpec:
+    """ingest.yml `type: sqlite` source: a database file, read only."""
+
+    name: str
+    path: Path
+    resume: bool = False
+    checkpoint_column: str | None = None
+    type: str = "sqlite"
+
 
 _TYPEOF = {"integer": pa.int64(), "real": pa.float64(), "text": pa.string(), "blob": pa.binary()}
 
