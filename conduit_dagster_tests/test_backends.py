@@ -176,3 +176,16 @@ def test_no_type_switch_outside_the_backends() -> None:
             if switch.search(line):
                 found.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
     assert found == []
+
+
+def test_the_types_are_listed_in_a_fixed_order_whatever_was_imported_first() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import conduit_dagster.engine.sources.files, conduit_dagster.engine.destinations.s3\n"
+        "from conduit_dagster.engine.backends import source_types, destination_types\n"
+        "print(source_types(), destination_types())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "('postgresql', 'sqlite', 'file') ('local', 'postgresql', 's3')"

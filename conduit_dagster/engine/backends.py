@@ -181,19 +181,25 @@ def _load_builtins() -> None:
             importlib.import_module(module)
 
 
-def source_types() -> tuple[str, ...]:
+def _in_order(registry: dict[str, Any]) -> list[str]:
+    """The registered types: the built-in ones in BUILTIN_MODULES order (whichever module was imported first), then
+    the others in the order they were registered."""
     _load_builtins()
-    return tuple(_SOURCES)
+    rank = {module: i for i, module in enumerate(BUILTIN_MODULES)}
+    position = {kind: i for i, kind in enumerate(registry)}
+    return sorted(registry, key=lambda kind: (rank.get(registry[kind].parse.__module__, len(rank)), position[kind]))
+
+
+def source_types() -> tuple[str, ...]:
+    return tuple(_in_order(_SOURCES))
 
 
 def destination_types() -> tuple[str, ...]:
-    _load_builtins()
-    return tuple(_DESTINATIONS)
+    return tuple(_in_order(_DESTINATIONS))
 
 
 def destination_backends() -> Iterable[DestinationBackend]:
-    _load_builtins()
-    return tuple(_DESTINATIONS.values())
+    return tuple(_DESTINATIONS[kind] for kind in _in_order(_DESTINATIONS))
 
 
 def _kind(spec_or_type: Any) -> str:
@@ -208,7 +214,7 @@ def source_backend(spec_or_type: Any) -> SourceBackend:
         return _SOURCES[kind]
     except KeyError:
         name = getattr(spec_or_type, "name", kind)
-        raise SpecError(f"source {name!r}: unknown type {kind!r}; use one of {', '.join(_SOURCES)}") from None
+        raise SpecError(f"source {name!r}: unknown type {kind!r}; use one of {', '.join(source_types())}") from None
 
 
 def destination_backend(spec_or_type: Any) -> DestinationBackend:
@@ -219,4 +225,4 @@ def destination_backend(spec_or_type: Any) -> DestinationBackend:
         return _DESTINATIONS[kind]
     except KeyError:
         name = getattr(spec_or_type, "name", kind)
-        raise SpecError(f"destination {name!r}: unknown type {kind!r}; use one of {', '.join(_DESTINATIONS)}") from None
+        raise SpecError(f"destination {name!r}: unknown type {kind!r}; use one of {', '.join(destination_types())}") from None
