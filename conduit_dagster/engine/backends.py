@@ -206,23 +206,23 @@ def _kind(spec_or_type: Any) -> str:
     return spec_or_type if isinstance(spec_or_type, str) else spec_or_type.type
 
 
-def source_backend(spec_or_type: Any) -> SourceBackend:
-    """The backend of a source spec (or of a type name)."""
+def _find(table: dict[str, Any], what: str, spec_or_type: Any, types: Callable[[], Iterable[str]]) -> Any:
     _load_builtins()
     kind = _kind(spec_or_type)
     try:
-        return _SOURCES[kind]
+        return table[kind]
     except KeyError:
         name = getattr(spec_or_type, "name", kind)
-        raise SpecError(f"source {name!r}: unknown type {kind!r}; use one of {', '.join(source_types())}") from None
+        raise SpecError(f"{what} {name!r}: unknown type {kind!r}; use one of {', '.join(types())}") from None
+
+
+def source_backend(spec_or_type: Any) -> SourceBackend:
+    """The backend of a source spec (or of a type name)."""
+    backend: SourceBackend = _find(_SOURCES, "source", spec_or_type, source_types)
+    return backend
 
 
 def destination_backend(spec_or_type: Any) -> DestinationBackend:
     """The backend of a destination spec (or of a type name)."""
-    _load_builtins()
-    kind = _kind(spec_or_type)
-    try:
-        return _DESTINATIONS[kind]
-    except KeyError:
-        name = getattr(spec_or_type, "name", kind)
-        raise SpecError(f"destination {name!r}: unknown type {kind!r}; use one of {', '.join(destination_types())}") from None
+    backend: DestinationBackend = _find(_DESTINATIONS, "destination", spec_or_type, destination_types)
+    return backend
