@@ -47,7 +47,7 @@ def test_wrap_query_shapes_run_on_postgres(pg, pg_schema, shape):
         cur.execute(f"SET search_path = {pg_schema}")
         cur.execute("CREATE TABLE t (id int, v text)")
         cur.execute("INSERT INTO t SELECT g, 'v' || (g % 7) FROM generate_series(1, 50) g")
-        sql = wrap_query(SHAPES[shape].replace("%", "%%"), "id", resume=True, param="%(v)s", cast="integer")
+        sql = wrap_query(SHAPES[shape].replace("%", "%%"), "id", resume=True, param="%(v)s", bound="CAST(%(v)s AS integer)")
         cur.execute(sql, {"v": 20})
         got = [r[0] for r in cur.fetchall()]
         cur.execute(clean_query(SHAPES[shape]))
@@ -61,7 +61,9 @@ def test_wrap_query_text_column_collates_like_python(pg, pg_schema):
         cur.execute(f"SET search_path = {pg_schema}")
         cur.execute('CREATE TABLE t (v text COLLATE "en-US-x-icu")')
         cur.executemany("INSERT INTO t VALUES (%s)", [(v,) for v in values])
-        cur.execute(wrap_query("SELECT v FROM t", "v", resume=True, param="%(v)s", collate="C", cast="text"), {"v": "A"})
+        cur.execute(
+            wrap_query("SELECT v FROM t", "v", resume=True, param="%(v)s", collate="C", bound="CAST(%(v)s AS text)"), {"v": "A"}
+        )
         got = [r[0] for r in cur.fetchall()]
     assert got == sorted(v for v in values if v > "A")
 

@@ -369,28 +369,6 @@ def write_atomic_at(dir_fd: int, name: str, data: bytes, shown: "Path | str", *,
         os.fsync(dir_fd)
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file, or a directory (which makes the renames and deletions in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old or the new file, never a part.
-
-    The file's bytes are always fsync'd before the rename. ``sync_dir=False`` skips the fsync of
-    the directory after it: the rename may then be lost in a power cut, leaving the previous file.
-    """
-    dir_fd = open_dir(path.parent, create=True)
-    try:
-        write_atomic_at(dir_fd, path.name, data, path, sync_dir=sync_dir)
-    finally:
-        os.close(dir_fd)
-
-
 def resolve_checkpoint_dir(base_dir: Path, configured: str | None = None) -> Path:
     """The local checkpoint directory: ``configured``, else $CONDUIT_CHECKPOINT_DIR, else
     ``.checkpoints``; a relative path is taken from ``base_dir`` (ingest.yml's folder)."""

@@ -147,11 +147,6 @@ def connect_params(spec: PostgresConnectionSpec) -> dict[str, str]:
     return params
 
 
-def connect_kwargs(spec: PostgresConnectionSpec) -> dict[str, Any]:
-    """``connect_params`` as psycopg2.connect keyword arguments."""
-    return dict(connect_params(spec))
-
-
 def _password_forms(spec: PostgresConnectionSpec) -> list[str]:
     """Every form a secret of ``spec`` can take in a message: the password, the URL, the URL's password as written
     (percent-encoded) and decoded, as libpq reads it and as written up to the host, and the pieces a raw '@' cuts it into."""
@@ -214,7 +209,7 @@ def describe(spec: PostgresConnectionSpec) -> str:
 def connect(spec: PostgresConnectionSpec, role: str) -> Any:
     """A psycopg2 connection in ``SESSION_SETTINGS``; errors name ``role`` and never a secret."""
     try:
-        kwargs = connect_kwargs(spec)
+        kwargs: dict[str, Any] = dict(connect_params(spec))
     except ConduitError as exc:
         raise ConduitError(f"{role} {exc}") from None
     try:

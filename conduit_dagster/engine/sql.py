@@ -140,7 +140,6 @@ def wrap_query(
     resume: bool,
     param: str,
     collate: str | None = None,
-    cast: str | None = None,
     expression: str | None = None,
     bound: str | None = None,
 ) -> str:
@@ -148,10 +147,9 @@ def wrap_query(
 
     ``param`` is the driver's placeholder (``:v``, ``%(v)s``); the value is never pasted in.
     ``collate`` forces an ordering that matches Python's (``"C"`` for PostgreSQL text).
-    ``cast`` types the parameter as the column's own type, so that ``>`` compares like with like.
     ``expression`` (with ``{col}`` for the column) orders and compares something other than the bare column,
     e.g. ``({col})::text COLLATE "C"``; it replaces ``collate``. ``bound`` is the parameter's own expression
-    (holding ``param``), compared with it; it replaces ``cast``.
+    (holding ``param``), e.g. ``CAST(%(v)s AS pg_catalog.numeric)``, so that ``>`` compares like with like.
     """
     inner = clean_query(query)
     if column is None:
@@ -163,7 +161,7 @@ def wrap_query(
         col = f"{col} COLLATE {quote_ident(collate)}"
     sql = f"SELECT * FROM (\n{inner}\n) AS conduit_src"
     if resume:
-        value = bound if bound else f"CAST({param} AS {cast})" if cast else param
+        value = bound or param
         sql += f"\nWHERE {col} > {value}"
     return sql + f"\nORDER BY {col}"
 
