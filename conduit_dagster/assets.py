@@ -270,13 +270,6 @@ def build_row_count_check(spec: IngestSpec, resource: ResourceSpec) -> AssetChec
                 source = open_source(resource.source)
             except ConduitError as exc:
                 raise Failure(description=str(exc)) from None
-            try:
-                destination = open_destination(
-                    resource.destination, resource.name, accumulate=resource.incremental_column is not None
-                )
-            except ConduitError as exc:
-                source.close()
-                raise Failure(description=str(exc)) from None
         try:
             if resource.incremental_column is not None:
                 state = checkpoints.open_store(spec).load_state(resource.name)
@@ -285,12 +278,11 @@ def build_row_count_check(spec: IngestSpec, resource: ResourceSpec) -> AssetChec
                 expected = source.count(resource.query, upto) if state is not None else 0
             else:
                 expected = source.count(resource.query)
-            actual = destination.count()
+            actual = output_row_count(resource, s3)
         except ConduitError as exc:
             raise Failure(description=str(exc)) from None
         finally:
             source.close()
-            destination.close()
         return AssetCheckResult(
             passed=actual == expected,
             metadata={
