@@ -38,6 +38,7 @@ from conduit_dagster.engine.checkpoint import (
     open_subdir,
     read_file_at,
     refuse_link,
+    write_atomic_at,
 )
 from conduit_dagster.engine.destinations.base import Resumption
 from conduit_dagster.engine.destinations.formats import EXTENSIONS, count_rows, write_part
@@ -204,13 +205,7 @@ class LocalDestination:
         os.mkdir(self._gen_name, dir_fd=staging)
         with ExitStack() as stack:
             gen = self._open_gen(stack, staging)
-            marker = open_file(gen, MARKER, self._gen_dir / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-            try:
-                os.write(marker, (self.generation + "\n").encode())
-                os.fsync(marker)
-            finally:
-                os.close(marker)
-            os.fsync(gen)
+            write_atomic_at(gen, MARKER, (self.generation + "\n").encode(), self._gen_dir / MARKER)
         os.fsync(staging)
         return Resumption({"generation": self.generation})
 
@@ -327,12 +322,7 @@ class LocalDestination:
             stack.callback(os.close, visible)
             if read_file_at(visible, MARKER, self.visible / MARKER) is None:
                 # a new output folder, or an empty one (all _check_visible_is_ours lets through without a marker)
-                fd = open_file(visible, MARKER, self.visible / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-                try:
-                    os.write(fd, b"accumulating output\n")
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                write_atomic_at(visible, MARKER, b"accumulating output\n", self.visible / MARKER)
             for entry in entries:
                 if entry.name.startswith("part-"):
                     os.rename(entry.name, self._published_name(entry.name), src_dir_fd=gen, dst_dir_fd=visible)
