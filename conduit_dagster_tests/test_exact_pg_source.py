@@ -534,3 +534,37 @@ def test_text_keys_in_a_database_not_ordered_by_code_points_resume_exactly(tmp_p
     finally:
         conn.close()
     assert_same_rows(want, output_rows(tmp_path / "out" / "t"))
+
+
+def test_incremental_char_key_is_refused_not_loaded_short(tmp_path, pg, pg_schema):
+    """`k >= :last_value` on char(3) compares ignoring the padding, conduit's order does not: the stored 'c  ' made the
+    query drop a new 'c' row, and the run reported success."""
+    with pg.cursor() as cur:
+        cur.execute(f"CREATE TABLE {pg_schema}.v (i serial, k char(3))")
+        cur.execute(f"INSERT INTO {pg_schema}.v (k) VALUES ('a'), ('b'), ('c')")
+    res = dataclasses.replace(
+        resource(tmp_path, pg_schema, "SELECT i, k FROM v WHERE k >= :last_value", "k", batch=2),
+        incremental_column="k",
+        initial_value="",
+    )
+    with pytest.raises(SourceError, match=r"incremental column 'k' has type char\(3\).*k::text AS k"):
+        list(run_pipeline(res, MemoryCheckpointStore(), run_id="r"))
+    assert not (tmp_path / "out" / "t").exists()
+
+
+def test_sensor_max_value_in_a_database_not_ordered_by_code_points(win1251_schema):
+    """max() of the UTF-8 bytes failed (no max(bytea) before PostgreSQL 16): the sensor skipped every tick."""
+    dsn = f"host=127.0.0.1 dbname={win1251_schema} user=postgres"
+    conn = psycopg2.connect(dsn, client_encoding="UTF8")
+    conn.autocommit = True
+    values = ["а", "ё", "я", "Ё", "z"]
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE v (i serial, k text)")
+        for v in [*values, None]:
+            cur.execute("INSERT INTO v (k) VALUES (%s)", (v,))
+    conn.close()
+    src = PostgresSource(dataclasses.replace(spec(""), database=win1251_schema, schema=None))
+    try:
+        assert src.max_value("SELECT i, k FROM v", "k") == max(values)  # 'ё' (U+0451): Python's order, not WIN1251's
+    finally:
+        src.close()

@@ -35,7 +35,7 @@ from conduit_dagster.engine.pg import CONNECTION_KEYS, PostgresConnectionSpec, c
 from conduit_dagster.engine.sources.base import Chunk, key_index, rows_to_batch
 from conduit_dagster.engine.sources.pgcopy import open_copy_producer
 from conduit_dagster.engine.spec import _Entry
-from conduit_dagster.engine.sql import clean_query, quote_ident, replace_last_value, wrap_query
+from conduit_dagster.engine.sql import clean_query, quote_ident, replace_last_value, uses_last_value, wrap_query
 
 
 @dataclass(frozen=True)
@@ -325,6 +325,19 @@ class PostgresSource:
         compare the same way, so the parameter is cast to the column's base type and carries its collation
         (citext then compares as text: byte-wise, not case-insensitively)."""
         if key is not None:
+            if (key.order == "padded" or key.utf8) and uses_last_value(query):
+                # the query's own `col >= :last_value` compares the bare column, which for these keys orders
+                # otherwise than conduit does (char(n) ignores its padding; the server's bytes are not code points)
+                why = (
+                    f"has type char({key.width}), which compares ignoring its padding"
+                    if key.order == "padded"
+                    else f"is text in a database encoded {self._server_encoding}, whose byte order is not Python's"
+                )
+                raise SourceError(
+                    f"source {self.spec.name!r}: incremental column {key.column!r} {why}, so the query's "
+                    f"`{key.column} >= :last_value` could skip or repeat rows. Select it as text ({key.column}::text AS "
+                    f"{key.column}) in a UTF8 database, or use a numeric or timestamp incremental_column"
+                )
             placeholder = key.bound("%(last_value)s")
         elif isinstance(self.params.get("last_value"), Decimal):
             placeholder = "CAST(%(last_value)s AS pg_catalog.numeric)"
@@ -421,13 +434,19 @@ class PostgresSource:
         try:
             _, key = self._probe(query, column)
             assert key is not None
-            col = f"max({key.expr(f'conduit_src.{quote_ident(column)}')})"
-            if key.oid == 700:  # real: the float of its exact value, as the checkpoint holds it, not of its short text
-                col += "::pg_catalog.float8"
+            raw = f"conduit_src.{quote_ident(column)}"
+            # real: the float of its exact value, as the checkpoint holds it, not of its short text
+            selected = f"{raw}::pg_catalog.float8" if key.oid == 700 else raw
+            # the largest in conduit's order (not max(), which has no bytea version before PostgreSQL 16), as read
+            sql = (
+                f"SELECT {selected} FROM (\n{self._text(query, key)}\n) AS conduit_src WHERE {raw} IS NOT NULL "
+                f"ORDER BY {key.expr(raw)} DESC LIMIT 1"
+            )
             with self.conn.cursor() as cur:
-                cur.execute(f"SELECT {col} FROM (\n{self._text(query, key)}\n) AS conduit_src", self._params())
-                value = cur.fetchone()[0]
+                cur.execute(sql, self._params())
+                row = cur.fetchone()
             self.conn.rollback()
+            value = row[0] if row else None
         except psycopg2.Error as exc:
             self.conn.rollback()
             raise self._fail("query failed", exc) from None
