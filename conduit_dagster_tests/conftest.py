@@ -44,6 +44,55 @@ def pg_schema(pg) -> Iterator[str]:
         cur.execute(f"DROP SCHEMA {name} CASCADE")
 
 
+# --- MariaDB / MySQL -------------------------------------------------------------------------------------------
+
+MYSQL = {
+    "host": os.environ.get("CONDUIT_TEST_MYSQL_HOST", "127.0.0.1"),
+    "port": int(os.environ.get("CONDUIT_TEST_MYSQL_PORT", "3306")),
+    "user": os.environ.get("CONDUIT_TEST_MYSQL_USER", "root"),
+    "password": os.environ.get("CONDUIT_TEST_MYSQL_PASSWORD", ""),
+}
+
+
+@pytest.fixture(scope="session")
+def mysql_server() -> dict[str, object]:
+    """Connection keywords (host, port, user, password) of the MariaDB/MySQL server the tests use."""
+    import pymysql
+
+    try:
+        pymysql.connect(**MYSQL, connect_timeout=5).close()  # type: ignore[arg-type]
+    except pymysql.err.OperationalError as exc:
+        _need("MariaDB/MySQL", exc)
+    return dict(MYSQL)
+
+
+@pytest.fixture
+def mysql_db(mysql_server: dict[str, object]) -> Iterator[str]:
+    """A fresh database per test (dropped afterwards); connect with ``mysql_connect(mysql_db)``."""
+    name = f"conduit_t_{uuid.uuid4().hex[:10]}"
+    conn = mysql_connect(None)
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci")
+    yield name
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    conn.close()
+
+
+def mysql_connect(database: str | None, **extra: object):  # noqa: ANN201 - a pymysql connection
+    """An autocommit connection to the test server (UTC session, utf8mb4)."""
+    import pymysql
+
+    return pymysql.connect(
+        **MYSQL,  # type: ignore[arg-type]
+        database=database,
+        charset="utf8mb4",
+        autocommit=True,
+        init_command="SET time_zone = '+00:00'",
+        **extra,
+    )
+
+
 def write_ingest(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "ingest.yml"
     path.write_text(text, encoding="utf-8")
