@@ -18,10 +18,31 @@ final publish. The pipeline is then run again, without kills, until it exits 0. 
 destination are compared as multisets: each row is hashed from a canonical text form, and the
 counts of every hash are compared, so a duplicated row is seen even when another is missing.
 
+With --source mysql the table is in MariaDB/MySQL instead (database `conduit_crash_<pid>` on
+127.0.0.1:3306, user root; CONDUIT_BENCH_MYSQL_HOST/PORT/USER/PASSWORD change that), with the
+candidate checkpoint columns `id` (unique bigint, multiples of 10), `ts` (TIMESTAMP(6), 40 rows
+share each value), `code` (varchar, 25 rows share each value), `dt6` (DATETIME(6), 40 rows share
+each value, microseconds never zero, in an order unrelated to id's) and `ci` (varchar on the
+case-insensitive, PAD SPACE collation utf8mb4_general_ci: 'K00000001', 'k00000001',
+'K00000001 ', 'k00000001  ' ... are one value to MySQL, each variant on several rows, about 50
+rows a word; every row must still be loaded exactly once), beside a decimal, a text with NULLs,
+newlines, trailing spaces and characters outside the BMP, and a varbinary with NULLs and
+0x00/0xff bytes. The destinations mysql-replace, mysql-append and mysql-merge (on id) write
+to the database `conduit_crash_<pid>_out`, from either source. Both databases (or schemas) are
+dropped at the end unless --keep.
+
+The canonical form compares rows exactly across PostgreSQL, MySQL and Parquet: datetimes to the
+microsecond (a zone-aware value as its UTC wall time: MySQL has no zone-aware type, a TIMESTAMP
+reads back as UTC wall time in conduit's UTC session), decimals normalized (1.50 = 1.5), text
+as it is (case and trailing spaces count), bytes as hex, NULL as None.
+
     .venv/bin/python bench/crashtest.py --trials 50
     .venv/bin/python bench/crashtest.py --trials 6 --destinations parquet --columns ts
     .venv/bin/python bench/crashtest.py --trials 15 --destinations s3   # S3 Parquet + S3 checkpoints (moto_server)
     .venv/bin/python bench/crashtest.py --trials 60 --columns num,ch,ci --late-inserts
+    .venv/bin/python bench/crashtest.py --source mysql --trials 60 --columns ci,dt6,id \\
+        --destinations parquet,mysql-replace,mysql-append,mysql-merge --late-inserts
+    .venv/bin/python bench/crashtest.py --trials 12 --columns id,ci --destinations mysql-append,mysql-merge
 
 It prints a line per trial and a summary, and exits 1 if any row was lost or duplicated.
 """
@@ -39,6 +60,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -50,49 +72,237 @@ SCHEMA = f"conduit_crash_{os.getpid()}"  # one per run: two harness runs at once
 COLUMNS = "id, ts, code, amount, note, num, ch, ci"
 BATCH = 5_000
 
+MYSQL: dict[str, Any] = {
+    "host": os.environ.get("CONDUIT_BENCH_MYSQL_HOST", "127.0.0.1"),
+    "port": int(os.environ.get("CONDUIT_BENCH_MYSQL_PORT", "3306")),
+    "user": os.environ.get("CONDUIT_BENCH_MYSQL_USER", "root"),
+    "password": os.environ.get("CONDUIT_BENCH_MYSQL_PASSWORD", ""),
+}
+MYSQL_DB = f"conduit_crash_{os.getpid()}"  # the source table's database; the mysql-* destinations write to {MYSQL_DB}_out
+MYSQL_COLUMNS = "id, ts, code, amount, note, dt6, ci, raw"
+
 
 def canonical(value: Any) -> str:
     if isinstance(value, dt.datetime):
-        return value.astimezone(dt.UTC).isoformat() if value.tzinfo else value.isoformat()
+        # MySQL has no zone-aware type: an instant is compared as its UTC wall time, to the microsecond
+        return (value.astimezone(dt.UTC).replace(tzinfo=None) if value.tzinfo else value).isoformat(timespec="microseconds")
     if isinstance(value, Decimal):
         return str(value.normalize())
-    if isinstance(value, memoryview):
-        return bytes(value).hex()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "0x" + bytes(value).hex()
     return repr(value)
 
 
-NUM = COLUMNS.split(", ").index("num")
+def row_hashes(rows: Iterable[Sequence[Any]], columns: str = COLUMNS) -> Counter[str]:
+    num = columns.split(", ").index("num") if "num" in columns.split(", ") else -1
 
-
-def row_hashes(rows: Any) -> Counter[str]:
     def values(row: tuple[Any, ...]) -> Any:
         for i, v in enumerate(row):
-            # an unconstrained numeric lands in Parquet as PostgreSQL's text ('-Infinity', '1.50')
-            yield canonical(Decimal(v) if i == NUM and isinstance(v, str) else v)
+            # an unconstrained numeric lands in Parquet (and MySQL) as PostgreSQL's text ('-Infinity', '1.50')
+            yield canonical(Decimal(v) if i == num and isinstance(v, str) else v)
 
     return Counter(hashlib.sha256("\x1f".join(values(tuple(row))).encode()).hexdigest() for row in rows)
 
 
-LATE_SQL = """
+def mysql_connect(database: str | None, *, autocommit: bool = True) -> Any:
+    """A PyMySQL connection to the harness's server, in conduit's session shape (UTC, utf8mb4)."""
+    import pymysql
+
+    return pymysql.connect(
+        **MYSQL, database=database, charset="utf8mb4", autocommit=autocommit, init_command="SET time_zone = '+00:00'"
+    )
+
+
+class PostgresSource:
+    """The source table in PostgreSQL: {SCHEMA}.src."""
+
+    columns = COLUMNS
+    where = f"{SCHEMA}.src"
+
+    LATE_SQL = """
 INSERT INTO {schema}.src
 SELECT %(id)s, s.ts, s.code, s.amount, 'late ' || %(id)s, s.num, s.ch, s.ci FROM {schema}.src AS s WHERE s.id = %(base)s
 RETURNING {columns}
 """
+
+    def setup(self, rows: int) -> Counter[str]:
+        conn = psycopg2.connect(DSN)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("CREATE EXTENSION IF NOT EXISTS citext")
+            cur.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+            cur.execute(f"CREATE SCHEMA {SCHEMA}")
+            # ids are multiples of 10, so that --late-inserts can add rows between them
+            cur.execute(
+                f"""
+                CREATE TABLE {SCHEMA}.src AS
+                SELECT (g * 10)::bigint AS id,
+                       timestamptz '2025-01-01 00:00:00+00' + (g / 40) * interval '1 second' AS ts,
+                       'k' || lpad(((g * 7919) % ({rows} / 25 + 1))::text, 8, '0') AS code,
+                       round((g * 1.7)::numeric, 2)::numeric(12, 2) AS amount,
+                       CASE WHEN g % 9 = 0 THEN NULL ELSE 'note, "' || g || E'"\\nend' END AS note,
+                       CASE WHEN g <= {rows} / 10 THEN '-Infinity'::numeric
+                            WHEN g > {rows} - {rows} / 40 THEN 'Infinity'::numeric
+                            WHEN g % 2 = 0 THEN (g / 20)::numeric
+                            ELSE round((g / 20)::numeric, 2) END AS num,
+                       ('c' || lpad(((g * 7919) % ({rows} / 25 + 1))::text, 8, '0'))::char(12) AS ch,
+                       (CASE WHEN g % 2 = 0 THEN 'K' ELSE 'k' END || lpad(((g * 7919) % ({rows} / 50 + 1))::text, 8, '0'))::citext
+                           AS ci
+                FROM generate_series(1, {rows}) AS g
+                """
+            )
+            cur.execute(f"SET TimeZone = 'UTC'; SELECT {COLUMNS} FROM {SCHEMA}.src")
+            source = row_hashes(cur.fetchall())
+        conn.close()
+        return source
+
+    def yml(self, column: str) -> str:
+        return f"""  - name: pg
+    type: postgresql
+    database: test
+    user: postgres
+    schema: {SCHEMA}
+    resume: true
+    checkpoint_column: {column}
+"""
+
+    def late_connect(self) -> Any:
+        return psycopg2.connect(DSN)
+
+    def late_insert(self, conn: Any, new_id: int, base: int) -> tuple[Any, ...]:
+        """Insert a copy of row ``base`` as ``new_id`` in an open transaction; the row as stored."""
+        with conn.cursor() as cur:
+            cur.execute("SET TimeZone = 'UTC'")
+            cur.execute(self.LATE_SQL.format(schema=SCHEMA, columns=COLUMNS), {"id": new_id, "base": base})
+            return cur.fetchone()
+
+    def delete_late(self) -> None:
+        conn = psycopg2.connect(DSN)
+        conn.autocommit = True
+        conn.cursor().execute(f"DELETE FROM {SCHEMA}.src WHERE id % 10 <> 0")  # the next trial starts from the same rows
+        conn.close()
+
+    def drop(self) -> None:
+        conn = psycopg2.connect(DSN)
+        conn.autocommit = True
+        conn.cursor().execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+        conn.close()
+
+
+class MySQLSource:
+    """The source table in MariaDB/MySQL: {MYSQL_DB}.src (InnoDB, primary key id)."""
+
+    columns = MYSQL_COLUMNS
+    where = f"{MYSQL_DB}.src"
+
+    def setup(self, rows: int) -> Counter[str]:
+        conn = mysql_connect(None)
+        words = rows // 50 + 1  # ci: about 50 rows a word, in 6 variants of case and trailing spaces
+        digits = len(str(rows))
+        g = " + ".join(f"d{i}.d * {10**i}" for i in range(digits)) + " + 1"
+        product = " CROSS JOIN ".join(f"digits AS d{i}" for i in range(digits))
+        dt6_group = f"((g * 104729) % ({rows} DIV 40 + 1))"  # about 40 rows a value, not in id order
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{MYSQL_DB}`")
+            cur.execute(f"CREATE DATABASE `{MYSQL_DB}` CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci")
+            cur.execute(f"USE `{MYSQL_DB}`")
+            cur.execute("CREATE TABLE digits (d INT NOT NULL)")
+            cur.execute("INSERT INTO digits VALUES (0), (1), (2), (3), (4), (5), (6), (7), (8), (9)")
+            cur.execute(
+                """
+                CREATE TABLE src (
+                    id BIGINT NOT NULL PRIMARY KEY,
+                    ts TIMESTAMP(6) NULL,
+                    code VARCHAR(16) NOT NULL,
+                    amount DECIMAL(12, 2) NOT NULL,
+                    note TEXT NULL,
+                    dt6 DATETIME(6) NOT NULL,
+                    ci VARCHAR(16) CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci NOT NULL,
+                    raw VARBINARY(16) NULL
+                ) ENGINE = InnoDB
+                """
+            )
+            # ids are multiples of 10, so that --late-inserts can add rows between them
+            cur.execute(
+                f"""
+                INSERT INTO src
+                SELECT g * 10,
+                       TIMESTAMP('2025-01-01 00:00:00') + INTERVAL (g DIV 40) SECOND,
+                       CONCAT('k', LPAD((g * 7919) % ({rows} DIV 25 + 1), 8, '0')),
+                       ROUND(g * 1.7, 2),
+                       IF(g % 9 = 0, NULL, CONCAT('note, "', g, '"', CHAR(10), 'end', IF(g % 3 = 0, ' é😀 ', ''))),
+                       TIMESTAMP('2025-01-01 00:00:00') + INTERVAL {dt6_group} SECOND
+                           + INTERVAL (1 + {dt6_group} * 7919 % 999999) MICROSECOND,
+                       CONCAT(IF((g DIV {words}) % 2 = 0, 'K', 'k'), LPAD((g * 7919) % {words}, 8, '0'),
+                              ELT((g DIV {words}) DIV 2 % 3 + 1, '', ' ', '  ')),
+                       IF(g % 7 = 0, NULL, CONCAT(X'00FF', UNHEX(LPAD(HEX(g), 8, '0'))))
+                FROM (SELECT {g} AS g FROM {product}) AS s
+                WHERE g <= {rows}
+                """
+            )
+            cur.execute("DROP TABLE digits")
+            cur.execute(f"SELECT {MYSQL_COLUMNS} FROM src")
+            source = row_hashes(cur.fetchall(), MYSQL_COLUMNS)
+        conn.close()
+        return source
+
+    def yml(self, column: str) -> str:
+        return f"""  - name: my
+    type: mysql
+{mysql_keys(MYSQL_DB)}    resume: true
+    checkpoint_column: {column}
+"""
+
+    def late_connect(self) -> Any:
+        return mysql_connect(MYSQL_DB, autocommit=False)
+
+    def late_insert(self, conn: Any, new_id: int, base: int) -> tuple[Any, ...]:
+        names = MYSQL_COLUMNS.split(", ")
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT {MYSQL_COLUMNS} FROM src WHERE id = %s", (base,))
+            row = dict(zip(names, cur.fetchone(), strict=True))
+            row.update(id=new_id, note=f"late {new_id}")
+            cur.execute(f"INSERT INTO src ({MYSQL_COLUMNS}) VALUES ({', '.join(['%s'] * len(names))})", [row[n] for n in names])
+            cur.execute(f"SELECT {MYSQL_COLUMNS} FROM src WHERE id = %s", (new_id,))  # as MySQL holds it
+            return cur.fetchone()
+
+    def delete_late(self) -> None:
+        conn = mysql_connect(MYSQL_DB)
+        conn.cursor().execute("DELETE FROM src WHERE id % 10 <> 0")  # the next trial starts from the same rows
+        conn.close()
+
+    def drop(self) -> None:
+        conn = mysql_connect(None)
+        conn.cursor().execute(f"DROP DATABASE IF EXISTS `{MYSQL_DB}`")
+        conn.close()
+
+
+def mysql_keys(database: str) -> str:
+    """The connection keys of a `type: mysql` entry (the password, if any, through the environment)."""
+    keys = f"    host: {MYSQL['host']}\n    port: {MYSQL['port']}\n    database: {database}\n    user: {MYSQL['user']}\n"
+    return keys + ("    password: ${CONDUIT_BENCH_MYSQL_PASSWORD}\n" if MYSQL["password"] else "")
+
+
+SOURCES: dict[str, PostgresSource | MySQLSource] = {"postgresql": PostgresSource(), "mysql": MySQLSource()}
+DEFAULT_DESTINATIONS = {
+    "postgresql": "parquet,postgresql-replace,postgresql-append,postgresql-merge,s3",
+    "mysql": "parquet,mysql-replace,mysql-append,mysql-merge,s3",
+}
 
 
 class LateInserts:
     """Rows inserted while a trial runs, each in a transaction held open for a while (it commits late), with keys
     between existing ones: equal to rows already read, inside a batch being replayed, or ahead of the reader."""
 
-    def __init__(self, rows: int, rng: random.Random) -> None:
-        self.rows, self.rng = rows, random.Random(rng.random())
+    def __init__(self, source: PostgresSource | MySQLSource, rows: int, rng: random.Random) -> None:
+        self.source, self.rows, self.rng = source, rows, random.Random(rng.random())
         self.hashes: Counter[str] = Counter()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        conn = psycopg2.connect(DSN)
+        conn = self.source.late_connect()
         used: set[int] = set()
         try:
             while not self.stop.is_set():
@@ -101,56 +311,18 @@ class LateInserts:
                 if new_id in used:
                     continue
                 used.add(new_id)
-                with conn.cursor() as cur:
-                    cur.execute("SET TimeZone = 'UTC'")
-                    cur.execute(LATE_SQL.format(schema=SCHEMA, columns=COLUMNS), {"id": new_id, "base": base})
-                    row = cur.fetchone()
-                    self.stop.wait(self.rng.uniform(0.0, 0.4))  # still uncommitted: the reader cannot see it yet
+                row = self.source.late_insert(conn, new_id, base)
+                self.stop.wait(self.rng.uniform(0.0, 0.4))  # still uncommitted: the reader cannot see it yet
                 conn.commit()
-                self.hashes += row_hashes([row])
+                self.hashes += row_hashes([row], self.source.columns)
         finally:
             conn.close()
 
     def finish(self) -> Counter[str]:
         self.stop.set()
         self.thread.join()
-        conn = psycopg2.connect(DSN)
-        conn.autocommit = True
-        conn.cursor().execute(f"DELETE FROM {SCHEMA}.src WHERE id % 10 <> 0")  # the next trial starts from the same rows
-        conn.close()
+        self.source.delete_late()
         return self.hashes
-
-
-def setup(rows: int) -> Counter[str]:
-    conn = psycopg2.connect(DSN)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute("CREATE EXTENSION IF NOT EXISTS citext")
-        cur.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
-        cur.execute(f"CREATE SCHEMA {SCHEMA}")
-        # ids are multiples of 10, so that --late-inserts can add rows between them
-        cur.execute(
-            f"""
-            CREATE TABLE {SCHEMA}.src AS
-            SELECT (g * 10)::bigint AS id,
-                   timestamptz '2025-01-01 00:00:00+00' + (g / 40) * interval '1 second' AS ts,
-                   'k' || lpad(((g * 7919) % ({rows} / 25 + 1))::text, 8, '0') AS code,
-                   round((g * 1.7)::numeric, 2)::numeric(12, 2) AS amount,
-                   CASE WHEN g % 9 = 0 THEN NULL ELSE 'note, "' || g || E'"\\nend' END AS note,
-                   CASE WHEN g <= {rows} / 10 THEN '-Infinity'::numeric
-                        WHEN g > {rows} - {rows} / 40 THEN 'Infinity'::numeric
-                        WHEN g % 2 = 0 THEN (g / 20)::numeric
-                        ELSE round((g / 20)::numeric, 2) END AS num,
-                   ('c' || lpad(((g * 7919) % ({rows} / 25 + 1))::text, 8, '0'))::char(12) AS ch,
-                   (CASE WHEN g % 2 = 0 THEN 'K' ELSE 'k' END || lpad(((g * 7919) % ({rows} / 50 + 1))::text, 8, '0'))::citext
-                       AS ci
-            FROM generate_series(1, {rows}) AS g
-            """
-        )
-        cur.execute(f"SET TimeZone = 'UTC'; SELECT {COLUMNS} FROM {SCHEMA}.src")
-        source = row_hashes(cur.fetchall())
-    conn.close()
-    return source
 
 
 S3: dict[str, str] = {}  # the endpoint of the moto_server this harness starts when an s3 destination is asked for
@@ -187,7 +359,11 @@ def s3_client():  # noqa: ANN201 - a boto3 client
     return boto3.client("s3", endpoint_url=S3["endpoint"])
 
 
-def ingest_yml(work: Path, destination: str, column: str) -> Path:
+def out_table(work: Path) -> str:
+    return f"t_{work.name.replace('-', '_')}"
+
+
+def ingest_yml(work: Path, destination: str, column: str, source: PostgresSource | MySQLSource) -> Path:
     head = ""
     if destination == "parquet":
         dest = f"  - name: out\n    type: local\n    path: {work / 'out'}\n"
@@ -196,45 +372,44 @@ def ingest_yml(work: Path, destination: str, column: str) -> Path:
         head = (
             f"checkpoints:\n  type: s3\n  bucket: {BUCKET}\n  prefix: {work.name}/checkpoints\n  endpoint_url: {S3['endpoint']}\n"
         )
+    elif destination.startswith("mysql-"):  # mysql-replace, mysql-append, mysql-merge
+        mode = destination.split("-", 1)[1]
+        dest = (
+            f"  - name: out\n    type: mysql\n{mysql_keys(MYSQL_DB + '_out')}    table: {out_table(work)}\n    mode: {mode}\n"
+            + ("    primary_key: [id]\n" if mode == "merge" else "")
+        )
     else:  # postgresql-replace, postgresql-append, postgresql-merge
-        table = f"t_{work.name.replace('-', '_')}"
         mode = destination.split("-", 1)[1]
         dest = (
             "  - name: out\n    type: postgresql\n    database: test\n    user: postgres\n"
-            f"    schema: {SCHEMA}_out\n    table: {table}\n    mode: {mode}\n"
+            f"    schema: {SCHEMA}_out\n    table: {out_table(work)}\n    mode: {mode}\n"
             + ("    primary_key: [id]\n" if mode == "merge" else "")
         )
     path = work / "ingest.yml"
     path.write_text(
         f"""{head}sources:
-  - name: pg
-    type: postgresql
-    database: test
-    user: postgres
-    schema: {SCHEMA}
-    resume: true
-    checkpoint_column: {column}
-destinations:
+{source.yml(column)}destinations:
 {dest}resources:
   - name: crash
-    source: pg
+    source: {"pg" if isinstance(source, PostgresSource) else "my"}
     destination: out
     batch_size: {BATCH}
-    query: SELECT {COLUMNS} FROM src
+    query: SELECT {source.columns} FROM src
 """
     )
     return path
 
 
-def destination_rows(work: Path, destination: str) -> Counter[str]:
+def destination_rows(work: Path, destination: str, columns: str) -> Counter[str]:
+    names = columns.split(", ")
     if destination == "parquet":
         import pyarrow.dataset as ds
 
         out = work / "out" / "crash"
         if not out.exists():
             return Counter()
-        table = ds.dataset(out, format="parquet").to_table(columns=COLUMNS.split(", "))
-        return row_hashes(tuple(r.values()) for r in table.to_pylist())
+        table = ds.dataset(out, format="parquet").to_table(columns=names)
+        return row_hashes((tuple(r.values()) for r in table.to_pylist()), columns)
     if destination == "s3":
         import io
         import json
@@ -249,14 +424,22 @@ def destination_rows(work: Path, destination: str) -> Counter[str]:
         rows: list[tuple[Any, ...]] = []
         for part in json.loads(body)["parts"]:
             data = client.get_object(Bucket=BUCKET, Key=f"{work.name}/crash/{part}")["Body"].read()
-            rows.extend(tuple(r.values()) for r in pq.read_table(io.BytesIO(data), columns=COLUMNS.split(", ")).to_pylist())
-        return row_hashes(rows)
+            rows.extend(tuple(r.values()) for r in pq.read_table(io.BytesIO(data), columns=names).to_pylist())
+        return row_hashes(rows, columns)
+    if destination.startswith("mysql-"):
+        conn = mysql_connect(MYSQL_DB + "_out")
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"SELECT {columns} FROM `{out_table(work)}`")
+                return row_hashes(cur.fetchall(), columns)
+        finally:
+            conn.close()
     conn = psycopg2.connect(DSN)
     try:
         with conn.cursor() as cur:
             cur.execute("SET TimeZone = 'UTC'")
-            cur.execute(f"SELECT {COLUMNS} FROM {SCHEMA}_out.t_{work.name.replace('-', '_')}")
-            return row_hashes(cur.fetchall())
+            cur.execute(f"SELECT {columns} FROM {SCHEMA}_out.{out_table(work)}")
+            return row_hashes(cur.fetchall(), columns)
     finally:
         conn.close()
 
@@ -279,26 +462,70 @@ def start(ingest: Path, log: Path) -> subprocess.Popen:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", choices=sorted(SOURCES), default="postgresql", help="where the source table is")
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--destinations", default="parquet,postgresql-replace,postgresql-append,postgresql-merge,s3")
+    parser.add_argument(
+        "--destinations",
+        default=None,
+        help=f"default {DEFAULT_DESTINATIONS['postgresql']} (with --source mysql: {DEFAULT_DESTINATIONS['mysql']})",
+    )
     parser.add_argument("--columns", default="id,ts,code")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--keep", action="store_true", help="keep the work folders")
+    parser.add_argument("--keep", action="store_true", help="keep the work folders and the source and destination tables")
     parser.add_argument(
         "--late-inserts",
         action="store_true",
         help="insert rows between existing keys while each trial runs, in transactions that commit late",
     )
     args = parser.parse_args()
+    source = SOURCES[args.source]
+    destinations = (args.destinations or DEFAULT_DESTINATIONS[args.source]).split(",")
+    known = {"parquet", "s3"} | {f"{db}-{mode}" for db in ("postgresql", "mysql") for mode in ("replace", "append", "merge")}
+    if unknown := [d for d in destinations if d not in known]:
+        parser.error(f"unknown destination(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     rng = random.Random(seed)
-    print(f"seed {seed}; creating {SCHEMA}.src with {args.rows:,} rows", flush=True)
-    source = setup(args.rows)
-    total = sum(source.values())
-    pairs = [(d, c) for d in args.destinations.split(",") for c in args.columns.split(",")]
-    moto = start_s3() if "s3" in args.destinations.split(",") else None
+    print(f"seed {seed}; creating {source.where} with {args.rows:,} rows", flush=True)
+    uses_mysql_out = any(d.startswith("mysql-") for d in destinations)
+    uses_pg_out = any(d.startswith("postgresql-") for d in destinations)
+    moto = None
     root = Path(tempfile.mkdtemp(prefix="conduit-crash-"))
+    try:
+        source_rows = source.setup(args.rows)
+        if uses_mysql_out:
+            conn = mysql_connect(None)
+            conn.cursor().execute(f"CREATE DATABASE IF NOT EXISTS `{MYSQL_DB}_out` CHARACTER SET utf8mb4")
+            conn.close()
+        moto = start_s3() if "s3" in destinations else None
+        return trials(args, source, source_rows, destinations, rng, root)
+    finally:
+        if not args.keep:
+            source.drop()
+            if uses_pg_out:
+                conn = psycopg2.connect(DSN)
+                conn.autocommit = True
+                conn.cursor().execute(f"DROP SCHEMA IF EXISTS {SCHEMA}_out CASCADE")
+                conn.close()
+            if uses_mysql_out:
+                conn = mysql_connect(None)
+                conn.cursor().execute(f"DROP DATABASE IF EXISTS `{MYSQL_DB}_out`")
+                conn.close()
+            shutil.rmtree(root, ignore_errors=True)
+        if moto is not None:
+            moto.kill()
+
+
+def trials(
+    args: argparse.Namespace,
+    source: PostgresSource | MySQLSource,
+    source_rows: Counter[str],
+    destinations: list[str],
+    rng: random.Random,
+    root: Path,
+) -> int:
+    total = sum(source_rows.values())
+    pairs = [(d, c) for d in destinations for c in args.columns.split(",")]
     clean_runtime: dict[tuple[str, str], float] = {}
     kills = lost_total = dup_total = 0
     phases: dict[str, int] = {}
@@ -307,18 +534,18 @@ def main() -> int:
         destination, column = pairs[(trial - 1) % len(pairs)]
         work = root / f"trial-{trial}"
         work.mkdir()
-        ingest = ingest_yml(work, destination, column)
+        ingest = ingest_yml(work, destination, column, source)
         log = work / "run.log"
         if (destination, column) not in clean_runtime:  # calibrate once per pair on a throwaway folder
             probe = root / f"probe-{destination}-{column}"
             probe.mkdir()
             t0 = time.monotonic()
-            if start(ingest_yml(probe, destination, column), probe / "run.log").wait() != 0:
+            if start(ingest_yml(probe, destination, column, source), probe / "run.log").wait() != 0:
                 print((probe / "run.log").read_text()[-3000:])
                 return 2
             clean_runtime[(destination, column)] = time.monotonic() - t0
         delay = rng.uniform(0, 1.2 * clean_runtime[(destination, column)])
-        late = LateInserts(args.rows, rng) if args.late_inserts else None
+        late = LateInserts(source, args.rows, rng) if args.late_inserts else None
         proc = start(ingest, log)
         time.sleep(delay)
         killed = proc.poll() is None
@@ -345,12 +572,14 @@ def main() -> int:
                 break
             if reruns >= 3:
                 print(f"trial {trial}: the rerun keeps failing:\n{log.read_text()[-3000:]}")
+                if late:
+                    late.finish()
                 return 2
-        got = destination_rows(work, destination)
+        got = destination_rows(work, destination, source.columns)
         late_rows: Counter[str] = late.finish() if late else Counter()
-        lost = sum((source - got).values())
+        lost = sum((source_rows - got).values())
         # a row inserted during the run may or may not be loaded (keyset reading never looks behind itself), never twice
-        dup = sum((got - (source + late_rows)).values())
+        dup = sum((got - (source_rows + late_rows)).values())
         late_loaded = sum((got & late_rows).values())
         lost_total += lost
         dup_total += dup
@@ -369,14 +598,6 @@ def main() -> int:
         f"summary: {args.trials} trials, {kills} kills, {total:,} source rows, rows lost {lost_total}, "
         f"rows duplicated {dup_total}" + (f", failing trials {failed_trials}" if failed_trials else "")
     )
-    conn = psycopg2.connect(DSN)
-    conn.autocommit = True
-    conn.cursor().execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE; DROP SCHEMA IF EXISTS {SCHEMA}_out CASCADE")
-    conn.close()
-    if not args.keep:
-        shutil.rmtree(root, ignore_errors=True)
-    if moto is not None:
-        moto.kill()
     return 1 if lost_total or dup_total else 0
 
 
