@@ -31,6 +31,7 @@ BUILTIN_MODULES = (
     "conduit_dagster.engine.sources.postgresql",
     "conduit_dagster.engine.sources.sqlite",
     "conduit_dagster.engine.sources.files",
+    "conduit_dagster.engine.sources.sqla",
     "conduit_dagster.engine.destinations.local",
     "conduit_dagster.engine.destinations.postgresql",
     "conduit_dagster.engine.destinations.s3",

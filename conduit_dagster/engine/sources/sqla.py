@@ -1,0 +1,678 @@
+"""Any SQLAlchemy database (``type: sqlalchemy``): a streamed, keyset-ordered read through SQLAlchemy.
+
+The user's query is wrapped by SQLAlchemy Core, so the alias, LIMIT and bind syntax are the dialect's own::
+
+    SELECT * FROM (<query>) AS conduit_src [WHERE <key> > :conduit_after] ORDER BY <key>
+
+Identifiers are quoted by the dialect's identifier preparer, the resume value and ``:last_value`` are bound
+parameters, and rows stream (``stream_results``, fetched in chunks) into Arrow record batches whose schema is
+fixed once per run.
+
+A resume is exact only if the database's ORDER BY and ``>`` agree with Python's order and equality of the
+values the driver returns. That holds on every dialect for integer, decimal, date and timestamp keys. Text is
+the trap: most collations are case- or accent-insensitive, or ignore trailing spaces ('a' = 'A', 'x' = 'x '),
+so text (and bytes) keys are taken only on dialects where conduit knows a byte-wise comparison of UTF-8 text
+(``_BYTEWISE``); on any other dialect they are refused, as are float keys (NaN, -0.0 = 0.0) and types with no
+exact checkpoint. Within every read the keys are also checked to arrive non-decreasing in Python's order.
+"""
+
+import datetime as dt
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+import pyarrow as pa
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+from conduit_dagster.engine.backends import SourceBackend, register_source_backend
+from conduit_dagster.engine.errors import ConduitError, OrderingError, SourceError
+from conduit_dagster.engine.sources.base import Chunk, key_index
+from conduit_dagster.engine.spec import Secret, _Entry
+from conduit_dagster.engine.sql import _NAMED, _scan, clean_query, uses_last_value
+
+
+@dataclass(frozen=True)
+class SqlaSourceSpec:
+    """ingest.yml `type: sqlalchemy` source: any SQLAlchemy URL whose driver is installed."""
+
+    name: str
+    url: Secret
+    dialect: str = ""  # the URL's backend name (mysql, sqlite, duckdb ...): no secret
+    location: str = ""  # dialect://host:port/database (never the user or password)
+    resume: bool = False
+    checkpoint_column: str | None = None
+    type: str = "sqlalchemy"
+
+
+# Rows fetched per round trip and per chunk handed to the runner (the runner regroups chunks into batches).
+CHUNK_ROWS = 10_000
+
+# Dialects whose text comparison conduit can make byte-wise on UTF-8 (Python's str order): the key expression and
+# the bound value's, and how `:last_value` is written in the user's own query (None: it cannot be made byte-wise).
+_BYTEWISE: dict[str, tuple[str, str, str | None]] = {
+    # an explicit COLLATE wins over the column's declared one (NOCASE, RTRIM)
+    "sqlite": ("{col} COLLATE BINARY", "{param}", "({param} COLLATE BINARY)"),
+    # default collations are case-insensitive and PAD SPACE; a binary string compares byte by byte, unpadded
+    "mysql": (
+        "CAST(CONVERT({col} USING utf8mb4) AS BINARY)",
+        "CAST(CONVERT({param} USING utf8mb4) AS BINARY)",
+        "CAST(CONVERT({param} USING utf8mb4) AS BINARY)",
+    ),
+    # text and varchar in a UTF8 database (checked): "C" compares the bytes
+    "postgresql": ('{col} COLLATE "C"', '(CAST({param} AS TEXT) COLLATE "C")', '(CAST({param} AS TEXT) COLLATE "C")'),
+    # VARCHAR compares byte-wise unless declared with a collation (NOCASE ...); encode() makes it a BLOB either way.
+    # A collated column cannot be compared byte-wise with a parameter (DuckDB refuses to combine collations), and the
+    # collation is not visible in the result: `:last_value` on a text column is refused.
+    "duckdb": ("encode({col})", "encode(CAST({param} AS VARCHAR))", None),
+}
+_BYTEWISE["mariadb"] = _BYTEWISE["mysql"]
+# Dialects whose bytes / binary comparison is memcmp, then length (Python's bytes order).
+_BYTES_OK = frozenset({"sqlite", "mysql", "mariadb", "postgresql", "duckdb"})
+_MYSQL = frozenset({"mysql", "mariadb"})
+# MySQL character sets whose bytes are UTF-8 (or ASCII): a bare column compared with a binary string is then byte-wise
+_MYSQL_UTF8 = frozenset({"utf8mb4", "utf8mb3", "utf8", "ascii", "binary"})
+# PostgreSQL types compared exactly under COLLATE "C" (char(n), citext, enums... are not: use `type: postgresql`)
+_PG_TEXT = frozenset({"text", "character varying", "name"})
+
+
+def _kind_name(kind: type) -> str:
+    return {dt.datetime: "timestamp", dt.date: "date", Decimal: "decimal", bytes: "bytes", str: "text", int: "integer"}.get(
+        kind, kind.__name__
+    )
+
+
+def _kind_of(value: Any) -> type:
+    """The checkpoint kind of a key value: int, Decimal, datetime, date, str or bytes (else its own type)."""
+    if isinstance(value, bool):
+        return bool
+    for kind in (int, Decimal, dt.datetime, dt.date, str):
+        if isinstance(value, kind):
+            return kind
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes
+    return type(value)
+
+
+@dataclass(frozen=True)
+class KeyPlan:
+    """How the checkpoint column is ordered and compared, the same way in every statement."""
+
+    column: str
+    kind: type | None  # the Python type of its values; None when the query returned no non-NULL value
+    expr: str = "{col}"  # the column's ordering expression ({col}: the qualified column)
+    bound: str = "{param}"  # the bound value's ({param}: the placeholder)
+    last_value: str = "{param}"  # how the user's :last_value is written
+
+    def python_types(self) -> tuple[type, ...] | None:
+        return None if self.kind is None else (self.kind,)
+
+
+def key_plan(source: str, dialect: str, column: str, value: Any, *, incremental: bool = False, detail: str = "") -> KeyPlan:
+    """The ordering of checkpoint column ``column`` whose first non-NULL value is ``value``, on ``dialect``; refuses
+    what cannot resume exactly (SourceError naming the source, the column and the fix). ``detail``: what the
+    dialect's probe found (the column's charset on MySQL, type and encoding on PostgreSQL)."""
+    where = f"source {source!r}: checkpoint column {column!r}"
+    if value is None:
+        return KeyPlan(column, None)
+    kind = _kind_of(value)
+    if kind in (int, Decimal, dt.datetime, dt.date):
+        if kind is Decimal and not value.is_finite():
+            raise OrderingError(
+                f"{where} holds {value}, which cannot be a resume point; nothing was written. Filter it out in the query "
+                "or pick another checkpoint column"
+            )
+        return KeyPlan(column, kind)
+    if kind is float:
+        raise SourceError(
+            f"{where} holds floating-point values, which cannot resume exactly (NaN equals nothing, -0.0 equals 0.0, "
+            f"and a database may round what it compares): rows could be skipped or read twice. Use an integer, decimal "
+            f"or timestamp column, or CAST it in the query (e.g. CAST({column} AS DECIMAL(38, 10)) AS {column})"
+        )
+    if kind in (str, bytes):
+        known = _BYTEWISE.get(dialect) if kind is str else (("{col}", "{param}", "{param}") if dialect in _BYTES_OK else None)
+        if known is None:
+            raise SourceError(
+                f"{where} holds {_kind_name(kind)} on a {dialect} database, whose comparison conduit cannot make "
+                "byte-wise: its collation may treat different values as equal or order them otherwise than Python "
+                "('a' = 'A', 'x' = 'x '), so `>` on resume could skip rows or read them twice. Use an integer or "
+                "timestamp checkpoint column (an identity or sequence column, an updated_at)"
+            )
+        expr, bound, last_value = known
+        if kind is str and dialect == "postgresql":
+            pg_type, _, encoding = detail.partition("/")
+            if pg_type not in _PG_TEXT or encoding.upper() != "UTF8":
+                why = (
+                    f"has type {pg_type}, which does not compare as its bytes"
+                    if pg_type not in _PG_TEXT
+                    else f"is text in a {encoding} database, whose byte order is not Python's"
+                )
+                raise SourceError(
+                    f"{where} {why}, so `>` on resume could skip rows or read them twice. Use `type: postgresql` for this "
+                    f"source (it handles these), or select it as text (CAST({column} AS text) AS {column}) in a UTF8 database"
+                )
+        if kind is str and dialect in _MYSQL and detail and detail.lower() not in _MYSQL_UTF8:
+            last_value = None  # the bare column compares its own charset's bytes with the UTF-8 bound
+        if incremental and last_value is None:
+            raise SourceError(
+                f"source {source!r}: incremental column {column!r} is text whose own comparison on {dialect} conduit "
+                f"cannot make byte-wise{f' (character set {detail})' if detail else ''}, so the query's "
+                f"`{column} >= :last_value` could skip rows. Use an integer or timestamp incremental_column"
+                + (f", or convert it in the query (CONVERT({column} USING utf8mb4) AS {column})" if dialect in _MYSQL else "")
+            )
+        return KeyPlan(column, kind, expr, bound, last_value or "{param}")
+    what = "boolean" if kind is bool else kind.__name__
+    raise SourceError(
+        f"{where} holds {what} values ({value!r}), which a checkpoint cannot hold or compare exactly. Use an integer, "
+        "decimal, date or timestamp column, or CAST it in the query"
+    )
+
+
+# --- Arrow types, fixed once per run ----------------------------------------------------------------------------
+
+_DECIMAL_RE = re.compile(r"^DECIMAL\((\d+),\s*(\d+)\)$", re.IGNORECASE)
+# DuckDB types whose Python value is not the stored one
+_LOSSY = {"TIMESTAMP_NS": "its nanoseconds are cut to microseconds", "INTERVAL": "months become 30 days"}
+
+
+def _decimal_type(desc: Any) -> pa.DataType:
+    """A Decimal column's type: from the cursor's declared precision and scale (or a DECIMAL(p,s) type name), else its
+    exact text (a decimal without a declared scale has none that every value fits)."""
+    m = _DECIMAL_RE.match(str(desc[1]))
+    precision, scale = (int(m.group(1)), int(m.group(2))) if m else (desc[4], desc[5])
+    if isinstance(precision, int) and isinstance(scale, int) and 0 < precision and 0 <= scale <= precision:
+        if precision <= 38:
+            return pa.decimal128(precision, scale)
+        if precision <= 76:
+            return pa.decimal256(precision, scale)
+    return pa.string()
+
+
+def _arrow_type(value: Any, desc: Any) -> pa.DataType:
+    """The Arrow type of a column from its first non-NULL value (and the cursor's description)."""
+    declared = str(desc[1]).upper()
+    if isinstance(value, bool):
+        return pa.bool_()
+    if isinstance(value, int):
+        if declared in ("UBIGINT",):
+            return pa.uint64()
+        if declared in ("HUGEINT", "UHUGEINT"):
+            return pa.decimal256(39, 0)
+        return pa.int64()
+    if isinstance(value, float):
+        return pa.float64()
+    if isinstance(value, Decimal):
+        return _decimal_type(desc)
+    if isinstance(value, str | uuid.UUID):
+        return pa.string()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return pa.binary()
+    if isinstance(value, dt.datetime):
+        return pa.timestamp("us", tz="UTC") if value.tzinfo is not None else pa.timestamp("us")
+    if isinstance(value, dt.date):
+        return pa.date32()
+    if isinstance(value, dt.time):
+        return pa.time64("us")
+    if isinstance(value, dt.timedelta):
+        return pa.duration("us")
+    if isinstance(value, dict | list):
+        return pa.string()  # as JSON text: a struct or list type taken from one value would not fit the next
+    try:
+        return pa.array([value]).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.string()
+
+
+def _array(values: tuple[Any, ...], t: pa.DataType | None) -> pa.Array:
+    if t is not None and pa.types.is_string(t) and not all(v is None or type(v) is str for v in values):
+        values = tuple(v if v is None or isinstance(v, str) else str(v) for v in values)
+    return pa.array(values, type=t)
+
+
+def _plain(value: Any, t: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if pa.types.is_string(t) and isinstance(value, dict | list):
+        return json.dumps(value, default=str, ensure_ascii=False)
+    if pa.types.is_binary(t) and isinstance(value, memoryview | bytearray):
+        return bytes(value)
+    return value
+
+
+# --- the source ---------------------------------------------------------------------------------------------------
+
+
+class SqlaSource:
+    def __init__(self, spec: SqlaSourceSpec) -> None:
+        self.spec = spec
+        self.params: dict[str, Any] = {}
+        self._plans: dict[tuple[str, str], KeyPlan] = {}
+        url = make_url(spec.url.reveal())
+        self.dialect_name = spec.dialect or url.get_backend_name()
+        if self.dialect_name in ("sqlite", "duckdb") and url.database not in (None, "", ":memory:"):
+            path = Path(url.database)
+            if not url.database.startswith("file:") and not path.is_file():
+                # the driver would create an empty database there, and the run would load nothing
+                raise SourceError(
+                    f"source {spec.name!r}: {self.dialect_name} database file {path} does not exist; fix `url` in ingest.yml "
+                    "(a relative path is relative to ingest.yml's folder)"
+                )
+        # DuckDB: read only, so that other readers (a sensor, another run) can open the file at the same time
+        connect_args = {"read_only": True} if self.dialect_name == "duckdb" else {}
+        try:
+            self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args=connect_args)
+        except ImportError as exc:
+            module = getattr(exc, "name", None) or "its driver"
+            raise SourceError(
+                f"source {spec.name!r}: the driver of {url.drivername} is not installed (no module {module!r}); install it "
+                f"where conduit runs (e.g. pip install {module}), or name an installed driver in `url` "
+                f"(dialect+driver://...)"
+            ) from None
+        except (ArgumentError, TypeError, ValueError) as exc:
+            raise SourceError(f"source {spec.name!r}: `url` is not usable: {self._redact(str(exc))}") from None
+        if self.dialect_name in _MYSQL:
+            sa.event.listen(self.engine, "connect", _mysql_session)
+        try:
+            self.conn = self.engine.connect()
+        except sa.exc.DBAPIError as exc:
+            raise SourceError(f"source {spec.name!r}: cannot connect to {self.describe()}: {self._message(exc)}") from None
+        except ConduitError as exc:
+            raise SourceError(f"source {spec.name!r}: {exc}") from None
+        self.dialect = self.engine.dialect
+        self.preparer = self.dialect.identifier_preparer
+
+    # --- messages -----------------------------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        return self.spec.location
+
+    def _redact(self, text: str) -> str:
+        url = self.spec.url.reveal()
+        forms = {url}
+        try:
+            password = make_url(url).password
+        except ArgumentError:
+            password = None
+        if password:
+            forms |= {str(password), quote(str(password), safe=""), unquote(str(password))}
+        if "://" in url and "@" in url.split("://", 1)[1]:
+            userinfo = url.split("://", 1)[1].rsplit("@", 1)[0]
+            if ":" in userinfo:
+                forms.add(userinfo.split(":", 1)[1])
+        for form in sorted((f for f in forms if f), key=len, reverse=True):
+            text = text.replace(form, "***")
+        return text
+
+    def _message(self, exc: BaseException) -> str:
+        """The driver's own message (without SQLAlchemy's statement dump and link), secrets masked."""
+        orig = getattr(exc, "orig", None)
+        text = str(orig if orig is not None else exc).strip()
+        return self._redact(text.split("\n[SQL:")[0].split("\n(Background on this error")[0])
+
+    def _fail(self, what: str, exc: BaseException) -> SourceError:
+        return SourceError(f"source {self.spec.name!r} ({self.describe()}): {what}: {self._message(exc)}")
+
+    # --- statements ---------------------------------------------------------------------------------------------
+
+    def bind(self, params: dict[str, Any]) -> None:
+        """Values for the query's named placeholders (``:last_value``), bound in every statement."""
+        for name, value in params.items():
+            if isinstance(value, float | Decimal) and value != value:
+                raise OrderingError(
+                    f"source {self.spec.name!r}: the incremental bound :{name} is {value!r}, which cannot be a resume point "
+                    "(NaN equals nothing); the stored state was edited: start the incremental load over"
+                )
+        self.params = dict(params)
+        self._plans.clear()
+
+    def _col(self, column: str) -> str:
+        """``conduit_src.<column>``, quoted by the dialect, as text() takes it (a colon is not a parameter)."""
+        return f"conduit_src.{self.preparer.quote_identifier(column)}".replace(":", "\\:")
+
+    def _inner(self, query: str, plan: KeyPlan | None = None) -> sa.TextClause:
+        """The user's query as text(): every colon literal but the ``:last_value`` placeholders, bound."""
+        placeholder = (plan.last_value if plan is not None else "{param}").format(param=":last_value")
+        source = clean_query(query)
+        out = []
+        for start, end, kind in _scan(source):
+            piece = source[start:end]
+            if kind == "code":
+                out.append(placeholder.join(p.replace(":", "\\:") for p in _NAMED.split(piece)))
+            else:
+                out.append(piece.replace(":", "\\:"))
+        clause = sa.text("\n" + "".join(out) + "\n")
+        if uses_last_value(source):
+            if "last_value" not in self.params:
+                raise SourceError(f"source {self.spec.name!r}: the query uses :last_value, but no value is bound for it")
+            clause = clause.bindparams(sa.bindparam("last_value", self.params["last_value"]))
+        return clause
+
+    def _select(self, query: str, plan: KeyPlan | None, *columns: str) -> Any:
+        sub = self._inner(query, plan).columns().subquery("conduit_src")
+        return sa.select(*(sa.literal_column(c) for c in columns or ("*",))).select_from(sub)
+
+    def _execute(self, stmt: Any, what: str = "query failed") -> Any:
+        try:
+            return self.conn.execute(stmt)
+        except sa.exc.DBAPIError as exc:
+            self._rollback()
+            raise self._fail(what, exc) from None
+        except sa.exc.StatementError as exc:
+            self._rollback()
+            raise self._fail(what, exc) from None
+
+    def _rollback(self) -> None:
+        try:
+            self.conn.rollback()
+        except sa.exc.SQLAlchemyError:
+            pass
+
+    def _scalar_row(self, stmt: Any, what: str = "query failed") -> tuple[Any, ...] | None:
+        result = self._execute(stmt, what)
+        try:
+            row = result.fetchone()
+        finally:
+            result.close()
+        self._rollback()  # end the transaction the statement opened (no snapshot held between statements)
+        return tuple(row) if row is not None else None
+
+    def _plan(self, query: str, column: str) -> KeyPlan:
+        """The checkpoint column's ordering, from its first non-NULL value (and the dialect's facts about it)."""
+        cached = self._plans.get((query, column))
+        if cached is not None:
+            return cached
+        self.probe(query, column)
+        col = self._col(column)
+        extra: list[str] = []
+        if self.dialect_name in _MYSQL:
+            extra = [f"CHARSET({col})"]
+        elif self.dialect_name == "postgresql":
+            extra = [f"CAST(pg_typeof({col}) AS TEXT)", "current_setting('server_encoding')"]
+        stmt = self._select(query, None, col, *extra).where(sa.text(f"{col} IS NOT NULL")).limit(1)
+        result = self._execute(stmt)
+        try:
+            row = result.fetchone()
+            declared = str(result.cursor.description[0][1]).upper() if result.cursor is not None else ""
+        finally:
+            result.close()
+        self._rollback()
+        value = row[0] if row is not None else None
+        lossy = next((why for name, why in _LOSSY.items() if declared.startswith(name)), None)
+        if self.dialect_name == "duckdb" and lossy and value is not None:
+            raise SourceError(
+                f"source {self.spec.name!r}: checkpoint column {column!r} has type {declared}, whose Python value is not "
+                f"exact ({lossy}); CAST it in the query (e.g. to TIMESTAMP or VARCHAR) or pick another column"
+            )
+        detail = "/".join(str(v) for v in row[1:]) if row is not None else ""
+        plan = key_plan(
+            self.spec.name, self.dialect_name, column, value, incremental=uses_last_value(clean_query(query)), detail=detail
+        )
+        self._plans[(query, column)] = plan
+        return plan
+
+    def _no_nulls(self, query: str, column: str) -> None:
+        """NULL is no resume point (and `>` would skip it on resume): looked for before anything is written."""
+        col = self._col(column)
+        stmt = self._select(query, None, "1").where(sa.text(f"{col} IS NULL")).limit(1)
+        if self._scalar_row(stmt) is not None:
+            raise OrderingError(
+                f"source {self.spec.name!r}: checkpoint column {column!r} holds NULL, which cannot be ordered for resume; "
+                f"nothing was written. Filter it out in the query (WHERE {column} IS NOT NULL), COALESCE it, or pick "
+                "another checkpoint column"
+            )
+
+    # --- the Source protocol ------------------------------------------------------------------------------------
+
+    def probe(self, query: str, column: str | None) -> list[str]:
+        result = self._execute(self._select(query, None).limit(0))
+        try:
+            names = list(result.keys())
+        finally:
+            result.close()
+        self._rollback()
+        if column is not None:
+            key_index(names, column, f"source {self.spec.name!r}")
+        return names
+
+    def key_type(self, query: str, column: str) -> tuple[type, ...] | None:
+        return self._plan(query, column).python_types()
+
+    def count(self, query: str, upto: tuple[str, Any] | None = None) -> int:
+        if upto is None:
+            stmt = self._select(query, None, "count(*)")
+        else:  # the rows up to a value, in the order resume uses
+            plan = self._plan(query, upto[0])
+            expr = plan.expr.format(col=self._col(upto[0]))
+            cond = f"{expr} <= {plan.bound.format(param=':conduit_upto')}"
+            stmt = self._select(query, plan, "count(*)").where(sa.text(cond).bindparams(conduit_upto=upto[1]))
+        row = self._scalar_row(stmt, "count failed")
+        return int(row[0]) if row else 0
+
+    def max_value(self, query: str, column: str) -> Any:
+        """The largest value in conduit's order (ORDER BY ... DESC, not max(), which compares by the collation)."""
+        plan = self._plan(query, column)
+        col = self._col(column)
+        stmt = self._select(query, plan, col).where(sa.text(f"{col} IS NOT NULL"))
+        stmt = stmt.order_by(sa.text(f"{plan.expr.format(col=col)} DESC")).limit(1)
+        row = self._scalar_row(stmt)
+        value = row[0] if row else None
+        return bytes(value) if isinstance(value, memoryview | bytearray) else value
+
+    def read(self, query: str, column: str | None, after: Any, *, resume: bool, fetch_size: int) -> Iterator[Chunk]:
+        plan = None
+        if column is not None:
+            plan = self._plan(query, column)
+            self._no_nulls(query, column)
+        stmt = self._select(query, plan)
+        if plan is not None:
+            col = self._col(plan.column)
+            expr = plan.expr.format(col=col)
+            if resume:
+                cond = f"{expr} > {plan.bound.format(param=':conduit_after')}"
+                stmt = stmt.where(sa.text(cond).bindparams(conduit_after=after))
+            stmt = stmt.order_by(sa.text(expr))
+        try:
+            result = self.conn.execution_options(stream_results=True).execute(stmt)
+        except (sa.exc.DBAPIError, sa.exc.StatementError) as exc:
+            self._rollback()
+            raise self._fail("query failed", exc) from None
+        try:
+            yield from self._chunks(query, result, plan, after if resume else None, max(1, min(fetch_size, CHUNK_ROWS)))
+        except (sa.exc.DBAPIError, sa.exc.StatementError) as exc:
+            raise self._fail("read failed", exc) from None
+        finally:
+            try:
+                result.close()
+            except sa.exc.SQLAlchemyError:
+                pass
+            self._rollback()
+
+    def _chunks(self, query: str, result: Any, plan: KeyPlan | None, after: Any, size: int) -> Iterator[Chunk]:
+        description = list(result.cursor.description) if result.cursor is not None else []
+        names = list(result.keys())
+        if self.dialect_name == "duckdb":
+            for d in description:
+                lossy = next((why for name, why in _LOSSY.items() if str(d[1]).upper().startswith(name)), None)
+                if lossy:
+                    raise SourceError(
+                        f"source {self.spec.name!r}: column {d[0]!r} has type {d[1]}, whose Python value is not exact "
+                        f"({lossy}); CAST it in the query (to TIMESTAMP, VARCHAR ...)"
+                    )
+        idx = key_index(names, plan.column, f"source {self.spec.name!r}") if plan is not None else None
+        types: list[pa.DataType | None] = [None] * len(names)
+        position = 0  # rows of this read before the chunk
+        previous = after
+        while True:
+            rows = result.fetchmany(size)
+            if not rows:
+                return
+            for i, t in enumerate(types):
+                if t is None:
+                    first = next((r[i] for r in rows if r[i] is not None), None)
+                    if first is None:
+                        first = self._first_value(query, names[i])
+                    types[i] = _arrow_type(first, description[i] if i < len(description) else (names[i], None) + (None,) * 5)
+            keys = None
+            if plan is not None and idx is not None:
+                keys = [r[idx] for r in rows]
+                if plan.kind is bytes:
+                    keys = [bytes(k) if isinstance(k, memoryview | bytearray) else k for k in keys]
+                self._check_order(plan, keys, previous, position)
+                previous = keys[-1]
+            yield Chunk(self._batch(rows, names, types), keys)
+            position += len(rows)
+
+    def _first_value(self, query: str, column: str) -> Any:
+        """A column NULL throughout the first chunk: its first non-NULL value anywhere in the query fixes its type."""
+        col = self._col(column)
+        stmt = self._select(query, None, col).where(sa.text(f"{col} IS NOT NULL")).limit(1)
+        try:  # on a connection of its own: the read's streams on this one
+            with self.engine.connect() as conn:
+                row = conn.execute(stmt).fetchone()
+        except (sa.exc.DBAPIError, sa.exc.StatementError) as exc:
+            raise self._fail("query failed", exc) from None
+        return row[0] if row else None
+
+    def _batch(self, rows: list[Any], names: list[str], types: list[pa.DataType | None]) -> pa.RecordBatch:
+        """Column by column (rows_to_batch's way), a value that does not fit its column's type named with the column."""
+        arrays = []
+        for name, values, t in zip(names, zip(*rows, strict=True), types, strict=True):
+            if t is not None and (pa.types.is_string(t) or pa.types.is_binary(t)):
+                if not all(v is None or type(v) in (str, bytes) for v in values):
+                    values = tuple(_plain(v, t) for v in values)
+            try:
+                arrays.append(_array(values, t))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError, ValueError) as exc:
+                raise SourceError(
+                    f"source {self.spec.name!r}: column {name!r} holds a value that does not fit the type {t} taken from "
+                    f"its first values ({exc}); CAST it to one type in the query (e.g. a wide integer to DECIMAL(38, 0) "
+                    "or to text)"
+                ) from None
+        return pa.RecordBatch.from_arrays(arrays, names=names)
+
+    def _check_order(self, plan: KeyPlan, keys: list[Any], previous: Any, position: int) -> None:
+        """Every key present, of the planned kind, and none smaller than the one before it in Python's order: a
+        database ordering them otherwise would make a resume skip or repeat rows."""
+        for n, key in enumerate(keys):
+            if key is None:
+                raise OrderingError(
+                    f"source {self.spec.name!r}: checkpoint column {plan.column!r} holds NULL (row {position + n + 1} of "
+                    f"the read); filter it out (WHERE {plan.column} IS NOT NULL) or pick another checkpoint column"
+                )
+            kind = _kind_of(key)
+            if kind is not plan.kind:
+                raise OrderingError(
+                    f"source {self.spec.name!r}: checkpoint column {plan.column!r} holds a {kind.__name__} at row "
+                    f"{position + n + 1} of the read where it held {_kind_name(plan.kind) if plan.kind else 'nothing'} "
+                    "before (mixed types, or rows added during the read); CAST it to one type in the query and run again"
+                )
+            if previous is not None:
+                try:
+                    backwards = key < previous
+                except TypeError:  # naive and aware timestamps
+                    raise OrderingError(
+                        f"source {self.spec.name!r}: checkpoint column {plan.column!r} mixes {previous!r} and {key!r} (row "
+                        f"{position + n + 1} of the read), which do not compare; CAST it to one type in the query"
+                    ) from None
+                if backwards:
+                    raise OrderingError(
+                        f"source {self.spec.name!r}: checkpoint column {plan.column!r}: the database returned {key!r} "
+                        f"(row {position + n + 1} of the read) after {previous!r} (row {position + n}"
+                        f"{', the checkpoint' if position + n == 0 else ''}): it orders the column otherwise than conduit "
+                        "compares the values, so a resume could skip or repeat rows; nothing past the previous batch was "
+                        "written. Use an integer or timestamp checkpoint column, or CAST it in the query"
+                    )
+            previous = key
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        finally:
+            self.engine.dispose()
+
+
+def _mysql_session(dbapi_connection: Any, record: Any) -> None:
+    """UTC for TIMESTAMP (read in the session zone), and a UTF-8 result set: a value the driver decodes in another
+    character set could turn two values into one ('?'), and ties would be grouped otherwise than the database orders."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SET time_zone = '+00:00'")
+        cursor.execute("SELECT @@character_set_results")
+        charset = str((cursor.fetchone() or [""])[0] or "")
+    finally:
+        cursor.close()
+    if charset.lower() != "utf8mb4":
+        raise ConduitError(
+            f"the connection's result character set is {charset or 'NULL'}, not utf8mb4, so values could be changed; "
+            "remove charset= from `url` (or set charset=utf8mb4)"
+        )
+
+
+# --- the backend: ingest.yml `type: sqlalchemy` ----------------------------------------------------------------------
+
+
+_URL_FIX = (
+    "write dialect+driver://user:${PASSWORD}@host:port/database (e.g. mysql+pymysql://etl:${MYSQL_PASSWORD}@db:3306/shop, "
+    "sqlite:///data/app.db, duckdb:///data/lake.duckdb), percent-encoding @ : / in a user or password"
+)
+
+
+def _location(url: URL, dialect: str) -> str:
+    """``dialect://host:port/database``: never the user, the password or the query string."""
+    database = url.database or ""
+    if dialect in ("sqlite", "duckdb"):
+        return f"{dialect}:///{database}"
+    host = url.host or ""
+    if re.search(r"[@:/?#\s]", database):
+        database = "***"
+    return f"{dialect}://{host}:{url.port or ''}/{database}"
+
+
+def _parse(e: _Entry, file: Path, name: str, resume: bool, column: str | None) -> SqlaSourceSpec:
+    e.finish(_KEYS)
+    text = e.text("url", required=True, url=True)
+    assert text is not None
+    try:
+        url = make_url(text)
+    except (ArgumentError, ValueError):
+        raise e.fail("url", f"is not a SQLAlchemy URL (not shown, it may hold a password): {_URL_FIX}") from None
+    try:
+        url.get_dialect()
+    except NoSuchModuleError:
+        raise e.fail(
+            "url",
+            f"no SQLAlchemy dialect {url.drivername!r} is installed: install the package that provides it (e.g. "
+            "duckdb-engine, snowflake-sqlalchemy), or fix the URL's scheme; " + _URL_FIX,
+        ) from None
+    except ImportError as exc:
+        raise e.fail("url", f"the dialect {url.drivername!r} could not be loaded ({exc.name or exc}); install it") from None
+    backend = url.get_backend_name()
+    if backend in ("sqlite", "duckdb") and url.database not in (None, "", ":memory:") and not url.database.startswith("file:"):
+        path = Path(url.database).expanduser()
+        if not path.is_absolute():  # relative to ingest.yml, as every path in it
+            url = url.set(database=str((file.parent / path).resolve()))
+        text = url.render_as_string(hide_password=False)
+    return SqlaSourceSpec(
+        name=name, url=Secret(text), dialect=backend, location=_location(url, backend), resume=resume, checkpoint_column=column
+    )
+
+
+_KINDS = {"postgresql": "postgres", "mssql": "sqlserver"}
+_KEYS = frozenset({"name", "type", "resume", "checkpoint_column", "url"})
+BACKEND = register_source_backend(
+    SourceBackend(
+        type="sqlalchemy",
+        keys=_KEYS,
+        parse=_parse,
+        open=SqlaSource,
+        identity=lambda s: f"sqlalchemy:{s.location}",
+        kinds=lambda s: {_KINDS.get(s.dialect, s.dialect), "sqlalchemy"},
+    )
+)
