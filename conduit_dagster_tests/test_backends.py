@@ -146,7 +146,7 @@ def test_the_registry_refuses_a_bad_destination_backend() -> None:
         register_destination_backend(dataclasses.replace(local, type="y", keys=frozenset({"type"})))
     with pytest.raises(TypeError, match="register_source_backend takes a SourceBackend, got DestinationBackend"):
         register_source_backend(local)  # type: ignore[arg-type]
-    assert destination_types() == ("local", "postgresql", "s3")
+    assert destination_types() == ("local", "postgresql", "mysql", "s3")
 
 
 def test_an_unknown_type_names_the_registered_ones() -> None:
@@ -188,4 +188,4 @@ def test_the_types_are_listed_in_a_fixed_order_whatever_was_imported_first() -> 
         "print(source_types(), destination_types())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "('postgresql', 'sqlite', 'file', 'sqlalchemy') ('local', 'postgresql', 's3')"
+    assert out.strip() == "('postgresql', 'sqlite', 'file', 'sqlalchemy') ('local', 'postgresql', 'mysql', 's3')"

@@ -34,6 +34,7 @@ BUILTIN_MODULES = (
     "conduit_dagster.engine.sources.sqla",
     "conduit_dagster.engine.destinations.local",
     "conduit_dagster.engine.destinations.postgresql",
+    "conduit_dagster.engine.destinations.mysql",
     "conduit_dagster.engine.destinations.s3",
 )
 _TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*$")

@@ -1,0 +1,1002 @@
+"""MySQL / MariaDB destination (``type: mysql``): each batch bulk-loaded with ``LOAD DATA LOCAL INFILE`` in one
+InnoDB transaction that also records which batch it was, its row count, its last checkpoint value and what the
+runner's checkpoint of it needs (an incremental run's boundary). A ``GET_LOCK`` on the target table, held by a
+session of its own from start to publish, keeps two writers of one table apart, whichever machines they run on.
+
+Modes (``mode:`` on the destination):
+
+    replace  (default) the run loads a staging table; publishing swaps it for the target with one
+             ``RENAME TABLE t TO old, staging TO t`` (atomic: readers see the previous complete table or
+             the new one, never neither) and drops the old one. A full refresh.
+    append   rows are added to the target, batch by batch.
+    merge    rows are upserted on ``primary_key`` (the last row of a key within a batch wins).
+
+Every committed batch is final, in all three modes: a run resumed after a crash between a batch's commit and
+its checkpoint adopts the batches recorded past the checkpoint (the runner rolls forward) and reads on past the
+last one's key. (PostgreSQL's replace deletes those staging rows and reads them again; here DDL commits
+implicitly, so keeping a batch column in the staging table would cost an ALTER at publish that a crash could cut
+in half: the committed rows are kept instead, which is as exact.)
+
+Exactness of the load:
+
+- The session runs in ``SQL_MODE`` (strict, no zero dates) and, because ``LOAD DATA LOCAL`` turns every data
+  error into a warning (the server cannot stop the client's stream midway), a load that leaves any warning or
+  loads another number of rows than sent is rolled back and reported with the server's words, which name the
+  column, and the row's checkpoint value: nothing is truncated, rounded or converted silently.
+- The rows travel as tab-separated text with backslash escapes, built by Arrow compute: ``\\N`` is NULL, an
+  empty field is the empty string, ``\\``, tab and newline are escaped; binary values go as hex through
+  ``UNHEX``; float32 values as the exact decimal of their double; NaN and infinities, which MySQL cannot
+  store, are refused naming the column.
+- Tables conduit creates are InnoDB, text in ``utf8mb4`` with a binary NO PAD collation (``utf8mb4_nopad_bin`` on
+  MariaDB, ``utf8mb4_0900_bin`` on MySQL 8: keys and later reads compare byte by byte, as the source's order did, and
+  ``'a'`` and ``'a '`` stay two keys, which ``utf8mb4_bin``, PAD SPACE, would merge), and carry the comment
+  ``conduit-dagster pipeline <name>``; replace never drops a table without it.
+
+Staging tables are named from the pipeline, the database, the table and the generation (``_conduit_stage_...``),
+and the checkpoint records the name; bookkeeping lives in ``<database>._conduit_batches``.
+"""
+
+import hashlib
+import json
+import os
+import re
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pymysql
+
+from conduit_dagster.engine.backends import DestinationBackend, ResourceUse, register_destination_backend
+from conduit_dagster.engine.checkpoint import decode_value, encode_value
+from conduit_dagster.engine.destinations.base import CommittedBatch, Resumption
+from conduit_dagster.engine.errors import CheckpointError, ConduitError, DestinationError
+from conduit_dagster.engine.mysql import (
+    CONNECTION_KEYS,
+    MySQLConnectionSpec,
+    connect,
+    describe,
+    identity,
+    parse_connection,
+    redact,
+    target,
+)
+from conduit_dagster.engine.spec import NAME_RE, WRITE_MODES, _Entry, column_list
+
+
+@dataclass(frozen=True)
+class MySQLDestinationSpec(MySQLConnectionSpec):
+    """ingest.yml `type: mysql` destination: the connection, and the table and mode its resources write."""
+
+    table: str | None = None
+    mode: str = "replace"
+    primary_key: tuple[str, ...] = ()
+    type: str = "mysql"
+
+
+BATCHES = "_conduit_batches"
+STAGING_PREFIX = "_conduit_stage_"
+OLD_PREFIX = "_conduit_old_"
+MERGE_TABLE = "_conduit_merge"
+MAX_NAME = 64  # MySQL's identifier length, and GET_LOCK's name length
+# strict: a value a column cannot hold is an error, never truncated, rounded or zeroed; NO_AUTO_VALUE_ON_ZERO:
+# a 0 loaded into an AUTO_INCREMENT column stays 0; no ANSI_QUOTES / NO_BACKSLASH_ESCAPES (the statements quote
+# with backticks and escape with backslashes)
+SQL_MODE = (
+    "STRICT_ALL_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION,NO_AUTO_VALUE_ON_ZERO"
+)
+# binary (byte by byte) and NO PAD ('a' and 'a ' are two keys): MySQL 8's and MariaDB's names for it. utf8mb4_bin is
+# PAD SPACE on both, and would make 'a' and 'a ' one merge key.
+NO_PAD_BINARY = ("utf8mb4_0900_bin", "utf8mb4_nopad_bin")
+PAD_BINARY = "utf8mb4_bin"  # servers older than MySQL 8.0 / MariaDB 10.2
+KEY_BYTES = 3072  # InnoDB's longest index key (DYNAMIC rows): a merge key's text columns share it
+LOCK_WAIT_S = 2  # a run that just ended releases its lock as its session closes: wait that long for it
+ROWS_PER_CHUNK = 65536  # rows encoded at a time while the load streams
+WARNINGS_SHOWN = 5
+_ROW_RE = re.compile(r"\bat row (\d+)")
+_STAGING_RE = re.compile(r"^_conduit_stage_[0-9a-f]{16}_[0-9a-f]{12}$")
+
+
+def qi(name: str) -> str:
+    """A MySQL identifier, quoted."""
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _digest(pipeline: str, database: str, table: str) -> str:
+    return hashlib.sha256(f"{pipeline}\0{database}\0{table}".encode()).hexdigest()[:16]
+
+
+def staging_name(pipeline: str, database: str, table: str, generation: str) -> str:
+    """A staging table's name (as PostgreSQL's: a digest of the pipeline, database and table, and the generation;
+    44 characters, under MySQL's 64)."""
+    return f"{STAGING_PREFIX}{_digest(pipeline, database, table)}_{generation[:12]}"
+
+
+def old_name(staging: str) -> str:
+    """Where publish moves the previous table before dropping it."""
+    return OLD_PREFIX + staging[len(STAGING_PREFIX) :]
+
+
+def lock_name(database: str, table: str) -> str:
+    """The table's ``GET_LOCK`` name: ``conduit:`` and 56 hex digits of a SHA-256 of the quoted database and table
+    (GET_LOCK names are at most 64 characters; `a.b`.c is not a.`b.c`)."""
+    return "conduit:" + hashlib.sha256(f"{qi(database)}.{qi(table)}".encode()).hexdigest()[: MAX_NAME - 8]
+
+
+# --- column types ------------------------------------------------------------------------------------------------
+
+
+def _value_type(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return (
+        pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t) or pa.types.is_null(t) or _is_json(t)
+    )
+
+
+def _is_bytes(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t) or pa.types.is_binary_view(t)
+
+
+def _is_json(t: pa.DataType) -> bool:
+    return (
+        pa.types.is_list(t)
+        or pa.types.is_large_list(t)
+        or pa.types.is_fixed_size_list(t)
+        or pa.types.is_list_view(t)
+        or pa.types.is_struct(t)
+        or pa.types.is_map(t)
+    )
+
+
+_INTEGERS = {
+    pa.int8(): "TINYINT",
+    pa.int16(): "SMALLINT",
+    pa.int32(): "INT",
+    pa.int64(): "BIGINT",
+    pa.uint8(): "TINYINT UNSIGNED",
+    pa.uint16(): "SMALLINT UNSIGNED",
+    pa.uint32(): "INT UNSIGNED",
+    pa.uint64(): "BIGINT UNSIGNED",
+}
+
+
+def _decimal(field: pa.Field, where: str) -> tuple[int, int]:
+    t = _value_type(field.type)
+    precision, scale = t.precision, t.scale
+    if scale < 0:  # 12E+2: a whole number of precision - scale digits
+        precision, scale = precision - scale, 0
+    if precision > 65 or scale > 30:
+        raise DestinationError(
+            f"{where}: column {field.name!r} is {t}, beyond MySQL's largest DECIMAL(65, 30) (65 digits, 30 after the "
+            "point); nothing was written. Cast it in the query to a narrower decimal, or to text to keep every digit"
+        )
+    return precision, scale
+
+
+def text_type(collation: str) -> str:
+    return f"CHARACTER SET utf8mb4 COLLATE {collation}"
+
+
+def column_type(field: pa.Field, where: str, *, key_bytes: int | None = None, collation: str = NO_PAD_BINARY[1]) -> str:
+    """The MySQL column type for an Arrow field. ``key_bytes``: the field is part of a merge key, and a text or
+    binary key column gets that many bytes (an index cannot hold LONGTEXT)."""
+    t = _value_type(field.type)
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    if t in _INTEGERS:
+        return _INTEGERS[t]
+    if pa.types.is_float16(t) or pa.types.is_float32(t):
+        return "FLOAT"
+    if pa.types.is_float64(t):
+        return "DOUBLE"
+    if pa.types.is_decimal(t):
+        precision, scale = _decimal(field, where)
+        return f"DECIMAL({precision}, {scale})"
+    if pa.types.is_date(t):
+        return "DATE"
+    if pa.types.is_time(t):
+        return "TIME(6)"
+    if pa.types.is_timestamp(t):
+        # DATETIME, not TIMESTAMP: TIMESTAMP ends in 2038 and converts with the session's zone. A zoned value is
+        # stored as its UTC wall time.
+        return "DATETIME(6)"
+    if pa.types.is_duration(t):
+        return "BIGINT"  # the count of the duration's unit; its COMMENT names the unit
+    if _is_bytes(t):
+        return f"VARBINARY({key_bytes})" if key_bytes else "LONGBLOB"
+    if _is_text(t):
+        return f"VARCHAR({key_bytes // 4}) {text_type(collation)}" if key_bytes else f"LONGTEXT {text_type(collation)}"
+    raise DestinationError(
+        f"{where}: column {field.name!r} has the Arrow type {t}, which the MySQL destination cannot store; nothing was "
+        "written. Cast it in the query (to text, for example)"
+    )
+
+
+def _key_bytes(schema: pa.Schema, keys: tuple[str, ...]) -> dict[str, int]:
+    """Bytes for each text or binary merge-key column: InnoDB's 3072-byte key, less 32 for each other key column,
+    shared evenly (a single text key is VARCHAR(768), a longer value fails its batch naming the column)."""
+    variable = [
+        k
+        for k in keys
+        if k in schema.names and (_is_text(_value_type(schema.field(k).type)) or _is_bytes(_value_type(schema.field(k).type)))
+    ]
+    if not variable:
+        return {}
+    share = (KEY_BYTES - 32 * (len(keys) - len(variable))) // len(variable)
+    return {k: share - share % 4 for k in variable}
+
+
+def _column_comment(field: pa.Field) -> str:
+    t = _value_type(field.type)
+    if pa.types.is_duration(t):
+        return f" COMMENT 'duration in {t.unit}'"
+    if pa.types.is_timestamp(t) and t.tz:
+        return " COMMENT 'UTC'"
+    return ""
+
+
+# --- rows as LOAD DATA text --------------------------------------------------------------------------------------
+
+NULL = "\\N"
+_TAB, _NEWLINE, _EMPTY = (pa.scalar(s, pa.large_string()) for s in ("\t", "\n", ""))
+
+
+def _escape(array: pa.Array) -> pa.Array:
+    """Text with backslash, tab and newline escaped as LOAD DATA reads them back (other bytes, NUL and \\r
+    included, travel as they are)."""
+    if pc.any(pc.match_substring_regex(array, r"[\\\t\n]")).as_py():
+        array = pc.replace_substring(array, "\\", "\\\\")
+        array = pc.replace_substring(array, "\t", "\\t")
+        array = pc.replace_substring(array, "\n", "\\n")
+    return array
+
+
+def _hex(array: pa.Array) -> pa.Array:
+    return pa.array([None if v is None else v.hex() for v in array.to_pylist()], pa.large_string())
+
+
+def _json(array: pa.Array) -> pa.Array:
+    values = [None if v is None else json.dumps(v, default=str, ensure_ascii=False) for v in array.to_pylist()]
+    return _escape(pa.array(values, pa.large_string()))
+
+
+def _encoder(field: pa.Field) -> Callable[[pa.Array], pa.Array]:
+    """How one column becomes LOAD DATA text (nulls stay null; the caller writes them as \\N)."""
+    t = _value_type(field.type)
+
+    def plain(array: pa.Array) -> pa.Array:
+        return array.cast(pa.large_string())
+
+    if pa.types.is_boolean(t):
+        return lambda a: a.cast(pa.int8()).cast(pa.large_string())
+    if pa.types.is_float16(t) or pa.types.is_float32(t):
+        return lambda a: a.cast(pa.float64()).cast(pa.large_string())  # the float's exact value, not its short form
+    if pa.types.is_timestamp(t):
+        # microseconds (a finer value that does not fit fails the cast: it would be rounded), zone dropped: UTC
+        return lambda a: a.cast(pa.timestamp("us", t.tz)).cast(pa.timestamp("us")).cast(pa.large_string())
+    if pa.types.is_time(t):
+        return lambda a: a.cast(pa.time64("us")).cast(pa.large_string())
+    if pa.types.is_date64(t):
+        return lambda a: a.cast(pa.date32()).cast(pa.large_string())
+    if pa.types.is_duration(t):
+        return lambda a: a.cast(pa.int64()).cast(pa.large_string())
+    if _is_bytes(t):
+        return _hex
+    if _is_json(t):
+        return _json
+    if pa.types.is_null(t):
+        return lambda a: pa.nulls(len(a), pa.large_string())
+    if _is_text(t):
+        return lambda a: _escape(a.cast(pa.large_string()))
+    return plain  # integers, decimals (MySQL reads 1E-18 exactly), dates
+
+
+class _Rows:
+    """A batch as LOAD DATA text, produced chunk by chunk while the load reads it."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+        self.encoders = [_encoder(f) for f in table.schema]
+
+    def chunks(self) -> Any:
+        for batch in self.table.to_batches(max_chunksize=ROWS_PER_CHUNK):
+            if batch.num_rows == 0:
+                continue
+            columns = []
+            for i, encode in enumerate(self.encoders):
+                array = batch.column(i)
+                if pa.types.is_dictionary(array.type):
+                    array = array.dictionary_decode()
+                columns.append(encode(array).fill_null(NULL))
+            lines = pc.binary_join_element_wise(*columns, _TAB) if len(columns) > 1 else columns[0]
+            lines = pc.binary_join_element_wise(lines, _EMPTY, _NEWLINE)
+            offsets = memoryview(lines.buffers()[1]).cast("q")
+            yield memoryview(lines.buffers()[2])[offsets[lines.offset] : offsets[lines.offset + len(lines)]]
+
+
+def _refuse_non_finite(table: pa.Table, where: str, key_column: str | None) -> None:
+    for field, column in zip(table.schema, table.columns, strict=True):
+        if not pa.types.is_floating(_value_type(field.type)):
+            continue
+        values = column.cast(pa.float64()) if not pa.types.is_float64(column.type) else column
+        bad = pc.invert(pc.is_finite(values))
+        if pc.any(bad).as_py():
+            row = pc.index(bad, True).as_py()
+            at = _at_row(table, key_column, row)
+            raise DestinationError(
+                f"{where}: column {field.name!r} holds {values[row].as_py()!r}{at}, which a MySQL FLOAT or DOUBLE "
+                "cannot store (no NaN or infinity); nothing of that batch was written. Map it in the query, e.g. "
+                f"CASE WHEN {field.name} = 'NaN' THEN NULL ELSE {field.name} END, or cast it to text"
+            )
+
+
+def _at_row(table: pa.Table, key_column: str | None, row: int) -> str:
+    if key_column is None or key_column not in table.schema.names or not 0 <= row < table.num_rows:
+        return f" (row {row + 1} of the batch)"
+    return f" (row {row + 1} of the batch, {key_column} = {table.column(key_column)[row].as_py()!r})"
+
+
+# --- the destination ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _TableInfo:
+    kind: str  # BASE TABLE, VIEW ...
+    engine: str | None
+    comment: str
+
+
+class MySQLDestination:
+    # a committed batch is final in every mode: a resume adopts it instead of writing it again
+    rolls_forward = True
+
+    def __init__(self, spec: MySQLDestinationSpec, pipeline: str, *, accumulate: bool = False) -> None:
+        # accumulate (an incremental load) is what append and merge do already; replace is refused for it in the spec
+        self.spec = spec
+        self.pipeline = pipeline
+        self.table = spec.table or pipeline
+        self.mode = spec.mode
+        self.generation: str | None = None
+        self.staging: str | None = None
+        self.comment = f"conduit-dagster pipeline {pipeline}"
+        self._target_expected = False
+        self._created_staging = False
+        self._published = False
+        self._resumable = True
+        self._lock: Any = None
+        self.collation = NO_PAD_BINARY[1]  # the server's, found by start()
+        try:
+            self.database = target(spec).database
+            self.conn = connect(spec, "destination", local_infile=True, autocommit=False)
+        except ConduitError as exc:
+            raise DestinationError(str(exc)) from None
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(f"SET SESSION sql_mode = '{SQL_MODE}'")
+        except pymysql.MySQLError as exc:
+            self.conn.close()
+            raise self._fail("cannot set the session", exc) from None
+
+    # --- names and messages --------------------------------------------------------------------------------
+
+    def _q(self, name: str) -> str:
+        return f"{qi(self.database)}.{qi(name)}"
+
+    @property
+    def _staging(self) -> str:
+        assert self.staging is not None
+        return self.staging
+
+    def _write_target(self) -> str:
+        return self._staging if self.mode == "replace" else self.table
+
+    def describe(self) -> str:
+        return f"{describe(self.spec)}/{self.table}"
+
+    def _where(self) -> str:
+        return f"destination {self.spec.name!r} ({self.describe()})"
+
+    def _error_text(self, exc: Exception) -> str:
+        args: tuple[Any, ...] = getattr(exc, "args", ())
+        if len(args) == 2 and isinstance(args[0], int):
+            text = f"MySQL error {args[0]}: {args[1]}"
+        else:
+            text = str(exc)
+        return redact(text.strip(), self.spec)
+
+    def _fail(self, what: str, exc: Exception) -> DestinationError:
+        return DestinationError(
+            f"{self._where()}: {what}: {self._error_text(exc)}; that batch was rolled back and the checkpoint is unchanged"
+        )
+
+    def _missing(self, name: str, why: str) -> DestinationError:
+        what = "staging table" if name != self.table else "table"
+        return DestinationError(
+            f"destination {self.spec.name!r}: the {what} {self.database}.{name} of pipeline {self.pipeline!r} is missing "
+            f"{why}; someone dropped it, and its rows with it. Nothing more was written; start over with "
+            f"`conduit clear-checkpoints --pipeline-name {self.pipeline}`"
+        )
+
+    # --- protocol ------------------------------------------------------------------------------------------
+
+    def set_resumable(self, resumable: bool) -> None:
+        """False: no checkpoint names this run's generation, so close() drops an unpublished staging table."""
+        self._resumable = resumable
+
+    def start(self, state: dict[str, Any] | None, committed: int = 0) -> Resumption:
+        try:
+            with self.conn.cursor() as cur:
+                self._check_local_infile(cur)
+                self._find_collation(cur)
+                self._fence()
+                text = text_type(self.collation)
+                cur.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self._q(BATCHES)} ("
+                    f"pipeline VARCHAR(255) {text} NOT NULL, generation VARCHAR(64) {text} NOT NULL, "
+                    "batch_index INT NOT NULL, `rows` BIGINT NOT NULL, "
+                    f"last_key LONGTEXT {text}, batch_state LONGTEXT {text}, "
+                    "committed_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), "
+                    "PRIMARY KEY (pipeline, generation, batch_index)) "
+                    f"ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE={self.collation}"
+                )
+                if state is None:
+                    # Nothing else is dropped: a staging table with another name belongs to another run (another
+                    # generation, or another deployment), and only its own checkpoint can say it is abandoned.
+                    self.generation = uuid.uuid4().hex
+                    if self.mode == "replace":
+                        self.staging = staging_name(self.pipeline, self.database, self.table, self.generation)
+                        self._check_replaceable(cur)
+                        resumption = Resumption(
+                            {"generation": self.generation, "staging": self.staging, "database": self.database}
+                        )
+                    else:
+                        self._check_writable(cur)
+                        resumption = Resumption({"generation": self.generation})
+                else:
+                    resumption = self._resume(cur, state, committed)
+            self.conn.commit()
+            return resumption
+        except pymysql.MySQLError as exc:
+            self._rollback()
+            raise self._fail("cannot prepare the output", exc) from None
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _resume(self, cur: Any, state: dict[str, Any], committed: int) -> Resumption:
+        generation = state.get("generation")
+        if not isinstance(generation, str) or not generation.isalnum() or len(generation) > 64:
+            raise CheckpointError(f"pipeline {self.pipeline!r}: the checkpoint names no valid output generation")
+        self.generation = generation
+        if self.mode == "replace":
+            staging = state.get("staging")
+            if not isinstance(staging, str) or not _STAGING_RE.match(staging):
+                raise CheckpointError(f"pipeline {self.pipeline!r}: the checkpoint names no valid staging table")
+            self.staging = staging
+            info = self._info(cur, self.table)
+            if info is not None and info.comment == self._stamp():
+                # published already (a crash came after the swap): finish what publish left
+                cur.execute(f"DROP TABLE IF EXISTS {self._q(old_name(staging))}")
+                self._forget_batches(cur)
+                self._published = True
+                return Resumption(state, already_published=True)
+        else:
+            self._check_writable(cur)
+        beyond = self._batches_beyond(cur, committed)
+        written = committed + len(beyond)
+        name = self._write_target()
+        if self._info(cur, name) is not None:
+            self._target_expected = True
+        elif written > 0:
+            if self.mode == "replace":
+                raise CheckpointError(
+                    f"pipeline {self.pipeline!r}: the checkpoint's staging table {self.database}.{name} is missing, so it "
+                    f"cannot be resumed; start over with `conduit clear-checkpoints --pipeline-name {self.pipeline}`"
+                )
+            raise self._missing(name, f"though {written} batch(es) of this run went into it")
+        return Resumption(state, committed=beyond)
+
+    def _batches_beyond(self, cur: Any, committed: int) -> tuple[CommittedBatch, ...]:
+        cur.execute(
+            f"SELECT batch_index, `rows`, last_key, batch_state FROM {self._q(BATCHES)} "
+            "WHERE pipeline = %s AND generation = %s AND batch_index >= %s ORDER BY batch_index",
+            (self.pipeline, self.generation, committed),
+        )
+        return tuple(
+            CommittedBatch(
+                index=int(index),
+                rows=int(rows),
+                last_key=None if last_key is None else decode_value(json.loads(last_key)),
+                state=dict(json.loads(batch_state)) if batch_state else {},
+            )
+            for index, rows, last_key, batch_state in cur.fetchall()
+        )
+
+    def _forget_batches(self, cur: Any) -> None:
+        cur.execute(f"DELETE FROM {self._q(BATCHES)} WHERE pipeline = %s AND generation = %s", (self.pipeline, self.generation))
+
+    def _stamp(self) -> str:
+        """The comment of a published table: which generation it holds (a resume after the swap sees it is done)."""
+        return f"{self.comment} generation {self.generation}"
+
+    def _check_local_infile(self, cur: Any) -> None:
+        cur.execute("SELECT @@GLOBAL.local_infile")
+        row = cur.fetchone()
+        if not row or not int(row[0] or 0):
+            raise DestinationError(
+                f"{self._where()}: the server refuses LOAD DATA LOCAL INFILE (@@local_infile is OFF), which conduit loads "
+                "batches with; nothing was written. Turn it on as an administrator: `SET GLOBAL local_infile = 1`, and "
+                "`local_infile = 1` under [mysqld] in the server's configuration to keep it after a restart"
+            )
+
+    def _find_collation(self, cur: Any) -> None:
+        cur.execute("SELECT COLLATION_NAME FROM information_schema.COLLATIONS WHERE COLLATION_NAME IN (%s, %s)", NO_PAD_BINARY)
+        found = {str(r[0]) for r in cur.fetchall()}
+        self.collation = next((c for c in NO_PAD_BINARY if c in found), PAD_BINARY)
+        if self.collation == PAD_BINARY and self.mode == "merge":
+            raise DestinationError(
+                f"{self._where()}: the server has no binary NO PAD collation (MySQL 8.0+, MariaDB 10.2+), so a text merge "
+                "key would treat 'a' and 'a ' as one key; nothing was written. Use a newer server, or mode append"
+            )
+
+    def _fence(self) -> None:
+        """A ``GET_LOCK`` on the target table in a session of its own, held until close() (or until its holder
+        dies and the server drops its connection): two runs writing one table cannot interleave."""
+        name = lock_name(self.database, self.table)
+        try:
+            self._lock = connect(self.spec, "destination", autocommit=True)
+        except ConduitError as exc:
+            raise DestinationError(str(exc)) from None
+        with self._lock.cursor() as cur:
+            cur.execute("SET SESSION wait_timeout = 31536000")  # the lock must outlive any pause of the run
+            cur.execute("SELECT GET_LOCK(%s, %s)", (name, LOCK_WAIT_S))
+            row = cur.fetchone()
+            if row and row[0] == 1:
+                return
+            holder = self._holder(cur, name)
+        self._lock.close()
+        self._lock = None
+        raise DestinationError(
+            f"destination {self.spec.name!r}: table {self.database}.{self.table} is being written by another run "
+            f"({holder} holds its lock {name!r}); nothing was written. Wait for that run to finish"
+        )
+
+    def _holder(self, cur: Any, name: str) -> str:
+        cur.execute("SELECT IS_USED_LOCK(%s)", (name,))
+        row = cur.fetchone()
+        if not row or row[0] is None:
+            return "a session that has just released it"
+        session = int(row[0])
+        try:
+            cur.execute("SELECT USER, HOST, TIME FROM information_schema.PROCESSLIST WHERE ID = %s", (session,))
+            found = cur.fetchone()
+        except pymysql.MySQLError:
+            found = None
+        if not found:
+            return f"MySQL connection {session}"
+        user, host, seconds = found
+        return f"MySQL connection {session} of {user}@{host}, connected {seconds} s"
+
+    def _still_fenced(self, cur: Any) -> None:
+        """The lock session may have died (a network cut, a KILL): then another run may write the table too."""
+        cur.execute("SELECT IS_USED_LOCK(%s)", (lock_name(self.database, self.table),))
+        row = cur.fetchone()
+        if self._lock is None or not row or row[0] != self._lock.thread_id():
+            raise DestinationError(
+                f"{self._where()}: this run lost its lock on table {self.database}.{self.table} (its lock session was "
+                "closed or killed), so another run may be writing it; nothing more was written. Run the pipeline again: "
+                "it resumes from its checkpoint"
+            )
+
+    def _info(self, cur: Any, name: str) -> _TableInfo | None:
+        cur.execute(
+            "SELECT TABLE_TYPE, ENGINE, TABLE_COMMENT FROM information_schema.TABLES "
+            "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s AND BINARY TABLE_NAME = BINARY %s",
+            (self.database, name, name),
+        )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return _TableInfo(kind=str(row[0]), engine=row[1], comment=row[2] or "")
+
+    def _check_replaceable(self, cur: Any) -> None:
+        info = self._info(cur, self.table)
+        if info is None:
+            return
+        ours = info.comment == self.comment or info.comment.startswith(f"{self.comment} generation ")
+        if not ours or info.kind != "BASE TABLE":
+            raise DestinationError(
+                f"destination {self.spec.name!r}: table {self.database}.{self.table} exists and was not created by "
+                f"conduit for pipeline {self.pipeline!r}; mode replace would drop it. Choose another `table`, use mode "
+                "append or merge, or drop it yourself. Nothing was changed"
+            )
+
+    def _check_writable(self, cur: Any) -> None:
+        """Append and merge into an existing table: it must be transactional (a batch and its record commit
+        together), and merge needs a unique key on exactly ``primary_key``."""
+        info = self._info(cur, self.table)
+        if info is None:
+            return
+        if info.kind != "BASE TABLE" or (info.engine or "").lower() != "innodb":
+            raise DestinationError(
+                f"destination {self.spec.name!r}: table {self.database}.{self.table} is a {info.kind.lower()} with "
+                f"engine {info.engine}; conduit writes only InnoDB tables, where each batch and its record commit "
+                f"together. Convert it (ALTER TABLE {self.table} ENGINE=InnoDB) or choose another `table`. Nothing was written"
+            )
+        if self.mode == "merge":
+            cur.execute(
+                "SELECT INDEX_NAME, GROUP_CONCAT(COLUMN_NAME ORDER BY SEQ_IN_INDEX SEPARATOR '\\0') "
+                "FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s "
+                "AND BINARY TABLE_NAME = BINARY %s AND NON_UNIQUE = 0 GROUP BY INDEX_NAME",
+                (self.database, self.table, self.table),
+            )
+            wanted = {k.lower() for k in self.spec.primary_key}
+            keys = [set(str(columns).lower().split("\0")) for _, columns in cur.fetchall()]
+            if wanted not in keys:
+                raise DestinationError(
+                    f"destination {self.spec.name!r}: table {self.database}.{self.table} has no PRIMARY KEY or UNIQUE index "
+                    f"on exactly ({', '.join(self.spec.primary_key)}), which mode merge upserts on; add one, or fix "
+                    "`primary_key`. Nothing was written"
+                )
+
+    def _create_table(self, cur: Any, name: str, table: pa.Table, comment: str) -> None:
+        where = self._where()
+        keys = self.spec.primary_key if self.mode == "merge" else ()
+        widths = _key_bytes(table.schema, keys)
+        columns = [
+            f"{qi(f.name)} {column_type(f, where, key_bytes=widths.get(f.name), collation=self.collation)}"
+            + (" NOT NULL" if f.name in keys else "")
+            + _column_comment(f)
+            for f in table.schema
+        ]
+        if keys:
+            columns.append(f"PRIMARY KEY ({', '.join(qi(k) for k in keys)})")
+        # not IF NOT EXISTS: it was checked missing under the table's lock
+        cur.execute(
+            f"CREATE TABLE {self._q(name)} ({', '.join(columns)}) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 "
+            f"COLLATE={self.collation} COMMENT={self.conn.escape(comment)}"
+        )
+
+    def write(
+        self,
+        index: int,
+        table: pa.Table,
+        key_column: str | None = None,
+        last_key: Any = None,
+        batch_state: dict[str, Any] | None = None,
+    ) -> None:
+        where = f"{self._where()}, batch {index}"
+        if self.mode == "merge":
+            missing = [k for k in self.spec.primary_key if k not in table.schema.names]
+            if missing:
+                raise DestinationError(
+                    f"destination {self.spec.name!r}: primary_key column(s) {', '.join(missing)} are not in the query's result"
+                )
+        for field in table.schema:
+            column_type(field, where)  # a type MySQL cannot hold is refused before anything is written
+        _refuse_non_finite(table, where, key_column)
+        key_json = json.dumps(encode_value(last_key)) if key_column is not None else None
+        name = self._write_target()
+        try:
+            with self.conn.cursor() as cur:
+                if self._info(cur, name) is not None:
+                    self._target_expected = True
+                elif self._target_expected:
+                    raise self._missing(name, f"after batches of this run went into it (at batch {index})")
+                else:  # DDL commits on its own: the table comes before the batch's transaction
+                    self._create_table(cur, name, table, self._stamp() if self.mode == "replace" else self.comment)
+                    self._target_expected = True
+                    self._created_staging = self.mode == "replace"
+                load_into = name
+                if self.mode == "merge":
+                    # a temporary table is created outside the batch's transaction (GTID-consistent servers refuse
+                    # it inside one); it is the batch's rows, numbered in order, so the last row of a key wins
+                    cur.execute(f"DROP TEMPORARY TABLE IF EXISTS {qi(MERGE_TABLE)}")
+                    cols = ", ".join(qi(n) for n in table.schema.names)
+                    cur.execute(
+                        f"CREATE TEMPORARY TABLE {qi(MERGE_TABLE)} (_conduit_row BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY) "
+                        f"ENGINE=InnoDB SELECT {cols} FROM {self._q(name)} LIMIT 0"
+                    )
+                    self.conn.commit()
+                    load_into = MERGE_TABLE
+                self._still_fenced(cur)
+                try:
+                    cur.execute(
+                        f"INSERT INTO {self._q(BATCHES)} (pipeline, generation, batch_index, `rows`, last_key, batch_state) "
+                        "VALUES (%s, %s, %s, %s, %s, %s)",
+                        (self.pipeline, self.generation, index, table.num_rows, key_json, json.dumps(batch_state or {})),
+                    )
+                except pymysql.err.IntegrityError:
+                    # A resume adopts committed batches and never writes them again: another writer got here
+                    raise DestinationError(
+                        f"destination {self.spec.name!r}: batch {index} of pipeline {self.pipeline!r} (generation "
+                        f"{self.generation}) is committed already in {self.database}.{BATCHES}; writing it again would "
+                        "apply its rows twice. Is another run writing this pipeline? Nothing was written"
+                    ) from None
+                self._load(cur, load_into, table, where, key_column)
+                if self.mode == "merge":
+                    self._merge(cur, name, table)
+            self.conn.commit()
+        except pymysql.MySQLError as exc:
+            self._rollback()
+            raise self._fail(f"cannot write batch {index}", exc) from None
+        except BaseException:
+            self._rollback()
+            raise
+        finally:
+            if self.mode == "merge":
+                self._drop_merge_table()
+
+    def _load(self, cur: Any, name: str, table: pa.Table, where: str, key_column: str | None) -> None:
+        """``LOAD DATA LOCAL INFILE`` of the batch, streamed through a pipe; any warning fails it."""
+        names, sets = [], []
+        for i, field in enumerate(table.schema):
+            if _is_bytes(_value_type(field.type)):
+                names.append(f"@c{i}")
+                sets.append(f"{qi(field.name)} = UNHEX(@c{i})")
+            else:
+                names.append(qi(field.name))
+        statement = (
+            "LOAD DATA LOCAL INFILE {path} INTO TABLE " + (self._q(name) if name != MERGE_TABLE else qi(name)) + " "
+            "CHARACTER SET utf8mb4 FIELDS TERMINATED BY '\\t' ESCAPED BY '\\\\' LINES TERMINATED BY '\\n' "
+            f"({', '.join(names)})" + (f" SET {', '.join(sets)}" if sets else "")
+        )
+        loaded = _stream(cur, statement, _Rows(table))
+        if cur.warning_count or loaded != table.num_rows:
+            cur.execute(f"SHOW WARNINGS LIMIT {WARNINGS_SHOWN}")
+            warnings = cur.fetchall()
+            if warnings:
+                _, _, first = warnings[0]
+                m = _ROW_RE.search(str(first))
+                at = _at_row(table, key_column, int(m.group(1)) - 1) if m else ""
+                said = "; ".join(f"{message}" for _, _, message in warnings)
+                more = f" (and {cur.warning_count - len(warnings)} more)" if cur.warning_count > len(warnings) else ""
+                raise DestinationError(
+                    f"{where}: table {self.database}.{self._write_target()} cannot hold a value of the batch{at}: "
+                    f"{redact(said, self.spec)}{more}; MySQL would have truncated or converted it, so the batch was rolled "
+                    "back and the checkpoint is unchanged. Widen the column, or cast the value in the query"
+                )
+            raise DestinationError(
+                f"{where}: the server loaded {loaded} of the batch's {table.num_rows} rows into "
+                f"{self.database}.{self._write_target()}; the batch was rolled back and the checkpoint is unchanged"
+            )
+
+    def _merge(self, cur: Any, name: str, table: pa.Table) -> None:
+        cols = [qi(n) for n in table.schema.names]
+        others = [qi(n) for n in table.schema.names if n not in self.spec.primary_key]
+        # rows in load order: a later row of a key updates the row an earlier one inserted, so the last one wins
+        update = ", ".join(f"{c} = VALUES({c})" for c in others) or ", ".join(f"{c} = {c}" for c in cols[:1])
+        cur.execute(
+            f"INSERT INTO {self._q(name)} ({', '.join(cols)}) SELECT {', '.join(cols)} FROM {qi(MERGE_TABLE)} "
+            f"ORDER BY _conduit_row ON DUPLICATE KEY UPDATE {update}"
+        )
+
+    def _drop_merge_table(self) -> None:
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(f"DROP TEMPORARY TABLE IF EXISTS {qi(MERGE_TABLE)}")
+            self.conn.commit()
+        except pymysql.MySQLError:
+            pass  # the session is gone, and its temporary table with it
+
+    def _rollback(self) -> None:
+        try:
+            self.conn.rollback()
+        except pymysql.MySQLError:
+            pass
+
+    def publish(self, batches: int | None = None) -> None:
+        try:
+            with self.conn.cursor() as cur:
+                if self.mode == "replace":
+                    self._check_replaceable(cur)
+                    current = self._info(cur, self.table)
+                    staging = self._staging
+                    if self._info(cur, staging) is None:
+                        if self._target_expected:  # publishing would empty the table instead of loading it
+                            raise self._missing(staging, "at publish, after batches of this run went into it")
+                        if current is None:
+                            return
+                        # a run with no rows: the output is empty, with the previous table's columns
+                        cur.execute(f"CREATE TABLE {self._q(staging)} LIKE {self._q(self.table)}")
+                        cur.execute(f"ALTER TABLE {self._q(staging)} COMMENT = {self.conn.escape(self._stamp())}")
+                    if current is None:
+                        cur.execute(f"RENAME TABLE {self._q(staging)} TO {self._q(self.table)}")
+                    else:
+                        # one statement: readers see the previous table or the new one, never neither
+                        old = old_name(staging)
+                        cur.execute(
+                            f"RENAME TABLE {self._q(self.table)} TO {self._q(old)}, {self._q(staging)} TO {self._q(self.table)}"
+                        )
+                        cur.execute(f"DROP TABLE {self._q(old)}")
+                self._forget_batches(cur)
+            self.conn.commit()
+            self._published = True
+        except pymysql.MySQLError as exc:
+            self._rollback()
+            raise self._fail("cannot publish the output", exc) from None
+
+    def close(self) -> None:
+        try:
+            if not self._resumable and not self._published and self.generation is not None and self.conn.open:
+                self._discard()
+        finally:
+            try:
+                self.conn.close()
+            except pymysql.MySQLError:
+                pass
+            if self._lock is not None:
+                try:
+                    self._lock.close()  # the lock goes with its session
+                except pymysql.MySQLError:
+                    pass
+                self._lock = None
+
+    def _discard(self) -> None:
+        """A run no checkpoint can resume ended unpublished: its staging table and batch records are nobody's."""
+        try:
+            with self.conn.cursor() as cur:
+                if self._created_staging:
+                    cur.execute(f"DROP TABLE IF EXISTS {self._q(self._staging)}")
+                self._forget_batches(cur)
+            self.conn.commit()
+        except pymysql.MySQLError:
+            pass  # the connection failed with the run; the staging table stays until dropped by hand
+
+    def count(self) -> int | None:
+        with self.conn.cursor() as cur:
+            if self._info(cur, self.table) is None:
+                self.conn.commit()
+                return None
+            cur.execute(f"SELECT COUNT(*) FROM {self._q(self.table)}")
+            (n,) = cur.fetchone()
+        self.conn.commit()
+        return int(n)
+
+
+def _stream(cur: Any, statement: str, rows: _Rows) -> int:
+    """Run ``statement`` (its ``{path}`` a file the client sends) with the rows written into a pipe by a thread while
+    PyMySQL reads it: the batch is encoded chunk by chunk as it travels, never whole. Returns the rows loaded."""
+    read_end, write_end = os.pipe()
+    failure: list[BaseException] = []
+
+    def feed() -> None:
+        try:
+            with open(write_end, "wb", buffering=1 << 20) as pipe:
+                for chunk in rows.chunks():
+                    pipe.write(chunk)
+        except BrokenPipeError:
+            pass  # the statement ended without reading it all: its own error says why
+        except BaseException as exc:  # noqa: BLE001 - an encoding error: the short stream is rolled back below
+            failure.append(exc)
+
+    writer = threading.Thread(target=feed, name="conduit-mysql-load", daemon=True)
+    writer.start()
+    try:
+        cur.execute(statement.format(path=cur.connection.escape(f"/dev/fd/{read_end}")))
+        loaded = int(cur.rowcount)
+    finally:
+        os.close(read_end)  # a writer still blocked on a full pipe gets EPIPE and ends
+        writer.join()
+    if failure:
+        raise DestinationError(f"cannot encode the batch for LOAD DATA: {failure[0]}") from failure[0]
+    return loaded
+
+
+# --- the backend: ingest.yml `type: mysql` -----------------------------------------------------------------------------
+
+
+def _parse(e: _Entry, file: Path, name: str) -> MySQLDestinationSpec:
+    e.finish(_KEYS)
+    mode = e.choice("mode", WRITE_MODES, default="replace")
+    keys = column_list(e, "primary_key")
+    if mode == "merge" and not keys:
+        raise e.fail(None, "mode merge needs `primary_key: [column, ...]` to upsert on")
+    table = e.text("table", env=False)
+    if table is not None:
+        if not NAME_RE.match(table):
+            raise e.fail("table", f"{table!r} is not a valid table name; use letters, digits and _")
+        if len(table) > MAX_NAME:
+            raise e.fail("table", f"{table!r} is longer than MySQL's {MAX_NAME} characters; choose a shorter name")
+        if table.lower().startswith("_conduit_"):
+            raise e.fail("table", f"{table!r} starts with _conduit_, which conduit's own tables use; choose another name")
+    return MySQLDestinationSpec(name=name, table=table, mode=mode, primary_key=keys, **parse_connection(e))
+
+
+def _check_resource(e: _Entry, d: MySQLDestinationSpec, use: ResourceUse) -> None:
+    """One table per resource; an incremental load never replaces; append is exact only when resuming."""
+    if d.table:
+        for other_name, other in use.others:
+            if other is d:
+                raise e.fail(
+                    "destination",
+                    f"resources {other_name!r} and {use.name!r} would both write table {d.table!r} of destination "
+                    f"{use.destination_name!r}; give each its own destination, or leave `table` out (it defaults to the "
+                    "resource name)",
+                )
+    elif len(use.name) > MAX_NAME:
+        raise e.fail(
+            "destination",
+            f"destination {use.destination_name!r} would write table {use.name!r} (the resource name), longer than "
+            f"MySQL's {MAX_NAME} characters; set `table:` on the destination",
+        )
+    if use.incremental and d.mode == "replace":
+        raise e.fail(
+            "destination",
+            f"destination {use.destination_name!r} replaces its table on every run, which would keep "
+            "only the newest rows of an incremental load; use mode append or merge",
+        )
+    if d.mode == "append" and not use.resume:
+        raise e.fail(
+            "destination",
+            f"destination {use.destination_name!r} appends, which is exact after a crash only with resume: true and a "
+            "checkpoint_column (the rerun would append the rows again); turn resume on, or use mode replace or merge",
+        )
+
+
+def _table_uri(d: MySQLDestinationSpec, pipeline: str) -> str:
+    """``mysql://host:port/database/table``: never a user or password."""
+    return f"{describe(d)}/{d.table or pipeline}"
+
+
+def _check(dest: MySQLDestinationSpec) -> str:
+    """`conduit validate`: connect, and check what a run needs (LOAD DATA LOCAL, InnoDB)."""
+    conn = connect(dest, "destination", local_infile=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT VERSION(), @@GLOBAL.local_infile")
+            version, local_infile = cur.fetchone()
+            if not int(local_infile or 0):
+                raise DestinationError(
+                    f"destination {dest.name!r} ({describe(dest)}): the server refuses LOAD DATA LOCAL INFILE "
+                    "(@@local_infile is OFF), which conduit loads batches with. Turn it on as an administrator: "
+                    "`SET GLOBAL local_infile = 1`, and `local_infile = 1` under [mysqld] in the server's configuration"
+                )
+            cur.execute("SELECT SUPPORT FROM information_schema.ENGINES WHERE ENGINE = 'InnoDB'")
+            row = cur.fetchone()
+            if not row or str(row[0]).upper() not in ("YES", "DEFAULT"):
+                raise DestinationError(f"destination {dest.name!r} ({describe(dest)}): the server has no InnoDB engine")
+    except pymysql.MySQLError as exc:
+        raise DestinationError(f"destination {dest.name!r} ({describe(dest)}): {redact(str(exc), dest)}") from None
+    finally:
+        conn.close()
+    return f"{describe(dest)} ({dest.mode}), server {version}, LOAD DATA LOCAL on"
+
+
+def _leftover(destination_id: str, state: dict[str, Any], pipeline: str) -> list[str] | None:
+    """A replace-mode checkpoint's staging table, which no run touches once the checkpoint is cleared."""
+    if not destination_id.startswith("mysql://") or "?mode=replace" not in destination_id:
+        return None
+    staging, database = state.get("staging"), state.get("database")
+    if not isinstance(staging, str) or not _STAGING_RE.match(staging) or not isinstance(database, str):
+        return None
+    table = f"{qi(database)}.{qi(staging)}"
+    return [
+        f"its unfinished output stays in MySQL, in staging table {table}; drop it with:",
+        f"DROP TABLE IF EXISTS {table};",
+    ]
+
+
+_KEYS = frozenset({"name", "type", "table", "mode", "primary_key"} | CONNECTION_KEYS)
+BACKEND = register_destination_backend(
+    DestinationBackend(
+        type="mysql",
+        keys=_KEYS,
+        parse=_parse,
+        open=MySQLDestination,
+        identity=lambda d, pipeline: f"{identity(d)}/{d.table or pipeline}?mode={d.mode}",
+        uri=_table_uri,
+        kinds=lambda d: {"mysql"},
+        check=_check,
+        counts_whole_output=lambda d: d.mode == "replace",
+        check_resource=_check_resource,
+        leftover=_leftover,
+    )
+)
