@@ -188,4 +188,4 @@ def test_the_types_are_listed_in_a_fixed_order_whatever_was_imported_first() -> 
         "print(source_types(), destination_types())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "('postgresql', 'sqlite', 'file', 'sqlalchemy') ('local', 'postgresql', 'mysql', 's3')"
+    assert out.strip() == "('postgresql', 'sqlite', 'file', 'mysql', 'sqlalchemy') ('local', 'postgresql', 'mysql', 's3')"

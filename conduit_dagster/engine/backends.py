@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conduit_dagster.engine.errors import SpecError
-from conduit_dagster.engine.sql import clean_query
+from conduit_dagster.engine.sql import clean_query, uses_last_value
 
 if TYPE_CHECKING:
     from conduit_dagster.engine.destinations.base import Destination
@@ -31,6 +31,7 @@ BUILTIN_MODULES = (
     "conduit_dagster.engine.sources.postgresql",
     "conduit_dagster.engine.sources.sqlite",
     "conduit_dagster.engine.sources.files",
+    "conduit_dagster.engine.sources.mysql",
     "conduit_dagster.engine.sources.sqla",
     "conduit_dagster.engine.destinations.local",
     "conduit_dagster.engine.destinations.postgresql",
@@ -89,6 +90,8 @@ class SourceBackend:
     resource_query: Callable[["_Entry", Any, str], str] = sql_resource_query  # the resource's query ("" if none)
     check_resource: Callable[["_Entry", Any, str | None], None] = _no_source_check  # (entry, spec, incremental_column)
     uses_s3: Callable[[Any], bool] = _never  # spec -> reads S3 (so the asset asks for the s3 resource)
+    # query -> whether it has a :last_value placeholder outside its strings and comments (as its database reads them)
+    uses_last_value: Callable[[str], bool] = uses_last_value
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import yaml
 
 from conduit_dagster.engine.errors import SpecError
-from conduit_dagster.engine.sql import uses_last_value
 
 if TYPE_CHECKING:  # each backend's spec, importable from here too (see __getattr__)
     from conduit_dagster.engine.destinations.local import LocalDestinationSpec as LocalDestinationSpec
@@ -761,7 +760,7 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
         incremental_column = e.text("incremental_column", env=False)
         initial_value = _initial_value(e)
         source_kind.check_resource(e, source, incremental_column)
-        if uses_last_value(query) != (incremental_column is not None):
+        if source_kind.uses_last_value(query) != (incremental_column is not None):
             raise e.fail(
                 "incremental_column" if incremental_column else "query",
                 "an incremental load needs both `incremental_column:` and `:last_value` in the query "
