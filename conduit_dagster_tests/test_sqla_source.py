@@ -362,7 +362,7 @@ def test_keys_arriving_out_of_python_order_stop_the_read(tmp_path):
             src._check_order(plan, ["b", "c", "B"], "a", 100)
         assert "returned 'B' (row 103 of the read) after 'c' (row 102)" in str(err.value)
         assert "orders the column otherwise than conduit compares the values" in str(err.value)
-        with pytest.raises(OrderingError, match="holds a int at row 2"):
+        with pytest.raises(OrderingError, match="holds the integer value 5 at row 2 of the read where it held text values"):
             src._check_order(plan, ["a", 5], None, 0)
     finally:
         src.close()
@@ -386,3 +386,19 @@ def test_identity_kinds_and_validate_never_show_a_secret(tmp_path, monkeypatch, 
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"source legacy: ok, mysql://127.0.0.1:3306/{mysql_db}" in done.stdout
     assert "resource t: ok, legacy -> out, 2 columns" in done.stdout and "root@" not in done.stdout
+
+
+def test_postgresql_through_sqlalchemy_text_keys_in_c_order_and_char_refused(tmp_path, pg, pg_schema):
+    with pg.cursor() as cur:
+        cur.execute(f'CREATE TABLE {pg_schema}.words (id int, k text COLLATE "en-US-x-icu", c char(5))')
+        cur.executemany(f"INSERT INTO {pg_schema}.words VALUES (%s, %s, %s)", [(i, TEXT_KEYS[i % 16], "a") for i in range(48)])
+    url = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+    res = resource(tmp_path, url, f"SELECT id, k FROM {pg_schema}.words", column="k", batch=4)
+    store = MemoryCheckpointStore()
+    crash_after(res, store, 3)
+    finish(res, store)
+    assert_same_rows([(i, TEXT_KEYS[i % 16]) for i in range(48)], output_rows(tmp_path / "out" / "t"))
+    assert res.source.location == "postgresql://127.0.0.1:5432/test"
+    res = resource(tmp_path, url, f"SELECT id, c FROM {pg_schema}.words", column="c", batch=4)
+    with pytest.raises(SourceError, match=r"checkpoint column 'c' has type character, .*Use `type: postgresql`"):
+        list(run_pipeline(res, MemoryCheckpointStore(), run_id="r"))

@@ -17,7 +17,9 @@ exact checkpoint. Within every read the keys are also checked to arrive non-decr
 """
 
 import datetime as dt
+import itertools
 import json
+import operator
 import re
 import uuid
 from collections.abc import Iterator
@@ -360,13 +362,26 @@ class SqlaSource:
 
     def _execute(self, stmt: Any, what: str = "query failed") -> Any:
         try:
-            return self.conn.execute(stmt)
+            return self._connection().execute(stmt)
         except sa.exc.DBAPIError as exc:
             self._rollback()
             raise self._fail(what, exc) from None
         except sa.exc.StatementError as exc:
             self._rollback()
             raise self._fail(what, exc) from None
+
+    def _connection(self) -> sa.Connection:
+        """The source's connection, opened again if a read that stopped early dropped it."""
+        if self.conn.invalidated or self.conn.closed:
+            try:
+                self.conn.close()
+            except sa.exc.SQLAlchemyError:
+                pass
+            try:
+                self.conn = self.engine.connect()
+            except sa.exc.DBAPIError as exc:
+                raise self._fail("cannot connect", exc) from None
+        return self.conn
 
     def _rollback(self) -> None:
         try:
@@ -479,20 +494,29 @@ class SqlaSource:
                 stmt = stmt.where(sa.text(cond).bindparams(conduit_after=after))
             stmt = stmt.order_by(sa.text(expr))
         try:
-            result = self.conn.execution_options(stream_results=True).execute(stmt)
+            result = self._connection().execution_options(stream_results=True).execute(stmt)
         except (sa.exc.DBAPIError, sa.exc.StatementError) as exc:
             self._rollback()
             raise self._fail("query failed", exc) from None
+        ended = False
         try:
             yield from self._chunks(query, result, plan, after if resume else None, max(1, min(fetch_size, CHUNK_ROWS)))
+            ended = True
         except (sa.exc.DBAPIError, sa.exc.StatementError) as exc:
             raise self._fail("read failed", exc) from None
         finally:
-            try:
+            if ended:
                 result.close()
-            except sa.exc.SQLAlchemyError:
-                pass
-            self._rollback()
+                self._rollback()
+            else:
+                # stopped early (an error, the run stopped): closing the result would read the rest of it first (a
+                # streamed MySQL result is drained to its end); dropping the connection ends it now
+                _abandon(result)
+                try:
+                    self.conn.invalidate()
+                    result.close()
+                except Exception:  # noqa: BLE001, S110 - the connection is gone either way
+                    pass
 
     def _chunks(self, query: str, result: Any, plan: KeyPlan | None, after: Any, size: int) -> Iterator[Chunk]:
         description = list(result.cursor.description) if result.cursor is not None else []
@@ -544,11 +568,14 @@ class SqlaSource:
         """Column by column (rows_to_batch's way), a value that does not fit its column's type named with the column."""
         arrays = []
         for name, values, t in zip(names, zip(*rows, strict=True), types, strict=True):
-            if t is not None and (pa.types.is_string(t) or pa.types.is_binary(t)):
-                if not all(v is None or type(v) in (str, bytes) for v in values):
-                    values = tuple(_plain(v, t) for v in values)
             try:
-                arrays.append(_array(values, t))
+                try:
+                    arrays.append(pa.array(values, type=t))
+                except (pa.ArrowInvalid, pa.ArrowTypeError):
+                    if t is None or not (pa.types.is_string(t) or pa.types.is_binary(t)):
+                        raise
+                    # text from non-str values (UUID, JSON documents), bytes from memoryview
+                    arrays.append(_array(tuple(_plain(v, t) for v in values), t))
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError, ValueError) as exc:
                 raise SourceError(
                     f"source {self.spec.name!r}: column {name!r} holds a value that does not fit the type {t} taken from "
@@ -560,34 +587,44 @@ class SqlaSource:
     def _check_order(self, plan: KeyPlan, keys: list[Any], previous: Any, position: int) -> None:
         """Every key present, of the planned kind, and none smaller than the one before it in Python's order: a
         database ordering them otherwise would make a resume skip or repeat rows."""
+        kind = plan.kind
+        chain = keys if previous is None else [previous, *keys]
+        try:
+            if all(type(k) is kind for k in keys) and all(map(operator.le, chain, itertools.islice(chain, 1, None))):
+                return  # the common case, at C speed
+        except TypeError:
+            pass  # naive and aware timestamps: found below
         for n, key in enumerate(keys):
+            row = position + n + 1  # of the read
             if key is None:
                 raise OrderingError(
-                    f"source {self.spec.name!r}: checkpoint column {plan.column!r} holds NULL (row {position + n + 1} of "
-                    f"the read); filter it out (WHERE {plan.column} IS NOT NULL) or pick another checkpoint column"
+                    f"source {self.spec.name!r}: checkpoint column {plan.column!r} holds NULL (row {row} of the read); filter "
+                    f"it out (WHERE {plan.column} IS NOT NULL) or pick another checkpoint column"
                 )
-            kind = _kind_of(key)
-            if kind is not plan.kind:
+            found = _kind_of(key)
+            if found is not kind:
+                held = f"{_kind_name(kind)} values" if kind else "nothing"
                 raise OrderingError(
-                    f"source {self.spec.name!r}: checkpoint column {plan.column!r} holds a {kind.__name__} at row "
-                    f"{position + n + 1} of the read where it held {_kind_name(plan.kind) if plan.kind else 'nothing'} "
-                    "before (mixed types, or rows added during the read); CAST it to one type in the query and run again"
+                    f"source {self.spec.name!r}: checkpoint column {plan.column!r} holds the {_kind_name(found)} value "
+                    f"{key!r} at row {row} of the read where it held {held} before (mixed types, or rows added during the "
+                    "read); CAST it to one type in the query and run again"
                 )
             if previous is not None:
                 try:
                     backwards = key < previous
-                except TypeError:  # naive and aware timestamps
+                except TypeError:
                     raise OrderingError(
                         f"source {self.spec.name!r}: checkpoint column {plan.column!r} mixes {previous!r} and {key!r} (row "
-                        f"{position + n + 1} of the read), which do not compare; CAST it to one type in the query"
+                        f"{row} of the read), which do not compare (a timestamp with and one without a time zone); CAST it "
+                        "to one type in the query"
                     ) from None
                 if backwards:
+                    before = f"the checkpoint's {previous!r}" if row == 1 else f"{previous!r} (row {row - 1})"
                     raise OrderingError(
-                        f"source {self.spec.name!r}: checkpoint column {plan.column!r}: the database returned {key!r} "
-                        f"(row {position + n + 1} of the read) after {previous!r} (row {position + n}"
-                        f"{', the checkpoint' if position + n == 0 else ''}): it orders the column otherwise than conduit "
-                        "compares the values, so a resume could skip or repeat rows; nothing past the previous batch was "
-                        "written. Use an integer or timestamp checkpoint column, or CAST it in the query"
+                        f"source {self.spec.name!r}: checkpoint column {plan.column!r}: the database returned {key!r} (row "
+                        f"{row} of the read) after {before}: it orders the column otherwise than conduit compares the "
+                        "values, so a resume could skip or repeat rows; nothing past the previous batch was written. Use an "
+                        "integer or timestamp checkpoint column, or CAST it in the query"
                     )
             previous = key
 
@@ -596,6 +633,14 @@ class SqlaSource:
             self.conn.close()
         finally:
             self.engine.dispose()
+
+
+def _abandon(result: Any) -> None:
+    """Tell PyMySQL an unbuffered result will not be read to its end (else closing or collecting it reads on from a
+    closed socket)."""
+    unbuffered: Any = getattr(getattr(result, "cursor", None), "_result", None)
+    if unbuffered is not None and getattr(unbuffered, "unbuffered_active", False):
+        unbuffered.unbuffered_active = False
 
 
 def _mysql_session(dbapi_connection: Any, record: Any) -> None:
