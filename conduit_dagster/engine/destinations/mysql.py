@@ -97,6 +97,7 @@ KEY_BYTES = 3072  # InnoDB's longest index key (DYNAMIC rows): a merge key's tex
 LOCK_WAIT_S = 2  # a run that just ended releases its lock as its session closes: wait that long for it
 ROWS_PER_CHUNK = 65536  # rows encoded at a time while the load streams
 WARNINGS_SHOWN = 5
+ER_NO_SUCH_TABLE = 1146
 _ROW_RE = re.compile(r"\bat row (\d+)")
 _STAGING_RE = re.compile(r"^_conduit_stage_[0-9a-f]{16}_[0-9a-f]{12}$")
 
@@ -208,7 +209,7 @@ def column_type(field: pa.Field, where: str, *, key_bytes: int | None = None, co
         # stored as its UTC wall time.
         return "DATETIME(6)"
     if pa.types.is_duration(t):
-        return "BIGINT"  # the count of the duration's unit; its COMMENT names the unit
+        return "TIME(6)"  # MySQL's TIME is a duration: -838:59:59.999999 to 838:59:59.999999 (a longer one fails)
     if _is_bytes(t):
         return f"VARBINARY({key_bytes})" if key_bytes else "LONGBLOB"
     if _is_text(t):
@@ -235,8 +236,6 @@ def _key_bytes(schema: pa.Schema, keys: tuple[str, ...]) -> dict[str, int]:
 
 def _column_comment(field: pa.Field) -> str:
     t = _value_type(field.type)
-    if pa.types.is_duration(t):
-        return f" COMMENT 'duration in {t.unit}'"
     if pa.types.is_timestamp(t) and t.tz:
         return " COMMENT 'UTC'"
     return ""
@@ -256,6 +255,26 @@ def _escape(array: pa.Array) -> pa.Array:
         array = pc.replace_substring(array, "\t", "\\t")
         array = pc.replace_substring(array, "\n", "\\n")
     return array
+
+
+def _time_text(array: pa.Array) -> pa.Array:
+    """A duration as MySQL TIME text, ``[-]H:MM:SS.ffffff`` (microseconds: a finer value that does not fit fails)."""
+    micros = array.cast(pa.duration("us")).cast(pa.int64())
+    size = pc.abs(micros)
+    hours = pc.divide(size, 3_600_000_000)
+    rest = pc.subtract(size, pc.multiply(hours, 3_600_000_000))
+    minutes = pc.divide(rest, 60_000_000)
+    rest = pc.subtract(rest, pc.multiply(minutes, 60_000_000))
+    seconds = pc.divide(rest, 1_000_000)
+    fraction = pc.subtract(rest, pc.multiply(seconds, 1_000_000))
+
+    def text(values: pa.Array, width: int) -> pa.Array:
+        return pc.utf8_lpad(values.cast(pa.large_string()), width, padding="0")
+
+    colon, point = pa.scalar(":", pa.large_string()), pa.scalar(".", pa.large_string())
+    sign = pc.if_else(pc.less(micros, 0), pa.scalar("-", pa.large_string()), _EMPTY)
+    parts = (sign, hours.cast(pa.large_string()), colon, text(minutes, 2), colon, text(seconds, 2), point, text(fraction, 6))
+    return pc.binary_join_element_wise(*parts, _EMPTY)
 
 
 def _hex(array: pa.Array) -> pa.Array:
@@ -286,7 +305,7 @@ def _encoder(field: pa.Field) -> Callable[[pa.Array], pa.Array]:
     if pa.types.is_date64(t):
         return lambda a: a.cast(pa.date32()).cast(pa.large_string())
     if pa.types.is_duration(t):
-        return lambda a: a.cast(pa.int64()).cast(pa.large_string())
+        return _time_text
     if _is_bytes(t):
         return _hex
     if _is_json(t):
@@ -372,11 +391,15 @@ class MySQLDestination:
         self._resumable = True
         self._lock: Any = None
         self.collation = NO_PAD_BINARY[1]  # the server's, found by start()
+        self._fold_case = False  # the server's lower_case_table_names, found by start()
         try:
             self.database = target(spec).database
             self.conn = connect(spec, "destination", local_infile=True, autocommit=False)
         except ConduitError as exc:
             raise DestinationError(str(exc)) from None
+        # the server may ask for a local file only while conduit runs its own LOAD DATA (see _stream): a hostile or
+        # compromised server could otherwise ask for any file the process can read, in reply to any statement
+        self.conn._local_infile = False
         try:
             with self.conn.cursor() as cur:
                 cur.execute(f"SET SESSION sql_mode = '{SQL_MODE}'")
@@ -433,7 +456,7 @@ class MySQLDestination:
     def start(self, state: dict[str, Any] | None, committed: int = 0) -> Resumption:
         try:
             with self.conn.cursor() as cur:
-                self._check_local_infile(cur)
+                self._check_server(cur)
                 self._find_collation(cur)
                 self._fence()
                 text = text_type(self.collation)
@@ -526,9 +549,11 @@ class MySQLDestination:
         """The comment of a published table: which generation it holds (a resume after the swap sees it is done)."""
         return f"{self.comment} generation {self.generation}"
 
-    def _check_local_infile(self, cur: Any) -> None:
-        cur.execute("SELECT @@GLOBAL.local_infile")
+    def _check_server(self, cur: Any) -> None:
+        cur.execute("SELECT @@GLOBAL.local_infile, @@lower_case_table_names")
         row = cur.fetchone()
+        # 1 or 2: table names compare without case (Windows, macOS), so `Things` and `things` are one table
+        self._fold_case = bool(row and int(row[1] or 0))
         if not row or not int(row[0] or 0):
             raise DestinationError(
                 f"{self._where()}: the server refuses LOAD DATA LOCAL INFILE (@@local_infile is OFF), which conduit loads "
@@ -549,7 +574,7 @@ class MySQLDestination:
     def _fence(self) -> None:
         """A ``GET_LOCK`` on the target table in a session of its own, held until close() (or until its holder
         dies and the server drops its connection): two runs writing one table cannot interleave."""
-        name = lock_name(self.database, self.table)
+        name = self._lock_name()
         try:
             self._lock = connect(self.spec, "destination", autocommit=True)
         except ConduitError as exc:
@@ -586,7 +611,7 @@ class MySQLDestination:
 
     def _still_fenced(self, cur: Any) -> None:
         """The lock session may have died (a network cut, a KILL): then another run may write the table too."""
-        cur.execute("SELECT IS_USED_LOCK(%s)", (lock_name(self.database, self.table),))
+        cur.execute("SELECT IS_USED_LOCK(%s)", (self._lock_name(),))
         row = cur.fetchone()
         if self._lock is None or not row or row[0] != self._lock.thread_id():
             raise DestinationError(
@@ -595,11 +620,17 @@ class MySQLDestination:
                 "it resumes from its checkpoint"
             )
 
+    def _lock_name(self) -> str:
+        if self._fold_case:
+            return lock_name(self.database.lower(), self.table.lower())
+        return lock_name(self.database, self.table)
+
     def _info(self, cur: Any, name: str) -> _TableInfo | None:
+        exact = "" if self._fold_case else " AND BINARY TABLE_NAME = BINARY %s"  # information_schema ignores case
         cur.execute(
             "SELECT TABLE_TYPE, ENGINE, TABLE_COMMENT FROM information_schema.TABLES "
-            "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s AND BINARY TABLE_NAME = BINARY %s",
-            (self.database, name, name),
+            f"WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s{exact}",
+            (self.database, name) + (() if self._fold_case else (name,)),
         )
         row = cur.fetchone()
         if row is None:
@@ -631,11 +662,12 @@ class MySQLDestination:
                 f"together. Convert it (ALTER TABLE {self.table} ENGINE=InnoDB) or choose another `table`. Nothing was written"
             )
         if self.mode == "merge":
+            exact = "" if self._fold_case else " AND BINARY TABLE_NAME = BINARY %s"
             cur.execute(
                 "SELECT INDEX_NAME, GROUP_CONCAT(COLUMN_NAME ORDER BY SEQ_IN_INDEX SEPARATOR '\\0') "
-                "FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s "
-                "AND BINARY TABLE_NAME = BINARY %s AND NON_UNIQUE = 0 GROUP BY INDEX_NAME",
-                (self.database, self.table, self.table),
+                f"FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s{exact} "
+                "AND NON_UNIQUE = 0 GROUP BY INDEX_NAME",
+                (self.database, self.table) + (() if self._fold_case else (self.table,)),
             )
             wanted = {k.lower() for k in self.spec.primary_key}
             keys = [set(str(columns).lower().split("\0")) for _, columns in cur.fetchall()]
@@ -686,14 +718,13 @@ class MySQLDestination:
         name = self._write_target()
         try:
             with self.conn.cursor() as cur:
-                if self._info(cur, name) is not None:
-                    self._target_expected = True
-                elif self._target_expected:
-                    raise self._missing(name, f"after batches of this run went into it (at batch {index})")
-                else:  # DDL commits on its own: the table comes before the batch's transaction
+                # once the table is there, it is not looked up again: a table dropped since then fails the load
+                # (error 1146), which is reported below as the missing table
+                if not self._target_expected and self._info(cur, name) is None:
+                    # DDL commits on its own: the table comes before the batch's transaction
                     self._create_table(cur, name, table, self._stamp() if self.mode == "replace" else self.comment)
-                    self._target_expected = True
                     self._created_staging = self.mode == "replace"
+                self._target_expected = True
                 load_into = name
                 if self.mode == "merge":
                     # a temporary table is created outside the batch's transaction (GTID-consistent servers refuse
@@ -726,6 +757,8 @@ class MySQLDestination:
             self.conn.commit()
         except pymysql.MySQLError as exc:
             self._rollback()
+            if exc.args and exc.args[0] == ER_NO_SUCH_TABLE and self._gone(name):
+                raise self._missing(name, f"after batches of this run went into it (at batch {index})") from None
             raise self._fail(f"cannot write batch {index}", exc) from None
         except BaseException:
             self._rollback()
@@ -777,6 +810,15 @@ class MySQLDestination:
             f"INSERT INTO {self._q(name)} ({', '.join(cols)}) SELECT {', '.join(cols)} FROM {qi(MERGE_TABLE)} "
             f"ORDER BY _conduit_row ON DUPLICATE KEY UPDATE {update}"
         )
+
+    def _gone(self, name: str) -> bool:
+        try:
+            with self.conn.cursor() as cur:
+                gone = self._info(cur, name) is None
+            self.conn.commit()
+            return gone
+        except pymysql.MySQLError:
+            return False
 
     def _drop_merge_table(self) -> None:
         try:
@@ -879,10 +921,13 @@ def _stream(cur: Any, statement: str, rows: _Rows) -> int:
 
     writer = threading.Thread(target=feed, name="conduit-mysql-load", daemon=True)
     writer.start()
+    conn = cur.connection
     try:
-        cur.execute(statement.format(path=cur.connection.escape(f"/dev/fd/{read_end}")))
+        conn._local_infile = True
+        cur.execute(statement.format(path=conn.escape(f"/dev/fd/{read_end}")))
         loaded = int(cur.rowcount)
     finally:
+        conn._local_infile = False
         os.close(read_end)  # a writer still blocked on a full pipe gets EPIPE and ends
         writer.join()
     if failure:
