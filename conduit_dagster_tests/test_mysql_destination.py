@@ -837,3 +837,71 @@ def test_a_duration_beyond_mysql_time_fails_loudly(tmp_path, mysql_db):
             MemorySource(rows, schema),
         )
     assert rows_of(mysql_db, "SELECT COUNT(*) FROM things") == [(0,)]
+
+
+@pytest.fixture
+def mysql_out(mysql_db):
+    """A second fresh database, for MySQL -> MySQL."""
+    name = f"{mysql_db}_out"
+    conn = mysql_connect(None)
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{name}`")
+    yield name
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    conn.close()
+
+
+def test_types_from_a_mysql_source_round_trip_value_by_value(mysql_db, mysql_out):
+    from conduit_dagster.engine.sources.mysql import MySQLSourceSpec
+
+    special = "".join(SPECIAL_TEXT[:-1])
+    conn = mysql_connect(mysql_db)
+    with conn.cursor() as cur:
+        cur.execute(
+            """CREATE TABLE src (id BIGINT PRIMARY KEY, d65 DECIMAL(65, 30), d20 DECIMAL(20, 6), u64 BIGINT UNSIGNED,
+            i8 TINYINT, f4 FLOAT, f8 DOUBLE, dt6 DATETIME(6), ts6 TIMESTAMP(6) NULL, d DATE, t TIME(6), y YEAR,
+            bits BIT(64), js JSON, bl BLOB, en ENUM('a', 'b c'), st SET('x', 'y', 'z'), vc VARCHAR(200), ci VARCHAR(10)
+            COLLATE utf8mb4_general_ci, tx LONGTEXT) DEFAULT CHARSET=utf8mb4"""
+        )
+        cur.execute(
+            "INSERT INTO src VALUES (1, %s, '-12345678901234.123456', 18446744073709551615, -128, 0.1, "
+            "1.7976931348623157e308, '9999-12-31 23:59:59.999999', '2038-01-19 03:14:07.999999', '1000-01-01', "
+            "'-838:59:59.000000', 2155, b'1111111111111111111111111111111111111111111111111111111111111111', "
+            "'{\"a\": [1, \"\\\\t\"]}', %s, 'b c', 'x,z', %s, 'Ab ', %s), "
+            "(2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+            "NULL, NULL), "
+            "(3, '0.000000000000000000000000000001', 0, 0, 127, -1.5, -0.5, '1000-01-01 00:00:00.000001', "
+            "'1970-01-01 00:00:01', '9999-12-31', '838:59:59.999999', 1901, b'0', '[]', '', 'a', '', '', '', '')",
+            ("9" * 35 + "." + "9" * 30, bytes(range(256)), special[:200], special),
+        )
+    conn.close()
+    password = str(MYSQL["password"])
+    source = MySQLSourceSpec(
+        name="my",
+        host=str(MYSQL["host"]),
+        port=int(MYSQL["port"]),  # type: ignore[call-overload]
+        database=mysql_db,
+        user=str(MYSQL["user"]),
+        password=Secret(password) if password else None,
+    )
+    res = ResourceSpec(
+        name="things",
+        source=source,
+        destination=dest(mysql_out, "append"),
+        query="SELECT * FROM src",
+        batch_size=2,
+        resume=True,
+        checkpoint_column="id",
+    )
+    run(res, MemoryCheckpointStore(), None)
+    cols = "id, d65, d20, u64, i8, CAST(f4 AS DOUBLE), f8, dt6, ts6, d, t, y, bits, js, bl, en, st, vc, ci, tx"
+    want = rows_of(mysql_db, f"SELECT {cols} FROM src ORDER BY id")
+    got = rows_of(mysql_out, f"SELECT {cols} FROM things ORDER BY id")
+    names = cols.split(", ")
+    for w_row, g_row in zip(want, got, strict=True):
+        for name, w, g in zip(names, w_row, g_row, strict=True):
+            assert g == w, f"id {w_row[0]} column {name}: source {w!r}, destination {g!r}"
+    create = rows_of(mysql_out, "SHOW CREATE TABLE things")[0][1]
+    for fragment in ("`d65` decimal(65,30)", "`u64` bigint(20) unsigned", "`t` time(6)", "`bits` longblob", "`ts6` datetime(6)"):
+        assert fragment in create, f"{fragment!r} not in {create}"
