@@ -244,6 +244,22 @@ def test_every_type_is_read_exactly(mysql_db):
                 assert repr(have) == repr(want), (name, have, want)  # -0.0 stays -0.0
 
 
+def test_both_routes_read_every_column_the_same(mysql_db):
+    """Without a checkpoint column the read is one statement through PyMySQL's unbuffered cursor (ConnectorX's stream
+    cannot be paged then): the same Arrow types and values as the paged ConnectorX read, in batches of fetch_size."""
+    execute(mysql_db, TYPES, "INSERT INTO v VALUES (" + ", ".join(["%s"] * 26) + ")", params=VALUES)
+    paged = read_all(mysql_db, "SELECT * FROM v", "id")
+    src = MySQLSource(spec(mysql_db))
+    try:
+        chunks = list(src.read("SELECT * FROM v", None, None, resume=False, fetch_size=3))
+    finally:
+        src.close()
+    assert [c.data.num_rows for c in chunks] == [3, 1] and all(c.keys is None for c in chunks)
+    unordered = pa.Table.from_batches([c.data for c in chunks]).sort_by("id")
+    assert unordered.schema == paged.schema
+    assert unordered.to_pylist() == paged.to_pylist()
+
+
 def test_timestamp_lands_in_utc_whatever_the_session_zone(mysql_db):
     """A TIMESTAMP is an instant: written from a +05:00 session, it reads as its UTC time; the read's session is UTC."""
     execute(
@@ -574,6 +590,20 @@ def test_query_text_is_read_as_mysql_reads_it():
         clean_query("SELECT 1; SELECT 2")
     with pytest.raises(SpecError, match="unterminated"):
         clean_query("SELECT 'a\\'")
+
+
+def test_a_hostile_checkpoint_value_is_bound_not_pasted(tmp_path, mysql_db):
+    """A checkpoint value is bound as a literal by PyMySQL's escaping (text as X'...' bytes), never formatted into the SQL."""
+    execute(
+        mysql_db,
+        "CREATE TABLE v (i INT, k VARCHAR(40))",
+        "INSERT INTO v VALUES (%s, %s)",
+        params=[(1, "a"), (2, "b'; DROP TABLE v; -- \\"), (3, "c%s%%"), (4, "d")],
+    )
+    table = read_all(mysql_db, "SELECT i, k FROM v", "k", after="b'; DROP TABLE v; -- \\", resume=True)
+    assert table.column("i").to_pylist() == [3, 4]
+    read_all(mysql_db, "SELECT i, k FROM v", "i", after="1 OR 1=1", resume=True)  # the wrong type: compared, no harm
+    assert rows_of(mysql_db, "SELECT COUNT(*) FROM v") == [(4,)]
 
 
 def test_a_query_without_the_checkpoint_column_is_a_clear_error(mysql_db):
