@@ -88,20 +88,25 @@ def canonical(value: Any) -> str:
         return (value.astimezone(dt.UTC).replace(tzinfo=None) if value.tzinfo else value).isoformat(timespec="microseconds")
     if isinstance(value, Decimal):
         return str(value.normalize())
-    if isinstance(value, bytes | bytearray | memoryview):
+    if isinstance(value, (bytes, bytearray, memoryview)):
         return "0x" + bytes(value).hex()
     return repr(value)
+
+
+PLAIN = (str, int, type(None))  # repr is their canonical form: the common case, taken without the checks above
 
 
 def row_hashes(rows: Iterable[Sequence[Any]], columns: str = COLUMNS) -> Counter[str]:
     num = columns.split(", ").index("num") if "num" in columns.split(", ") else -1
 
-    def values(row: tuple[Any, ...]) -> Any:
-        for i, v in enumerate(row):
-            # an unconstrained numeric lands in Parquet (and MySQL) as PostgreSQL's text ('-Infinity', '1.50')
-            yield canonical(Decimal(v) if i == num and isinstance(v, str) else v)
+    def value(i: int, v: Any) -> str:
+        if type(v) in PLAIN and i != num:
+            return repr(v)
+        # an unconstrained numeric lands in Parquet (and MySQL) as PostgreSQL's text ('-Infinity', '1.50')
+        return canonical(Decimal(v) if i == num and isinstance(v, str) else v)
 
-    return Counter(hashlib.sha256("\x1f".join(values(tuple(row))).encode()).hexdigest() for row in rows)
+    sha = hashlib.sha256
+    return Counter(sha("\x1f".join([value(i, v) for i, v in enumerate(row)]).encode()).hexdigest() for row in rows)
 
 
 def mysql_connect(database: str | None, *, autocommit: bool = True) -> Any:
