@@ -281,6 +281,12 @@ def test_bad_url_errors_never_show_the_password(tmp_path, monkeypatch, mysql_ser
         open_source(res.source)
     assert "cannot connect to mysql://127.0.0.1:3306/test" in str(err.value) and "Access denied" in str(err.value)
     assert secret not in str(err.value) and secret not in repr(res.source)
+    # a raw '@' in a password written into the url moves a piece of it into the host: never shown either
+    res = resource(tmp_path, "mysql+pymysql://root:pw@Rest-Of-Pw@127.0.0.1:3306/test", "SELECT 1 AS id")
+    assert res.source.location == "mysql://***"
+    with pytest.raises(SourceError) as err:
+        open_source(res.source)
+    assert "Rest-Of-Pw" not in str(err.value) and "cannot connect to mysql://***" in str(err.value)
 
 
 def test_sqlite_file_that_does_not_exist_is_not_created(tmp_path):

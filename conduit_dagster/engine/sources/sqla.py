@@ -306,8 +306,9 @@ class SqlaSource:
             forms |= {str(password), quote(str(password), safe=""), unquote(str(password))}
         if "://" in url and "@" in url.split("://", 1)[1]:
             userinfo = url.split("://", 1)[1].rsplit("@", 1)[0]
-            if ":" in userinfo:
-                forms.add(userinfo.split(":", 1)[1])
+            if ":" in userinfo:  # the password as written, and the pieces a raw '@' or ':' in it cuts it into
+                written = userinfo.split(":", 1)[1]
+                forms |= {written, *(piece for piece in re.split(r"[@:/]", written) if len(piece) >= 3)}
         for form in sorted((f for f in forms if f), key=len, reverse=True):
             text = text.replace(form, "***")
         return text
@@ -675,6 +676,8 @@ def _location(url: URL, dialect: str) -> str:
     if dialect in ("sqlite", "duckdb"):
         return f"{dialect}:///{database}"
     host = url.host or ""
+    if re.search(r"[@/?#\s]", host):  # a password holding a raw '@' puts a piece of itself there
+        return f"{dialect}://***"
     if re.search(r"[@:/?#\s]", database):
         database = "***"
     return f"{dialect}://{host}:{url.port or ''}/{database}"
