@@ -31,17 +31,21 @@ table when it fails. Bookkeeping lives in ``<schema>._conduit_batches``. Tables 
 the comment ``conduit-dagster pipeline <name>`` (exactly); replace never drops a table without it.
 """
 
+import array
 import hashlib
 import io
 import json
+import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg2
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from conduit_dagster.engine.backends import DestinationBackend, ResourceUse, register_destination_backend
@@ -149,6 +153,9 @@ def _csv_ready(table: pa.Table) -> pa.Table:
             column = pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], pa.string())
         elif pa.types.is_duration(t):
             column = pa.array([None if v is None else f"{v.total_seconds()} seconds" for v in column.to_pylist()], pa.string())
+        elif pa.types.is_timestamp(t) and t.tz is not None:
+            # The same instant as UTC text with its offset: Arrow writes a zoned timestamp ~25x slower than a naive one
+            column = pc.binary_join_element_wise(column.cast(pa.timestamp(t.unit)).cast(pa.string()), "+00", "")
         columns.append(column)
     return pa.Table.from_arrays(columns, names=table.schema.names)
 
@@ -157,6 +164,128 @@ def _csv_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pacsv.write_csv(_csv_ready(table), buf, write_options=pacsv.WriteOptions(include_header=False))
     return buf.getvalue()
+
+
+# --- binary COPY ---------------------------------------------------------------------------------------------------
+# A batch whose every column has a type below, in a target column of the matching PostgreSQL type, goes to COPY in
+# PostgreSQL's binary format, encoded from the Arrow buffers by Arrow's compute functions: no Python code per row or
+# value, and no text for the server to parse (the server's share of a load is about half that of text or CSV). The
+# values are the same as through text: integers and floats bit for bit, timestamps and dates as PostgreSQL's
+# microseconds and days since 2000-01-01, text as its UTF-8 (which the server checks and converts as it does text
+# input), bytea as its bytes. Anything else (numeric, uuid, interval, arrays, other Arrow units...) sends the batch as
+# CSV, as does a value outside PostgreSQL's range, which the server then refuses as before.
+
+_BOOL, _INT2, _INT4, _INT8, _FLOAT4, _FLOAT8 = 16, 21, 23, 20, 700, 701
+_BYTEA, _TEXT, _VARCHAR, _BPCHAR, _JSON, _JSONB = 17, 25, 1043, 1042, 114, 3802
+_DATE, _TIME, _TIMESTAMP, _TIMESTAMPTZ = 1082, 1083, 1114, 1184
+_INT_RANGE = {_INT2: (-(1 << 15), (1 << 15) - 1), _INT4: (-(1 << 31), (1 << 31) - 1), _INT8: (-(1 << 63), (1 << 63) - 1)}
+_INT_TYPES = {_INT2: pa.int16(), _INT4: pa.int32(), _INT8: pa.int64()}
+_TEXT_OIDS = frozenset({_TEXT, _VARCHAR, _BPCHAR, _JSON})
+_PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in microseconds since 1970
+_PG_EPOCH_DAYS = 10_957
+# PostgreSQL's valid ranges (datatype/timestamp.h: MIN_TIMESTAMP, END_TIMESTAMP, IS_VALID_DATE) in Arrow's terms (since
+# 1970). In binary the extreme integers would mean -infinity/infinity: a value outside goes as text, which is refused.
+_TS_MIN, _TS_END = -211_813_488_000_000_000 + _PG_EPOCH_US, 9_223_371_331_200_000_000 + _PG_EPOCH_US
+_DATE_MIN, _DATE_END = -2_451_545 + _PG_EPOCH_DAYS, 2_147_483_494 - 2_451_545 + _PG_EPOCH_DAYS
+_NULL = pa.scalar(b"\xff\xff\xff\xff", pa.large_binary())  # a field's length -1: NULL
+_EMPTY = pa.scalar(b"", pa.large_binary())
+_SWAP_CODES = {2: "h", 4: "i", 8: "q"}
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, header extension length
+_COPY_TRAILER = b"\xff\xff"
+_PIECE_ROWS = 65_536  # rows encoded at a time: memory beyond the batch stays a few MiB
+assert all(array.array(code).itemsize == width for width, code in _SWAP_CODES.items())
+
+
+def _binary_plan(table: pa.Table, oids: list[int | None]) -> list[Any] | None:
+    """How each column goes to binary COPY into target columns of types ``oids`` (one callable per column, taking
+    the column's array and giving its fields' parts), or None when one cannot: the batch then goes as CSV."""
+    plan: list[Any] = []
+    for column, oid in zip(table.columns, oids, strict=True):
+        t = column.type
+        if oid is None:
+            return None
+        if pa.types.is_integer(t) and oid in _INT_RANGE:
+            low, high = _INT_RANGE[oid]
+            least, most = pc.min_max(column).values()
+            if least.is_valid and (least.as_py() < low or most.as_py() > high):
+                return None
+            plan.append(lambda a, target=_INT_TYPES[oid]: _fixed(a.cast(target)))
+        elif (pa.types.is_float32(t) and oid == _FLOAT4) or (pa.types.is_float64(t) and oid == _FLOAT8):
+            plan.append(_fixed)
+        elif pa.types.is_boolean(t) and oid == _BOOL:
+            plan.append(lambda a: _fixed(a.cast(pa.uint8())))
+        elif pa.types.is_timestamp(t) and t.unit == "us" and oid == (_TIMESTAMPTZ if t.tz else _TIMESTAMP):
+            least, most = pc.min_max(column.cast(pa.int64())).values()
+            if least.is_valid and (least.as_py() < _TS_MIN or most.as_py() >= _TS_END):
+                return None
+            plan.append(lambda a: _fixed(pc.subtract(a.cast(pa.int64()), _PG_EPOCH_US)))
+        elif pa.types.is_date32(t) and oid == _DATE:
+            least, most = pc.min_max(column.cast(pa.int32())).values()
+            if least.is_valid and (least.as_py() < _DATE_MIN or most.as_py() >= _DATE_END):
+                return None
+            plan.append(lambda a: _fixed(pc.subtract(a.cast(pa.int32()), pa.scalar(_PG_EPOCH_DAYS, pa.int32()))))
+        elif pa.types.is_time64(t) and t.unit == "us" and oid == _TIME:
+            plan.append(lambda a: _fixed(a.cast(pa.int64())))
+        elif (pa.types.is_string(t) or pa.types.is_large_string(t)) and oid in _TEXT_OIDS | {_JSONB}:
+            plan.append(lambda a, jsonb=oid == _JSONB: _varlena(a.cast(pa.large_binary()), b"\x01" if jsonb else b""))
+        elif (pa.types.is_binary(t) or pa.types.is_large_binary(t)) and oid == _BYTEA:
+            plan.append(lambda a: _varlena(a.cast(pa.large_binary()), b""))
+        else:
+            return None
+    return plan
+
+
+def _big_endian(values: pa.Array) -> pa.Array:
+    """A fixed-width array's values in network byte order, as large_binary (validity not carried: see callers)."""
+    width = values.type.bit_width // 8
+    swapped = array.array(_SWAP_CODES[width]) if width > 1 else array.array("B")
+    swapped.frombytes(memoryview(values.buffers()[1])[values.offset * width : (values.offset + len(values)) * width])
+    if width > 1 and sys.byteorder == "little":
+        swapped.byteswap()
+    return pa.Array.from_buffers(pa.binary(width), len(values), [None, pa.py_buffer(swapped)]).cast(pa.large_binary())
+
+
+def _fixed(values: pa.Array) -> list[Any]:
+    """The parts of a fixed-width column's fields: length, value (NULL: length -1, no value)."""
+    length = pa.scalar((values.type.bit_width // 8).to_bytes(4, "big"), pa.large_binary())
+    data = _big_endian(values)
+    if not values.null_count:
+        return [length, data]
+    valid = values.is_valid()
+    return [pc.if_else(valid, length, _NULL), pc.if_else(valid, data, _EMPTY)]
+
+
+def _varlena(values: pa.Array, prefix: bytes) -> list[Any]:
+    """The parts of a variable-length column's fields: length, ``prefix`` (jsonb's version byte), bytes."""
+    lengths = pc.binary_length(values)
+    lengths = (pc.add(lengths, len(prefix)) if prefix else lengths).cast(pa.int32())  # over 2 GiB fails, as in PostgreSQL
+    parts = [_big_endian(lengths.fill_null(-1)), pc.fill_null(values, _EMPTY)]
+    if not values.null_count:
+        return parts[:1] + ([pa.scalar(prefix, pa.large_binary())] if prefix else []) + parts[1:]
+    valid = values.is_valid()
+    return parts[:1] + ([pc.if_else(valid, pa.scalar(prefix, pa.large_binary()), _EMPTY)] if prefix else []) + parts[1:]
+
+
+def _binary_stream(table: pa.Table, plan: list[Any]) -> Iterator[bytes]:
+    """The binary COPY stream of ``table`` as ``plan`` encodes it, a piece of rows at a time."""
+    fields = pa.scalar(table.num_columns.to_bytes(2, "big"), pa.large_binary())
+    yield _COPY_HEADER
+    for piece in table.to_batches(max_chunksize=_PIECE_ROWS):
+        parts = [part for encode, column in zip(plan, piece.columns, strict=True) for part in encode(column)]
+        rows = pc.binary_join_element_wise(fields, *parts, _EMPTY)
+        offsets = memoryview(rows.buffers()[1]).cast("q")
+        yield memoryview(rows.buffers()[2])[offsets[rows.offset] : offsets[rows.offset + len(rows)]].tobytes()
+    yield _COPY_TRAILER
+
+
+class _Chunks:
+    """A file-like psycopg2's ``copy_expert`` reads from: each ``read`` hands over the next chunk, whatever its size."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+
+    def read(self, size: int = -1) -> bytes:
+        return next(self._chunks, b"")
 
 
 class PostgresDestination:
@@ -368,7 +497,6 @@ class PostgresDestination:
                         f"{self.generation}) is committed already in {self.schema}.{BATCHES}; writing it again would "
                         "apply its rows twice. Is another run writing this pipeline? Nothing was written"
                     )
-                names = ", ".join(quote_ident(n) for n in table.schema.names)
                 if self._exists(cur, target):
                     self._target_expected = True
                 elif self._target_expected:
@@ -378,22 +506,38 @@ class PostgresDestination:
                     self._target_expected = True
                     self._created_staging = self.mode == "replace"
                 if self.mode == "replace":
-                    batch_col = pa.array([index] * table.num_rows, pa.int32())
-                    data = table.append_column(BATCH_COLUMN, batch_col)
-                    cur.copy_expert(
-                        f"COPY {self._q(target)} ({names}, {BATCH_COLUMN}) FROM STDIN WITH (FORMAT csv)",
-                        io.BytesIO(_csv_bytes(data)),
+                    self._copy_in(
+                        cur,
+                        self._q(target),
+                        table.append_column(BATCH_COLUMN, pa.repeat(pa.scalar(index, pa.int32()), table.num_rows)),
                     )
                 elif self.mode == "append":
-                    cur.copy_expert(
-                        f"COPY {self._q(target)} ({names}) FROM STDIN WITH (FORMAT csv)", io.BytesIO(_csv_bytes(table))
-                    )
+                    self._copy_in(cur, self._q(target), table)
                 else:
-                    self._merge(cur, target, table, names)
+                    self._merge(cur, target, table)
         except psycopg2.Error as exc:
             raise self._fail(f"cannot write batch {index}", exc) from None
 
-    def _merge(self, cur: Any, target: str, table: pa.Table, names: str) -> None:
+    def _copy_in(self, cur: Any, relation: str, data: pa.Table) -> None:
+        """COPY ``data`` into ``relation`` (by column name): in binary where every column can go so, else as CSV.
+
+        The target's column types are read after locking it (as COPY does) in this transaction: no ALTER TABLE can
+        change a type between the look and the load, so binary fields never land in a column of another type."""
+        cur.execute(f"LOCK TABLE {relation} IN ROW EXCLUSIVE MODE")
+        cur.execute(
+            "SELECT attname, atttypid::bigint FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
+            "AND NOT attisdropped",
+            (relation,),
+        )
+        types = dict(cur.fetchall())
+        columns = ", ".join(quote_ident(n) for n in data.schema.names)
+        plan = _binary_plan(data, [types.get(n) for n in data.schema.names])
+        if plan is not None:
+            cur.copy_expert(f"COPY {relation} ({columns}) FROM STDIN WITH (FORMAT binary)", _Chunks(_binary_stream(data, plan)))
+        else:
+            cur.copy_expert(f"COPY {relation} ({columns}) FROM STDIN WITH (FORMAT csv)", io.BytesIO(_csv_bytes(data)))
+
+    def _merge(self, cur: Any, target: str, table: pa.Table) -> None:
         keys = [quote_ident(k) for k in self.spec.primary_key]
         missing = [k for k in self.spec.primary_key if k not in table.schema.names]
         if missing:
@@ -402,8 +546,10 @@ class PostgresDestination:
             )
         cur.execute(f"CREATE TEMP TABLE _conduit_merge (LIKE {self._q(target)} INCLUDING DEFAULTS) ON COMMIT DROP")
         cur.execute("ALTER TABLE _conduit_merge ADD COLUMN _conduit_row bigint")
-        data = table.append_column("_conduit_row", pa.array(range(table.num_rows), pa.int64()))
-        cur.copy_expert(f"COPY _conduit_merge ({names}, _conduit_row) FROM STDIN WITH (FORMAT csv)", io.BytesIO(_csv_bytes(data)))
+        self._copy_in(
+            cur, "pg_temp._conduit_merge", table.append_column("_conduit_row", pa.array(range(table.num_rows), pa.int64()))
+        )
+        names = ", ".join(quote_ident(n) for n in table.schema.names)
         others = [quote_ident(n) for n in table.schema.names if n not in self.spec.primary_key]
         update = ", ".join(f"{c} = EXCLUDED.{c}" for c in others) or None
         cur.execute(
