@@ -727,3 +727,92 @@ def test_errors_are_conduit_errors(mysql_db):
             src.max_value("SELECT 1 AS k FROM nope", "k")
     finally:
         src.close()
+
+
+def test_odd_column_names_empty_results_and_enum_keys(tmp_path, mysql_db):
+    execute(
+        mysql_db,
+        "CREATE TABLE v (i INT, `we``ird k` VARCHAR(5), e ENUM('b', 'a', 'C'))",
+        "INSERT INTO v VALUES (1, 'b', 'b'), (2, 'a', 'a'), (3, 'C', 'C'), (4, 'a', 'a'), (5, 'b', 'b')",
+    )
+    table = read_all(mysql_db, "SELECT i, `we``ird k` FROM v", "we`ird k")
+    assert table.column("we`ird k").to_pylist() == ["C", "a", "a", "b", "b"]  # byte-wise: 'C' < 'a'
+    assert read_all(mysql_db, "SELECT i, e FROM v WHERE i > 99", "e").num_rows == 0
+    assert read_all(mysql_db, "SELECT i, e FROM v WHERE i > 99").num_rows == 0
+    # an ENUM is ordered by its declaration ('b' < 'a'); as a checkpoint column, by its text
+    got = crash_and_resume(resource(tmp_path, mysql_db, "SELECT i, e FROM v", "e", batch=1), batches=2)
+    assert_same_rows(rows_of(mysql_db, "SELECT i, e FROM v"), got)
+
+
+@pytest.fixture
+def mysql_user(mysql_db):
+    """A user with a password full of URL delimiters, allowed to read ``mysql_db``."""
+    import uuid
+
+    name, password = f"conduit_u_{uuid.uuid4().hex[:8]}", "p@ss:w/rd#?%&x y"
+    conn = mysql_connect(None)
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE USER '{name}'@'%%' IDENTIFIED BY %s", (password,))
+        cur.execute(f"GRANT SELECT ON `{mysql_db}`.* TO '{name}'@'%'")
+    yield name, password
+    with conn.cursor() as cur:
+        cur.execute(f"DROP USER IF EXISTS '{name}'@'%'")
+    conn.close()
+
+
+def test_a_password_with_url_delimiters_reaches_connectorx_and_never_shows(mysql_db, mysql_user):
+    user, password = mysql_user
+    execute(mysql_db, "CREATE TABLE v (i INT)", "INSERT INTO v VALUES (1), (2)")
+    src = MySQLSource(spec(mysql_db, user=user, password=Secret(password)))
+    try:
+        chunks = list(src.read("SELECT i FROM v", "i", None, resume=False, fetch_size=10))
+        assert [i for c in chunks for i in c.data.column("i").to_pylist()] == [1, 2]
+        with pytest.raises(SourceError) as info:
+            list(src.read("SELECT i, (SELECT 1 UNION SELECT 2) AS two FROM v", "i", None, resume=False, fetch_size=10))
+        with pytest.raises(SourceError) as denied:
+            src.probe("SELECT * FROM mysql.user", None)
+    finally:
+        src.close()
+    for exc in (info.value, denied.value):
+        text = str(exc)
+        assert password not in text and "p%40ss" not in text and "w%2Frd" not in text, text
+
+
+def test_text_keys_longer_than_the_servers_sort_prefix_are_exact_or_refused(tmp_path, mysql_db, monkeypatch):
+    """The server orders text on its first max_sort_length bytes only: 'P..a', 'P..c', 'P..b' (sharing 70 bytes) come
+    back in any order. A page of 'P..a', 'P..c' that went on from 'P..c' lost 'P..b' silently; the page now holds back
+    every row sharing the prefix, and the order within them is checked: the run is exact or stops saying so."""
+    monkeypatch.setattr(src_mod, "SOURCE_SESSION", (*src_mod.SOURCE_SESSION, "SET SESSION max_sort_length = 64"))
+    monkeypatch.setattr(src_mod, "FIRST_PAGE_ROWS", 2)
+    monkeypatch.setattr(src_mod, "MIN_PAGE_ROWS", 2)
+    prefix = "p" * 70
+    execute(
+        mysql_db,
+        "CREATE TABLE v (i INT AUTO_INCREMENT PRIMARY KEY, k VARCHAR(100))",
+        "INSERT INTO v (k) VALUES (%s)",
+        params=[(prefix + s,) for s in "bcda"],  # MariaDB 10.11 answers LIMIT 2 with ..a, ..c
+    )
+    res = resource(tmp_path, mysql_db, "SELECT i, k FROM v", "k", batch=1)
+    try:
+        list(run_pipeline(res, MemoryCheckpointStore()))
+    except OrderingError as exc:
+        assert "went backwards" in str(exc)
+        return
+    assert_same_rows(rows_of(mysql_db, "SELECT i, k FROM v"), output_rows(tmp_path / "out" / "t"))
+
+
+def test_max_value_compares_whole_text_beyond_the_sort_prefix(mysql_db, monkeypatch):
+    monkeypatch.setattr(src_mod, "SOURCE_SESSION", (*src_mod.SOURCE_SESSION, "SET SESSION max_sort_length = 64"))
+    prefix = "p" * 70
+    execute(
+        mysql_db,
+        "CREATE TABLE v (k TEXT, b BLOB)",
+        "INSERT INTO v VALUES (%s, %s)",
+        params=[(prefix + s, (prefix + s).encode()) for s in "azmb"],
+    )
+    src = MySQLSource(spec(mysql_db))
+    try:
+        assert src.max_value("SELECT k FROM v", "k") == prefix + "z"
+        assert src.max_value("SELECT b FROM v", "b") == (prefix + "z").encode()
+    finally:
+        src.close()

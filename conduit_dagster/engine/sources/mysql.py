@@ -7,7 +7,9 @@ client-side binding (``cursor.mogrify``): that is exactly what PyMySQL's bound p
 mysqlclient binds on the server over MySQL's text protocol. Same escaping, no value is ever formatted by hand; bytes
 are sent as ``X'..'`` literals, timestamps as text CAST to ``DATETIME(6)``.
 
-Sessions: ``engine/mysql.py``'s (UTC, utf8mb4, long network timeouts), read only.
+Sessions: ``engine/mysql.py``'s (UTC, utf8mb4, long network timeouts), read only. The query is read as MySQL reads
+it (backslash escapes in strings, ``#`` and ``-- `` comments, ``/*! */`` kept) to strip a trailing ``;`` or comment
+and find ``:last_value``.
 
 Types. Each result column's MySQL type comes from a PyMySQL probe (``LIMIT 0``, with the server's character set
 conversion off so each text column reports its own collation), and the column is selected as something ConnectorX
@@ -29,15 +31,20 @@ LIMIT n``), the rows equal to a page's last key held back and read again whole w
 or read twice. The server orders text and binary values on their first ``max_sort_length`` bytes only (1024 by
 default; raising it fails with "Out of sort memory"), so for such keys the held-back run is the rows sharing the last
 one's first ``max_sort_length`` bytes. A read without a checkpoint column cannot be paged: it is one query through
-PyMySQL's unbuffered cursor (about 5x slower than ConnectorX, memory bounded by one batch).
+PyMySQL's unbuffered cursor (about 5x slower than ConnectorX, memory bounded by one batch). Pages are separate
+statements, so rows that change while a read runs are met as they are across a resume: keyset reading never looks
+behind itself.
 
 Resume. Keyset reads are exact only if the server's ORDER BY and ``>`` agree with the equality and order of the
 values conduit hands over. Text is ordered and compared as its UTF-8 bytes (``CAST(CONVERT(k USING utf8mb4) AS
 BINARY)``), which is Python's order of str, whatever the column's collation (case- and accent-insensitive, PAD SPACE,
-latin1). Dates and timestamps compare with the bound value CAST to ``DATETIME(6)``, so a value is never rounded to the
-column's precision. NULL keys sort first, so the first chunk holding one stops the read before anything is written
-(and a resumed read asks for them too); zero or impossible dates in a date key are looked for on a second connection
-before the first chunk is handed over. FLOAT, TIME, BIT, JSON and spatial keys are refused.
+latin1). Dates and timestamps compare with the bound value CAST to ``DATE`` / ``DATETIME(6)``, so a value is never
+rounded or cut to the column's precision. NULL keys sort first, so the first chunk holding one stops the read before
+anything is written (and a resumed read asks for them too); zero or impossible dates in a date key are looked for on a
+second connection before the first chunk is handed over. FLOAT, TIME, BIT, JSON and spatial keys are refused, naming
+the CAST that makes them exact. An incremental load (``:last_value``) on a text key is refused unless the column's
+collation is code point order with trailing spaces significant (``utf8mb4_nopad_bin``, ``utf8mb4_0900_bin``): the
+query's own ``k >= :last_value`` compares with the column's collation, which conduit cannot change.
 """
 
 import contextlib
@@ -499,15 +506,20 @@ class MySQLSource:
             _cols, key, text = self._plan(query, column)
             assert key is not None
             raw = f"conduit_src.{quote_ident(column)}"
-            sql = f"SELECT {raw} FROM (\n{text}\n) AS conduit_src WHERE {raw} IS NOT NULL ORDER BY {key.expr(raw)} DESC LIMIT 1"
+            if key.kind in ("text", "bytes"):  # max() compares whole values; ORDER BY only their first max_sort_length bytes
+                sql = f"SELECT MAX({key.expr(raw)}) FROM (\n{text}\n) AS conduit_src"
+            else:
+                sql = f"SELECT {raw} FROM (\n{text}\n) AS conduit_src WHERE {raw} IS NOT NULL ORDER BY {raw} DESC LIMIT 1"
             with self.conn.cursor() as cur:
                 cur.execute(sql, self._params())
                 row = cur.fetchone()
         except pymysql.MySQLError as exc:
             raise self._fail("query failed", exc) from None
-        if row is None:
+        if row is None or row[0] is None:
             return None
         value = row[0]
+        if key.kind == "text":
+            return bytes(value).decode("utf-8")
         if key.kind in ("date", "datetime", "timestamp") and not isinstance(value, dt.date):
             raise self._zero_date_error(column, value)
         if key.kind == "timestamp":
