@@ -779,8 +779,10 @@ class _Reader:
         while True:
             rows = 0
             nbytes = 0
-            held: list[Chunk] = []  # the rows the server orders as equal to the last one seen
-            held_sort: pa.Scalar | None = None
+            # the last chunks read, from the one where the current run of equal values began: handed over whole once a
+            # later chunk shows a different value (so the run ends inside this page), else held to the page's end
+            pending: list[Chunk] = []
+            pending_last: pa.Scalar | None = None
             for chunk in self.chunks(self.sql(start, inclusive, limit)):
                 keys = chunk.keys
                 assert isinstance(keys, pa.Array)
@@ -789,23 +791,25 @@ class _Reader:
                 rows += chunk.data.num_rows
                 nbytes += chunk.data.nbytes
                 sort = self._sort_keys(keys)
-                last = sort[-1]
-                tail = _trailing_tie(sort, last)
-                if tail == 0 and held_sort is not None and held_sort == last:
-                    held.append(chunk)  # the whole chunk continues the held run
+                if pending_last is not None and pc.all(pc.equal(sort, pending_last)).as_py():
+                    pending.append(chunk)  # the run goes on
                     continue
-                yield from held
-                if tail > 0:
-                    yield Chunk(chunk.data.slice(0, tail), keys.slice(0, tail))
-                held, held_sort = [Chunk(chunk.data.slice(tail), keys.slice(tail))], last
+                yield from pending
+                pending, pending_last = [chunk], sort[-1]
             if rows < limit:  # the last page: everything is in
-                yield from held
+                yield from pending
                 return
-            assert held_sort is not None
-            if sum(h.data.num_rows for h in held) == rows:
+            assert pending_last is not None
+            first = pending[0]
+            assert isinstance(first.keys, pa.Array)
+            tail = _trailing_tie(self._sort_keys(first.keys), pending_last)
+            held = first.data.num_rows - tail + sum(c.data.num_rows for c in pending[1:])
+            if held == rows:
                 limit *= 2  # one run fills the page: read it again in a larger one
                 continue
-            start, inclusive = held_sort.as_py(), True
+            if tail:
+                yield Chunk(first.data.slice(0, tail), first.keys.slice(0, tail))
+            start, inclusive = pending_last.as_py(), True
             per_row = max(nbytes // max(rows, 1), 1)
             limit = min(max(PAGE_BYTES // per_row, self.fetch_size, MIN_PAGE_ROWS), MAX_PAGE_ROWS)
 
