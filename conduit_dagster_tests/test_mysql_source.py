@@ -816,3 +816,33 @@ def test_max_value_compares_whole_text_beyond_the_sort_prefix(mysql_db, monkeypa
         assert src.max_value("SELECT b FROM v", "b") == (prefix + "z").encode()
     finally:
         src.close()
+
+
+@pytest.mark.parametrize("column", ["i", None])
+def test_a_connection_killed_mid_read_fails_instead_of_ending_short(mysql_db, column):
+    """Both routes (ConnectorX pages, PyMySQL's unbuffered cursor): a read whose connection dies raises, never ends as if
+    the rows were all there."""
+    execute(
+        mysql_db,
+        "CREATE TABLE v (i INT PRIMARY KEY, p VARCHAR(100))",
+        "INSERT INTO v SELECT seq, REPEAT('x', 100) FROM seq_1_to_300000",
+    )
+    src = MySQLSource(spec(mysql_db))
+    killer = mysql_connect(None)
+    seen = 0
+    try:
+        with pytest.raises(SourceError, match="read failed"):
+            for chunk in src.read("SELECT i, p, 'conduit-kill-me' AS tag FROM v", column, None, resume=False, fetch_size=1000):
+                if seen == 0:
+                    with killer.cursor() as cur:
+                        cur.execute(
+                            "SELECT ID FROM information_schema.PROCESSLIST WHERE INFO LIKE %s AND INFO NOT LIKE %s",
+                            ("%conduit-kill-me%", "%PROCESSLIST%"),
+                        )
+                        for (pid,) in cur.fetchall():
+                            cur.execute(f"KILL {int(pid)}")
+                seen += chunk.data.num_rows
+    finally:
+        src.close()
+        killer.close()
+    assert seen < 300000

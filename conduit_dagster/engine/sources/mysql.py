@@ -733,20 +733,23 @@ class _Reader:
         raw = [_raw_type(c) for c in self.cols] + [pa.uint64()] * len(self.mask_names)
         names = [c.name for c in self.cols] + self.mask_names
         conn = self.source._connect()
+        cur = conn.cursor(pymysql.cursors.SSCursor)
         try:
-            with conn.cursor(pymysql.cursors.SSCursor) as cur:
-                cur.execute(sql)
-                while True:
-                    rows = cur.fetchmany(self.fetch_size)
-                    if not rows:
-                        return
-                    columns = list(zip(*rows, strict=True))
-                    yield pa.RecordBatch.from_arrays(
-                        [pa.array(v, type=t) for v, t in zip(columns, raw, strict=True)], names=names
-                    )
+            cur.execute(sql)
+            while True:
+                rows = cur.fetchmany(self.fetch_size)
+                if not rows:
+                    return
+                columns = list(zip(*rows, strict=True))
+                yield pa.RecordBatch.from_arrays([pa.array(v, type=t) for v, t in zip(columns, raw, strict=True)], names=names)
         except pymysql.MySQLError as exc:
             raise self.source._fail("read failed", exc) from None
         finally:
+            result = getattr(cur, "_result", None)
+            if result is not None and getattr(result, "unbuffered_active", False):
+                # a stream stopped early or broken: drop the connection; PyMySQL would read the rest of the rows first
+                # (or fail doing so on a dead socket)
+                result.unbuffered_active = False
             with contextlib.suppress(pymysql.MySQLError):
                 conn.close()
 
