@@ -30,6 +30,11 @@ equal to the source (count, and sums over id, n, hashtext(payload), score and ts
     .venv/bin/python bench/pg_to_pg.py --rows 5000000 --repeat 3 --methods floor,conduit,conduit@100000
 
 A method `conduit@N` is conduit with `batch_size: N` (plain `conduit`: --batch-size, else the default).
+The method `before` is conduit run from another source tree, given by --before (an older commit's, say), in
+the same alternation: a before/after comparison under the same load.
+
+    git archive <commit> conduit_dagster | tar -x -C /tmp/before
+    .venv/bin/python bench/pg_to_pg.py --repeat 5 --methods floor,before,conduit --before /tmp/before
 """
 
 import argparse
@@ -97,10 +102,11 @@ resources:
     return path
 
 
-def run_waited(cmd: list[str]) -> tuple[float, int, str]:
-    """As run_measured, reaping the process with wait4() itself so that its rusage (and its children's) is known."""
+def run_waited(cmd: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS in MB and standard output of one process tree (reaped with wait4(): the rusage covers
+    the process and its waited-for children)."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd)
     assert proc.stdout is not None and proc.stderr is not None
     out = proc.stdout.read()
     err = proc.stderr.read()
@@ -112,10 +118,15 @@ def run_waited(cmd: list[str]) -> tuple[float, int, str]:
     return wall, usage.ru_maxrss // 1024, out.decode()
 
 
-def measure(method: str, rows: int, batch_size: int | None) -> dict:
+def measure(method: str, rows: int, batch_size: int | None, before: str | None = None) -> dict:
     if "@" in method:
         method, size = method.split("@", 1)
         batch_size = int(size)
+    env = None
+    if method == "before":
+        if not before:
+            raise SystemExit("the method `before` needs --before DIR (a source tree holding conduit_dagster/)")
+        env = dict(os.environ, PYTHONPATH=before)  # found before the installed (editable) conduit_dagster
     sql(f"CREATE SCHEMA IF NOT EXISTS {OUT_SCHEMA}")
     if method == "floor":
         sql(f"DROP TABLE IF EXISTS {OUT_SCHEMA}.{FLOOR_TABLE}")
@@ -132,7 +143,7 @@ def measure(method: str, rows: int, batch_size: int | None) -> dict:
         sql(f"DROP TABLE IF EXISTS {OUT_SCHEMA}.{CONDUIT_TABLE}")
         sql("CHECKPOINT")
         cmd = [sys.executable, "-m", "conduit_dagster.engine", "run", "--file", str(ingest), "--checkpoint-dir", str(out / "cp")]
-        wall, rss, text = run_waited(cmd)
+        wall, rss, text = run_waited(cmd, env=env, cwd=str(out))  # not from a checkout's folder, which -m would import
         done = [line for line in text.splitlines() if ": done, " in line]
         if not done or f"done, {rows} rows this run" not in done[-1]:
             raise SystemExit(f"conduit did not load {rows} rows:\n{text[-2000:]}")
@@ -161,6 +172,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--batch-size", type=int, default=None, help="conduit's batch_size (default: conduit's default)")
+    parser.add_argument("--before", help="a source tree holding conduit_dagster/, for the method `before`")
     args = parser.parse_args()
 
     import psycopg2
@@ -177,20 +189,23 @@ def main() -> int:
         f"psycopg2 {psycopg2.__version__.split()[0]}, {psql_version}, server {server} ({settings})"
     )
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    here = Path(__file__).resolve().parent.parent
+    commit = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    print(f"conduit: {here} at {commit.stdout.strip() or '?'}" + (f"; before: {args.before}" if args.before else ""))
     print(f"conduit batch_size: {args.batch_size or f'default ({DEFAULT_BATCH_SIZE})'}")
     print(f"load average at start (a shared machine inflates and scatters every figure): {os.getloadavg()[0]:.2f}")
     ensure_table(args.rows)
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for rep in range(args.repeat):
         for method in methods if rep % 2 == 0 else list(reversed(methods)):
-            r = measure(method, args.rows, args.batch_size)
+            r = measure(method, args.rows, args.batch_size, args.before)
             results[method].append(r)
             extra = f"  {r['batches']} batches" if "batches" in r else ""
             print(f"  rep {rep + 1} {method:16s} {r['wall']:7.2f} s  {r['rss']:5d} MB{extra}", flush=True)
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
     expected = fingerprint(f"public.{table_name(args.rows)}")
     for method, table in (("floor", FLOOR_TABLE), ("conduit", CONDUIT_TABLE)):
-        if any(m.split("@")[0] == method for m in results):
+        if any(m.split("@")[0] in ((method, "before") if method == "conduit" else (method,)) for m in results):
             got = fingerprint(f"{OUT_SCHEMA}.{table}")
             verdict = "yes" if got == expected else f"NO {got}"
             print(f"{method} output (last run) equals the source (count and column sums): {verdict}")

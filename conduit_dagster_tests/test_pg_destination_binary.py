@@ -187,3 +187,34 @@ def test_a_value_too_large_for_the_existing_column_is_refused(pg, pg_schema):
     with pytest.raises(DestinationError, match="out of range for type smallint"):
         load(pg_schema, table, mode="append", name="theirs")
     assert text_rows(pg, f"{pg_schema}.theirs", ["id", "small"]) == []
+
+
+@pytest.mark.parametrize("route", ["binary", "csv"])
+def test_timestamps_of_any_year_postgresql_holds_land_by_either_route(pg, pg_schema, route):
+    """PostgreSQL holds timestamps from 4714 BC to 294276 AD; Arrow writes zoned ones past the year 32767 with a
+    wrong year (287168 as 24855), and naive ones only for the years 0 to 32767."""
+    columns = {
+        "id": pa.array([1, 2, 3, 4, 5, 6], pa.int64()),
+        "ts": pa.array(
+            [
+                9_000_000_000_000_000_000,
+                -62_135_596_800_000_000,  # 0001-01-01
+                -62_135_596_800_000_001,  # a microsecond earlier: 1 BC
+                -210_866_803_200_000_000,  # PostgreSQL's first instant
+                None,
+                253_402_300_800_000_000,  # 10000-01-01
+            ],
+            pa.timestamp("us", tz="UTC"),
+        ),
+    }
+    if route == "csv":
+        columns["dec"] = pa.array([None] * 6, pa.decimal128(5, 1))
+    load(pg_schema, pa.table(columns))
+    assert text_rows(pg, f"{pg_schema}.out", ["id", "ts"]) == [
+        ("1", "287168-08-24 16:00:00+00"),
+        ("2", "0001-01-01 00:00:00+00"),
+        ("3", "0001-12-31 23:59:59.999999+00 BC"),
+        ("4", "4714-11-24 00:00:00+00 BC"),
+        ("5", None),
+        ("6", "10000-01-01 00:00:00+00"),
+    ]
