@@ -846,3 +846,42 @@ def test_a_connection_killed_mid_read_fails_instead_of_ending_short(mysql_db, co
         src.close()
         killer.close()
     assert seen < 300000
+
+
+def test_dagster_job_row_count_check_and_sensor_on_a_text_key(tmp_path, mysql_db, monkeypatch):
+    """Through Dagster: the asset's kinds, the row-count check, and a sensor whose checkpoint column is text on a
+    case-insensitive, PAD SPACE collation: 'á ' after 'á' is a newer value (the collation's own max() sees none)."""
+    from dagster import DagsterInstance, RunRequest, SkipReason, build_sensor_context
+
+    from conduit_dagster.definitions import build_definitions
+
+    execute(
+        mysql_db,
+        "CREATE TABLE v (i INT, k VARCHAR(10))",
+        "INSERT INTO v VALUES (%s, %s)",
+        params=[(i, k) for i, k in enumerate(["A", "a", "á", "b", "x"])],
+    )
+    path = write_ingest(
+        tmp_path,
+        _yaml_source(mysql_db, "    resume: true\n    checkpoint_column: k\n")
+        + "destinations:\n  - name: lake\n    type: local\n    path: lake\n"
+        + "resources:\n  - name: words\n    source: shop\n    destination: lake\n    batch_size: 2\n    sensor: true\n"
+        + "    query: SELECT i, k FROM v\n",
+    )
+    monkeypatch.setenv("CONDUIT_CHECKPOINT_DIR", str(tmp_path / "cps"))
+    defs = build_definitions(path)
+    asset = next(iter(defs.resolve_all_asset_specs()))
+    assert "mysql" in asset.kinds
+    (sensor,) = defs.sensors or []
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("ingest_words").execute_in_process(instance=instance)
+        assert result.success
+        (check,) = [e for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+        evaluation = check.event_specific_data
+        assert evaluation.passed and evaluation.metadata["conduit/source_rows"].value == 5
+        quiet = sensor(build_sensor_context(instance=instance, resources=defs.resources))
+        assert isinstance(quiet, SkipReason) and "no rows beyond k = 'á'" in quiet.skip_message
+        execute(mysql_db, "INSERT INTO v VALUES (5, 'á ')")
+        again = sensor(build_sensor_context(instance=instance, resources=defs.resources))
+        assert isinstance(again, RunRequest) and again.tags["conduit/newest"] == "á "
+    assert sorted(output_rows(tmp_path / "lake" / "words")) == sorted(rows_of(mysql_db, "SELECT i, k FROM v WHERE i < 5"))
