@@ -885,3 +885,17 @@ def test_dagster_job_row_count_check_and_sensor_on_a_text_key(tmp_path, mysql_db
         again = sensor(build_sensor_context(instance=instance, resources=defs.resources))
         assert isinstance(again, RunRequest) and again.tags["conduit/newest"] == "á "
     assert sorted(output_rows(tmp_path / "lake" / "words")) == sorted(rows_of(mysql_db, "SELECT i, k FROM v WHERE i < 5"))
+
+
+def test_expressions_spatial_and_mariadb_types_read_as_pymysql_reads_them(mysql_db):
+    query = (
+        "SELECT 1 AS i, POINT(1, 2) AS g, JSON_OBJECT('a', 1.10) AS j, NULL AS n, 1.5e0 AS d, 2 / 3 AS q, "
+        "CAST('::1' AS INET6) AS ip, CAST('123e4567-e89b-12d3-a456-426614174000' AS UUID) AS u, "
+        "SUM(1) AS s, b'101' AS bits, _latin1 x'80' AS euro"
+    )
+    table = read_all(mysql_db, query, "i")
+    (row,) = table.to_pylist()
+    (want,) = rows_of(mysql_db, query)
+    assert table.schema.field("g").type == pa.binary()  # MariaDB's own bytes (SRID + WKB), as PyMySQL gives them
+    assert table.schema.field("q").type == pa.decimal128(5, 4) and table.schema.field("s").type == pa.decimal128(23, 0)
+    assert list(row.values()) == [bytes(v) if isinstance(v, bytearray) else v for v in want]
