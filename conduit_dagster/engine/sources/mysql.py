@@ -397,9 +397,9 @@ class MySQLSource:
         raise SourceError(
             f"source {self.spec.name!r}: incremental column {k!r} is text with collation {collation}, so the query's "
             f"`{k} >= :last_value` compares ignoring case, accents or trailing spaces and could skip or repeat rows. "
-            f"Compare it byte-wise in the query and select it the same way (e.g. `SELECT ..., {k} COLLATE "
-            f"utf8mb4_nopad_bin AS {k} ... WHERE {k} COLLATE utf8mb4_nopad_bin >= :last_value`), or use a numeric or "
-            "timestamp incremental_column"
+            f"Select and compare it in code point order in the query (e.g. `SELECT ..., CONVERT({k} USING utf8mb4) "
+            f"COLLATE utf8mb4_nopad_bin AS {k} ... WHERE CONVERT({k} USING utf8mb4) COLLATE utf8mb4_nopad_bin >= "
+            ":last_value`), or use a numeric or timestamp incremental_column"
         )
 
     def _collation(self, collation_id: int) -> str:
