@@ -4,6 +4,7 @@ Each test runs the real engine into local Parquet and checks the destination's r
 """
 
 import datetime as dt
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from conduit_dagster.engine.runner import BatchCommitted, RunFinished, run_pipel
 from conduit_dagster.engine.sources import open_source
 from conduit_dagster.engine.sources.sqla import KeyPlan, SqlaSource, key_plan
 from conduit_dagster.engine.spec import load_spec
-from conduit_dagster_tests.conftest import mysql_connect, write_ingest
+from conduit_dagster_tests.conftest import PG_DSN, mysql_connect, write_ingest
 from conduit_dagster_tests.helpers import assert_same_rows, output_rows
 
 # --- the three databases, behind one small interface ----------------------------------------------------------
@@ -29,7 +30,7 @@ from conduit_dagster_tests.helpers import assert_same_rows, output_rows
 class Db:
     """A database the test fills through its own driver, and the SQLAlchemy URL conduit reads it by."""
 
-    def __init__(self, kind: str, tmp_path: Path, mysql_db: str | None = None) -> None:
+    def __init__(self, kind: str, tmp_path: Path, mysql_db: str | None = None, pg_schema: str | None = None) -> None:
         self.kind = kind
         if kind == "sqlite":
             self.path = tmp_path / "src.db"
@@ -37,6 +38,9 @@ class Db:
         elif kind == "duckdb":
             self.path = tmp_path / "src.duckdb"
             self.url = "duckdb:///src.duckdb"
+        elif kind == "postgresql":  # the test's own schema first in the search path, so that queries name bare tables
+            self.schema = pg_schema
+            self.url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{pg_schema}"
         else:
             self.database = mysql_db
             self.url = f"mysql+pymysql://root@127.0.0.1:3306/{mysql_db}"
@@ -48,6 +52,10 @@ class Db:
             import duckdb
 
             return duckdb.connect(str(self.path))
+        if self.kind == "postgresql":
+            import psycopg2
+
+            return psycopg2.connect(PG_DSN, options=f"-c search_path={self.schema}")
         return mysql_connect(self.database)
 
     def run(self, sql: str, rows: list[tuple] | None = None) -> None:
@@ -57,7 +65,7 @@ class Db:
             if rows is None:
                 cur.execute(sql)
             else:
-                mark = "%s" if self.kind == "mariadb" else "?"
+                mark = "%s" if self.kind in ("mariadb", "postgresql") else "?"
                 cur.executemany(sql.replace("?", mark), rows)
             conn.commit()
         finally:
@@ -408,3 +416,152 @@ def test_postgresql_through_sqlalchemy_text_keys_in_c_order_and_char_refused(tmp
     res = resource(tmp_path, url, f"SELECT id, c FROM {pg_schema}.words", column="c", batch=4)
     with pytest.raises(SourceError, match=r"checkpoint column 'c' has type character, .*Use `type: postgresql`"):
         list(run_pipeline(res, MemoryCheckpointStore(), run_id="r"))
+
+
+# --- values bound exactly, queries read as their database reads them, values Python cannot hold ---------------------
+
+
+@pytest.fixture(params=["mariadb", "duckdb", "postgresql"])
+def decimal_db(request, tmp_path) -> Db:
+    if request.param == "mariadb":
+        return Db("mariadb", tmp_path, request.getfixturevalue("mysql_db"))
+    if request.param == "postgresql":
+        return Db("postgresql", tmp_path, pg_schema=request.getfixturevalue("pg_schema"))
+    return Db("duckdb", tmp_path)
+
+
+@pytest.mark.parametrize("crash_at", [1, 2])
+def test_decimal_keys_differing_in_the_20th_digit_resume_exactly(decimal_db, tmp_path, crash_at):
+    # DuckDB has no native decimal for SQLAlchemy: a Decimal bound with SQLAlchemy's own Numeric type became the float
+    # 1.0, and `k > 1.0` skipped ...02 and ...03 on resume
+    db = decimal_db
+    db.run("CREATE TABLE v (i INT, k DECIMAL(38, 20))")
+    keys = ["1.00000000000000000001", "1.00000000000000000002", "1.00000000000000000003", "1.00000000000000000003", "2.5"]
+    rows = [(i, Decimal(k)) for i, k in enumerate(keys)]
+    db.run("INSERT INTO v VALUES (?, ?)", rows)
+    res = resource(tmp_path, db.url, "SELECT i, k FROM v", column="k", batch=1)
+    store = MemoryCheckpointStore()
+    crash_after(res, store, crash_at)
+    assert store.load("t").last_value == Decimal(keys[crash_at - 1])
+    finish(res, store)
+    assert_same_rows(db.rows("SELECT i, k FROM v"), output_rows(tmp_path / "out" / "t"))
+    with closing(open_source(res.source)) as src:
+        assert src.count(res.query, ("k", Decimal("1.00000000000000000002"))) == 2
+
+
+def test_decimal_last_value_is_bound_exactly(tmp_path):
+    db = Db("duckdb", tmp_path)
+    db.run("CREATE TABLE v (i INT, k DECIMAL(38, 20))")
+    db.run("INSERT INTO v VALUES (?, ?)", [(1, Decimal("1.00000000000000000001")), (2, Decimal("1.00000000000000000002"))])
+    extra = "    incremental_column: k\n    initial_value: 0\n"
+    res = resource(tmp_path, db.url, "SELECT i, k FROM v WHERE k > :last_value", column=None, batch=10, extra=extra)
+    store = MemoryCheckpointStore()
+    list(run_pipeline(res, store, run_id="one"))
+    assert store.load_state("t").last_value == Decimal("1.00000000000000000002")
+    db.run("INSERT INTO v VALUES (?, ?)", [(3, Decimal("1.00000000000000000003"))])
+    second = list(run_pipeline(res, store, run_id="two"))[-1]
+    assert second.rows_this_run == 1  # not 3: `k > 1.0` would load the first two again
+    assert_same_rows(db.rows("SELECT i, k FROM v"), output_rows(tmp_path / "out" / "t"))
+
+
+MYSQL_QUERIES = [
+    "SELECT id FROM v WHERE id > 1--1",  # MySQL: id > 1 - (-1); `--` starts a comment only before a space
+    "SELECT id FROM v WHERE id > 1 -- not 1\\nAND id < 4",
+    "SELECT id FROM v  # don't stop at this quote\\nWHERE id > 2",
+    "SELECT id FROM v WHERE id <> 'it\\\\'s' # a backslash escape\\nAND id > 1",
+]
+
+
+@pytest.mark.parametrize("query", MYSQL_QUERIES)
+@pytest.mark.parametrize("column", [None, "id"])
+def test_mysql_dialect_reads_the_query_as_mysql_does(tmp_path, mysql_db, query, column):
+    db = Db("mariadb", tmp_path, mysql_db)
+    db.run("CREATE TABLE v (id INT PRIMARY KEY)")
+    db.run("INSERT INTO v VALUES (?)", [(i,) for i in range(1, 6)])
+    res = resource(tmp_path, db.url, f'"{query}"', column=column, batch=1)
+    want = db.rows(res.query)
+    assert want and len(want) < 5
+    store = MemoryCheckpointStore()
+    if column is not None and len(want) > 1:
+        crash_after(res, store, 1)
+    finish(res, store)
+    assert_same_rows(want, output_rows(tmp_path / "out" / "t"))
+
+
+def test_mysql_dialect_last_value_placeholder_as_mysql_reads_it(tmp_path, mysql_db):
+    db = Db("mariadb", tmp_path, mysql_db)
+    db.run("CREATE TABLE v (id INT PRIMARY KEY)")
+    db.run("INSERT INTO v VALUES (?)", [(i,) for i in range(1, 6)])
+    extra = "    incremental_column: id\n    initial_value: 3\n"
+    res = resource(
+        tmp_path, db.url, '"SELECT id FROM v # isn\'t :last_value\\nWHERE id >= :last_value"', column=None, extra=extra
+    )
+    list(run_pipeline(res, MemoryCheckpointStore(), run_id="one"))
+    assert sorted(r[0] for r in output_rows(tmp_path / "out" / "t")) == [3, 4, 5]
+    # MySQL sees no placeholder (a # comment) where standard SQL sees one: refused, whichever way it is declared
+    for more in (extra, ""):
+        with pytest.raises(SpecError, match=r"query.*MySQL, which reads this query's :last_value inside a comment"):
+            resource(tmp_path, db.url, '"SELECT id FROM v # WHERE id >= :last_value"', column=None, extra=more)
+    # on another dialect `--1` is a comment, as there
+    sqlite = Db("sqlite", tmp_path)
+    sqlite.run("CREATE TABLE v (id INTEGER)")
+    sqlite.run("INSERT INTO v VALUES (?)", [(i,) for i in range(1, 6)])
+    res = resource(tmp_path, sqlite.url, "SELECT id FROM v WHERE id > 1--1", column="id")
+    finish(res, MemoryCheckpointStore())
+    assert sorted(r[0] for r in output_rows(tmp_path / "out" / "t")) == [2, 3, 4, 5]
+
+
+def test_duckdb_infinity_dates_and_timestamps_are_refused(tmp_path):
+    db = Db("duckdb", tmp_path)
+    db.run("CREATE TABLE v (i INT, d DATE, ts TIMESTAMP, tz TIMESTAMPTZ)")
+    edges = [
+        (1, "2024-01-01", "2024-01-01 00:00:00", "2024-01-01 00:00:00+00"),
+        (2, "9999-12-31", "9999-12-31 23:59:59.999999", "9999-12-31 23:59:59.999999+00"),
+        (3, "0001-01-01", "0001-01-01 00:00:00", "0001-01-01 00:00:00+00"),
+    ]
+    db.run("INSERT INTO v VALUES (?, ?, ?, ?)", edges)
+    # the largest and smallest real values load as they are
+    res = resource(tmp_path, db.url, "SELECT i, d, ts, tz FROM v", column="ts", batch=1)
+    store = MemoryCheckpointStore()
+    crash_after(res, store, 2)
+    finish(res, store)
+    got = sorted(output_rows(tmp_path / "out" / "t"))
+    assert [(r[0], r[1], r[2]) for r in got] == [
+        (1, dt.date(2024, 1, 1), dt.datetime(2024, 1, 1)),
+        (2, dt.date.max, dt.datetime.max),
+        (3, dt.date.min, dt.datetime.min),
+    ]
+    with closing(open_source(res.source)) as src:
+        assert src.max_value(res.query, "ts") == dt.datetime.max
+    # infinity arrives as those same values: refused, naming the column, whether it is the key or not
+    for column, value in {"d": "'infinity'::DATE", "ts": "'-infinity'::TIMESTAMP", "tz": "'infinity'::TIMESTAMPTZ"}.items():
+        query = f"SELECT i, {value} AS {column} FROM v"
+        for key in ("i", column):
+            res = resource(tmp_path, db.url, f'"{query}"', column=key, batch=1)
+            with pytest.raises(SourceError, match=rf"column '{column}' holds infinity or -infinity.*isfinite\({column}\)"):
+                list(run_pipeline(res, MemoryCheckpointStore(), run_id="r"))
+        with closing(open_source(res.source)) as src, pytest.raises(SourceError, match=f"column '{column}' holds infinity"):
+            src.max_value(res.query, column)
+
+
+def test_postgresql_numeric_key_with_a_later_nan_is_refused(tmp_path, pg_schema):
+    db = Db("postgresql", tmp_path, pg_schema=pg_schema)
+    db.run("CREATE TABLE v (i int, k numeric)")
+    db.run("INSERT INTO v VALUES (?, ?)", [(1, Decimal(1)), (2, Decimal(2)), (3, Decimal("NaN")), (4, Decimal("NaN"))])
+    res = resource(tmp_path, db.url, "SELECT i, k FROM v", column="k", batch=10)
+    with pytest.raises(OrderingError, match=r"checkpoint column 'k' holds NaN \(row 3 of the read\).*WHERE k <> 'NaN'"):
+        list(run_pipeline(res, MemoryCheckpointStore(), run_id="r"))
+    with closing(open_source(res.source)) as src, pytest.raises(OrderingError, match="checkpoint column 'k' holds NaN"):
+        src.max_value(res.query, "k")
+
+
+def test_a_read_stopped_early_logs_nothing(db, tmp_path, caplog):
+    events(db, 3000)
+    res = resource(tmp_path, db.url, "SELECT id, ts FROM events")
+    with closing(open_source(res.source)) as src, caplog.at_level(logging.WARNING):
+        for column in (None, "id"):
+            chunks = src.read(res.query, column, None, resume=False, fetch_size=100)
+            assert next(chunks).data.num_rows == 100
+            chunks.close()
+            assert src.count(res.query) == 3000  # the source goes on working
+    assert [r.getMessage() for r in caplog.records] == []

@@ -22,7 +22,7 @@ import json
 import operator
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -30,15 +30,18 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.types import NullType
 
+from conduit_dagster.engine import sql
 from conduit_dagster.engine.backends import SourceBackend, register_source_backend
-from conduit_dagster.engine.errors import ConduitError, OrderingError, SourceError
+from conduit_dagster.engine.errors import ConduitError, OrderingError, SourceError, SpecError
+from conduit_dagster.engine.sources import mysql as mysql_source
 from conduit_dagster.engine.sources.base import Chunk, key_index
 from conduit_dagster.engine.spec import Secret, _Entry
-from conduit_dagster.engine.sql import _NAMED, _scan, clean_query, uses_last_value
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,31 @@ _MYSQL = frozenset({"mysql", "mariadb"})
 _MYSQL_UTF8 = frozenset({"utf8mb4", "utf8mb3", "utf8", "ascii", "binary"})
 # PostgreSQL types compared exactly under COLLATE "C" (char(n), citext, enums... are not: use `type: postgresql`)
 _PG_TEXT = frozenset({"text", "character varying", "name"})
+
+
+# --- the query's text, read as its database reads it --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Syntax:
+    """How a dialect's query text splits into code, strings and comments: where ``:last_value`` is a placeholder, and
+    what trailing comments and ';' are cut. MySQL differs from standard SQL: ``--`` starts a comment only when a space
+    follows (``id > 1--1`` is arithmetic), ``#`` starts one too, and a backslash escapes a quote inside a string."""
+
+    scan: Callable[[str], list[tuple[int, int, str]]]
+    clean: Callable[[str], str]
+    named: re.Pattern[str]
+
+    def uses_last_value(self, query: str) -> bool:
+        return any(kind == "code" and self.named.search(query[s:e]) for s, e, kind in self.scan(query))
+
+
+STANDARD = Syntax(sql._scan, sql.clean_query, sql._NAMED)
+MYSQL_SYNTAX = Syntax(mysql_source._scan, mysql_source.clean_query, mysql_source._NAMED)
+
+
+def syntax(dialect: str) -> Syntax:
+    return MYSQL_SYNTAX if dialect in _MYSQL else STANDARD
 
 
 def _kind_name(kind: type) -> str:
@@ -258,6 +286,7 @@ class SqlaSource:
         self._plans: dict[tuple[str, str], KeyPlan] = {}
         url = make_url(spec.url.reveal())
         self.dialect_name = spec.dialect or url.get_backend_name()
+        self.syntax = syntax(self.dialect_name)
         if self.dialect_name in ("sqlite", "duckdb") and url.database not in (None, "", ":memory:"):
             path = Path(url.database)
             if not url.database.startswith("file:") and not path.is_file():
@@ -342,19 +371,19 @@ class SqlaSource:
     def _inner(self, query: str, plan: KeyPlan | None = None) -> sa.TextClause:
         """The user's query as text(): every colon literal but the ``:last_value`` placeholders, bound."""
         placeholder = (plan.last_value if plan is not None else "{param}").format(param=":last_value")
-        source = clean_query(query)
+        source = self.syntax.clean(query)
         out = []
-        for start, end, kind in _scan(source):
+        for start, end, kind in self.syntax.scan(source):
             piece = source[start:end]
             if kind == "code":
-                out.append(placeholder.join(p.replace(":", "\\:") for p in _NAMED.split(piece)))
+                out.append(placeholder.join(p.replace(":", "\\:") for p in self.syntax.named.split(piece)))
             else:
                 out.append(piece.replace(":", "\\:"))
         clause = sa.text("\n" + "".join(out) + "\n")
-        if uses_last_value(source):
+        if self.syntax.uses_last_value(source):
             if "last_value" not in self.params:
                 raise SourceError(f"source {self.spec.name!r}: the query uses :last_value, but no value is bound for it")
-            clause = clause.bindparams(sa.bindparam("last_value", self.params["last_value"]))
+            clause = clause.bindparams(_param("last_value", self.params["last_value"]))
         return clause
 
     def _select(self, query: str, plan: KeyPlan | None, *columns: str) -> Any:
@@ -428,7 +457,12 @@ class SqlaSource:
             )
         detail = "/".join(str(v) for v in row[1:]) if row is not None else ""
         plan = key_plan(
-            self.spec.name, self.dialect_name, column, value, incremental=uses_last_value(clean_query(query)), detail=detail
+            self.spec.name,
+            self.dialect_name,
+            column,
+            value,
+            incremental=self.syntax.uses_last_value(self.syntax.clean(query)),
+            detail=detail,
         )
         self._plans[(query, column)] = plan
         return plan
@@ -467,7 +501,7 @@ class SqlaSource:
             plan = self._plan(query, upto[0])
             expr = plan.expr.format(col=self._col(upto[0]))
             cond = f"{expr} <= {plan.bound.format(param=':conduit_upto')}"
-            stmt = self._select(query, plan, "count(*)").where(sa.text(cond).bindparams(conduit_upto=upto[1]))
+            stmt = self._select(query, plan, "count(*)").where(sa.text(cond).bindparams(_param("conduit_upto", upto[1])))
         row = self._scalar_row(stmt, "count failed")
         return int(row[0]) if row else 0
 
@@ -479,9 +513,21 @@ class SqlaSource:
         stmt = stmt.order_by(sa.text(f"{plan.expr.format(col=col)} DESC")).limit(1)
         row = self._scalar_row(stmt)
         value = row[0] if row else None
+        if isinstance(value, Decimal) and not value.is_finite():  # NaN sorts last on PostgreSQL, and compares with nothing
+            raise OrderingError(
+                f"source {self.spec.name!r}: checkpoint column {column!r} holds {value}, which cannot be a resume point; "
+                f"filter it out in the query (WHERE {column} <> 'NaN') or pick another checkpoint column"
+            )
+        if self._infinite(value):
+            self._no_infinity(query, [column], set())
         return bytes(value) if isinstance(value, memoryview | bytearray) else value
 
     def read(self, query: str, column: str | None, after: Any, *, resume: bool, fetch_size: int) -> Iterator[Chunk]:
+        if resume and isinstance(after, Decimal) and not after.is_finite():
+            raise OrderingError(
+                f"source {self.spec.name!r}: the checkpoint's last value of {column!r} is {after}, which cannot be a resume "
+                "point (NaN equals nothing); the checkpoint was edited: start over"
+            )
         plan = None
         if column is not None:
             plan = self._plan(query, column)
@@ -492,7 +538,7 @@ class SqlaSource:
             expr = plan.expr.format(col=col)
             if resume:
                 cond = f"{expr} > {plan.bound.format(param=':conduit_after')}"
-                stmt = stmt.where(sa.text(cond).bindparams(conduit_after=after))
+                stmt = stmt.where(sa.text(cond).bindparams(_param("conduit_after", after)))
             stmt = stmt.order_by(sa.text(expr))
         try:
             result = self._connection().execution_options(stream_results=True).execute(stmt)
@@ -508,6 +554,14 @@ class SqlaSource:
         finally:
             if ended:
                 result.close()
+                self._rollback()
+            elif self.dialect_name == "sqlite":
+                # stopped early: closing a SQLite cursor reads nothing more; after the connection is dropped it would
+                # fail (and SQLAlchemy log a traceback)
+                try:
+                    result.close()
+                except Exception:  # noqa: BLE001, S110 - the read's own error (if any) is the one to raise
+                    pass
                 self._rollback()
             else:
                 # stopped early (an error, the run stopped): closing the result would read the rest of it first (a
@@ -534,6 +588,7 @@ class SqlaSource:
         types: list[pa.DataType | None] = [None] * len(names)
         position = 0  # rows of this read before the chunk
         previous = after
+        finite: set[str] = set()  # DuckDB date and timestamp columns found to hold no infinity
         while True:
             rows = result.fetchmany(size)
             if not rows:
@@ -549,10 +604,50 @@ class SqlaSource:
                 keys = [r[idx] for r in rows]
                 if plan.kind is bytes:
                     keys = [bytes(k) if isinstance(k, memoryview | bytearray) else k for k in keys]
+                if self._infinite(keys[0]) or self._infinite(keys[-1]):  # in order, an infinity is at an end
+                    self._no_infinity(query, [plan.column], finite)
                 self._check_order(plan, keys, previous, position)
                 previous = keys[-1]
-            yield Chunk(self._batch(rows, names, types), keys)
+            batch = self._batch(rows, names, types)
+            if self.dialect_name == "duckdb":
+                self._no_infinity(query, [n for n, a in zip(names, batch.columns, strict=True) if self._infinite(a)], finite)
+            yield Chunk(batch, keys)
             position += len(rows)
+
+    def _infinite(self, values: Any) -> bool:
+        """Whether a DuckDB date or timestamp (a value, or an Arrow column's extremes) is the one its infinity and
+        -infinity arrive as: the largest or smallest date or timestamp Python has."""
+        if self.dialect_name != "duckdb" or values is None:
+            return False
+        if isinstance(values, pa.Array):
+            if not (pa.types.is_date(values.type) or pa.types.is_timestamp(values.type)) or values.null_count == len(values):
+                return False
+            extremes = pc.min_max(values)
+            return self._infinite(extremes["min"].as_py()) or self._infinite(extremes["max"].as_py())
+        if isinstance(values, dt.datetime):
+            return values.replace(tzinfo=None) in (dt.datetime.max, dt.datetime.min)
+        return isinstance(values, dt.date) and values in (dt.date.max, dt.date.min)
+
+    def _no_infinity(self, query: str, columns: list[str], finite: set[str]) -> None:
+        """DuckDB's infinity and -infinity dates and timestamps arrive as 9999-12-31 (23:59:59.999999) and 0001-01-01:
+        a column holding such a value is asked whether it holds an infinity (once per read), which is refused."""
+        for column in columns:
+            if column in finite:
+                continue
+            col = self._col(column)
+            stmt = self._select(query, None, "1").where(sa.text(f"isinf({col})")).limit(1)
+            try:  # on a connection of its own: the read's streams on this one
+                with self.engine.connect() as conn:
+                    found = conn.execute(stmt).fetchone() is not None
+            except (sa.exc.DBAPIError, sa.exc.StatementError) as exc:
+                raise self._fail("query failed", exc) from None
+            if found:
+                raise SourceError(
+                    f"source {self.spec.name!r}: column {column!r} holds infinity or -infinity, which has no Python date or "
+                    "timestamp (it would arrive changed, as 9999-12-31 or 0001-01-01); nothing past the previous batch was "
+                    f"written. Filter it out (WHERE isfinite({column})) or CAST it to VARCHAR in the query"
+                )
+            finite.add(column)
 
     def _first_value(self, query: str, column: str) -> Any:
         """A column NULL throughout the first chunk: its first non-NULL value anywhere in the query fixes its type."""
@@ -593,14 +688,20 @@ class SqlaSource:
         try:
             if all(type(k) is kind for k in keys) and all(map(operator.le, chain, itertools.islice(chain, 1, None))):
                 return  # the common case, at C speed
-        except TypeError:
-            pass  # naive and aware timestamps: found below
+        except (TypeError, ArithmeticError):
+            pass  # naive and aware timestamps, a NaN decimal (which refuses to be compared): found below
         for n, key in enumerate(keys):
             row = position + n + 1  # of the read
             if key is None:
                 raise OrderingError(
                     f"source {self.spec.name!r}: checkpoint column {plan.column!r} holds NULL (row {row} of the read); filter "
                     f"it out (WHERE {plan.column} IS NOT NULL) or pick another checkpoint column"
+                )
+            if isinstance(key, Decimal) and not key.is_finite():
+                raise OrderingError(
+                    f"source {self.spec.name!r}: checkpoint column {plan.column!r} holds {key} (row {row} of the read), "
+                    "which cannot be a resume point (NaN equals nothing); nothing past the previous batch was written. "
+                    f"Filter it out in the query (WHERE {plan.column} <> 'NaN') or pick another checkpoint column"
                 )
             found = _kind_of(key)
             if found is not kind:
@@ -634,6 +735,16 @@ class SqlaSource:
             self.conn.close()
         finally:
             self.engine.dispose()
+
+
+def _param(name: str, value: Any) -> Any:
+    """``value`` bound as ``:name``, as the driver receives it. A Decimal goes to the driver unchanged: the type
+    SQLAlchemy infers for it (Numeric) turns it into a float on a dialect without a native decimal (DuckDB, SQLite), and
+    ``k > 1.0`` would skip 1.00000000000000000002. Other values keep SQLAlchemy's type, which hands them over as they are
+    (SQLite, which has no date type, gets dates and timestamps as SQLAlchemy writes them: 2025-01-01 00:00:00.000000)."""
+    if isinstance(value, Decimal):
+        return sa.bindparam(name, value, type_=NullType())
+    return sa.bindparam(name, value)
 
 
 def _abandon(result: Any) -> None:
@@ -712,6 +823,48 @@ def _parse(e: _Entry, file: Path, name: str, resume: bool, column: str | None) -
     )
 
 
+def _resource_query(e: _Entry, source: Any, source_name: str) -> str:
+    """The resource's ``query:`` (required, shown as written, so no ``${VAR}``), read as the source's dialect reads it.
+
+    ingest.yml's check that ``:last_value`` and ``incremental_column`` go together calls ``_uses_last_value`` with the
+    query alone: on MySQL/MariaDB the query is refused here when standard SQL would read its placeholder otherwise than
+    MySQL does, so that either reading gives MySQL's answer."""
+    query = e.text("query", required=True, env=False) or ""
+    mine = syntax(getattr(source, "dialect", ""))
+    try:
+        mine.clean(query)
+    except SpecError as exc:
+        raise e.fail("query", f"{exc}") from None
+    if mine is MYSQL_SYNTAX:
+        try:
+            standard: bool | None = STANDARD.uses_last_value(query)
+        except SpecError:
+            standard = None  # not standard SQL (a quote in a # comment, a backslash escape): MySQL's reading is used
+        if standard is not None and standard != MYSQL_SYNTAX.uses_last_value(query):
+            raise e.fail(
+                "query",
+                f"source {source_name!r} is MySQL, which reads this query's :last_value "
+                f"{'outside' if not standard else 'inside'} a comment or string where standard SQL does not (`#` starts "
+                "a comment in MySQL, `--` only when a space follows it, and a backslash escapes a quote): write "
+                "comments as /* ... */ and put :last_value in the query's code only",
+            )
+    return query
+
+
+def _uses_last_value(query: str) -> bool:
+    """Whether the query has a ``:last_value`` placeholder: as standard SQL reads it, or as MySQL does for a query only
+    MySQL can read (``_resource_query`` has refused a MySQL query on which the two disagree)."""
+    try:
+        return STANDARD.uses_last_value(query)
+    except SpecError:
+        return MYSQL_SYNTAX.uses_last_value(query)
+
+
+def _selection(resource: Any) -> str:
+    """What a checkpoint's rows were selected by: the query as the source runs it."""
+    return syntax(getattr(resource.source, "dialect", "")).clean(resource.query).strip()
+
+
 _KINDS = {"postgresql": "postgres", "mssql": "sqlserver"}
 _KEYS = frozenset({"name", "type", "resume", "checkpoint_column", "url"})
 BACKEND = register_source_backend(
@@ -722,5 +875,8 @@ BACKEND = register_source_backend(
         open=SqlaSource,
         identity=lambda s: f"sqlalchemy:{s.location}",
         kinds=lambda s: {_KINDS.get(s.dialect, s.dialect), "sqlalchemy"},
+        selection=_selection,
+        resource_query=_resource_query,
+        uses_last_value=_uses_last_value,
     )
 )
