@@ -904,3 +904,18 @@ def test_expressions_spatial_and_mariadb_types_read_as_pymysql_reads_them(mysql_
     assert table.schema.field("g").type == pa.binary()  # MariaDB's own bytes (SRID + WKB), as PyMySQL gives them
     assert table.schema.field("q").type == pa.decimal128(5, 4) and table.schema.field("s").type == pa.decimal128(23, 0)
     assert list(row.values()) == [bytes(v) if isinstance(v, bytearray) else v for v in want]
+
+
+def test_zero_date_in_a_not_null_column_and_the_named_way_out(tmp_path, mysql_db):
+    conn = mysql_connect(mysql_db)
+    with conn.cursor() as cur:
+        cur.execute("SET SESSION sql_mode = ''")
+        cur.execute("CREATE TABLE v (i INT, d DATETIME NOT NULL, t TIMESTAMP NOT NULL DEFAULT '0000-00-00 00:00:00')")
+        cur.execute("INSERT INTO v (i, d, t) VALUES (1, '2025-01-01', '2025-01-01'), (2, '0000-00-00', '2025-01-01')")
+    conn.close()
+    with pytest.raises(SourceError, match=r"column 'd' holds '0000-00-00 00:00:00'.*IF\(TO_DAYS\(d\) IS NULL, NULL, d\) AS d"):
+        read_all(mysql_db, "SELECT i, d, t FROM v", "i")
+    with pytest.raises(SourceError, match=r"column 'd' holds"):
+        read_all(mysql_db, "SELECT i, d, t FROM v")  # the unordered route too
+    table = read_all(mysql_db, "SELECT i, IF(TO_DAYS(d) IS NULL, NULL, d) AS d, t FROM v", "i")
+    assert table.column("d").to_pylist() == [dt.datetime(2025, 1, 1), None]
