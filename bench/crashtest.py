@@ -44,6 +44,10 @@ as it is (case and trailing spaces count), bytes as hex, NULL as None.
         --destinations parquet,mysql-replace,mysql-append,mysql-merge --late-inserts
     .venv/bin/python bench/crashtest.py --trials 12 --columns id,ci --destinations mysql-append,mysql-merge
 
+--aim-end waits instead until a run's log shows all but its last two batches committed, then kills
+it within 0.5 s: most kills land in the last batches, the final publish (staging swap, manifest) and the
+checkpoint's removal, which a uniform delay rarely hits.
+
 It prints a line per trial and a summary, and exits 1 if any row was lost or duplicated.
 """
 
@@ -52,6 +56,7 @@ import datetime as dt
 import hashlib
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -460,6 +465,20 @@ def kill_phase(log: str) -> str:
     return f"loop (last committed: {committed[-1].removeprefix('crash: ').split(' committed')[0]})"
 
 
+def aim_at_end(proc: subprocess.Popen, log: Path, rows: int, rng: random.Random) -> float:
+    """Wait until the run's log shows all but the last two batches' rows committed (or the run is done), then a
+    random [0, 0.5] s more: the kill lands in the last batches, the final publish (staging swap, manifest), the
+    checkpoint's removal or the exit. The time since the start."""
+    t0 = time.monotonic()
+    while proc.poll() is None:
+        totals = [int(m) for m in re.findall(r"^crash: batch \d+ committed, \d+ rows, (\d+) in total", log.read_text(), re.M)]
+        if (totals and totals[-1] >= rows - 2 * BATCH) or "\ncrash: done, " in log.read_text():
+            time.sleep(rng.uniform(0.0, 0.5))
+            break
+        time.sleep(0.005)
+    return time.monotonic() - t0
+
+
 def start(ingest: Path, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "conduit_dagster.engine", "run", "--file", str(ingest)]
     return subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -477,6 +496,11 @@ def main() -> int:
     )
     parser.add_argument("--columns", default="id,ts,code")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--aim-end",
+        action="store_true",
+        help="kill in a run's last moments: once its log shows the last two batches' rows committed, after [0, 0.5] s more",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folders and the source and destination tables")
     parser.add_argument(
         "--late-inserts",
@@ -541,7 +565,7 @@ def trials(
         work.mkdir()
         ingest = ingest_yml(work, destination, column, source)
         log = work / "run.log"
-        if (destination, column) not in clean_runtime:  # calibrate once per pair on a throwaway folder
+        if not args.aim_end and (destination, column) not in clean_runtime:  # calibrate once per pair on a throwaway folder
             probe = root / f"probe-{destination}-{column}"
             probe.mkdir()
             t0 = time.monotonic()
@@ -549,10 +573,13 @@ def trials(
                 print((probe / "run.log").read_text()[-3000:])
                 return 2
             clean_runtime[(destination, column)] = time.monotonic() - t0
-        delay = rng.uniform(0, 1.2 * clean_runtime[(destination, column)])
+        delay = 0.0 if args.aim_end else rng.uniform(0, 1.2 * clean_runtime[(destination, column)])
         late = LateInserts(source, args.rows, rng) if args.late_inserts else None
         proc = start(ingest, log)
-        time.sleep(delay)
+        if args.aim_end:
+            delay = aim_at_end(proc, log, total, rng)
+        else:
+            time.sleep(delay)
         killed = proc.poll() is None
         if killed:
             os.killpg(proc.pid, signal.SIGKILL)
