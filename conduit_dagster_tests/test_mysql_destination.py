@@ -905,3 +905,14 @@ def test_types_from_a_mysql_source_round_trip_value_by_value(mysql_db, mysql_out
     create = rows_of(mysql_out, "SHOW CREATE TABLE things")[0][1]
     for fragment in ("`d65` decimal(65,30)", "`u64` bigint(20) unsigned", "`t` time(6)", "`bits` longblob", "`ts6` datetime(6)"):
         assert fragment in create, f"{fragment!r} not in {create}"
+
+
+def test_escaping_looks_only_at_the_values_of_a_slice():
+    from conduit_dagster.engine.destinations.mysql import _escape
+
+    values = pa.array(["a\tb", "plain", "back\\slash", "x"], pa.large_string())
+    assert _escape(values.slice(1, 1)).to_pylist() == ["plain"]
+    assert _escape(values.slice(3, 1)).to_pylist() == ["x"]
+    assert _escape(values.slice(1, 2)).to_pylist() == ["plain", "back\\\\slash"]
+    assert _escape(values.slice(0, 1)).to_pylist() == ["a\\tb"]
+    assert _escape(pa.array([None, ""], pa.large_string())).to_pylist() == [None, ""]

@@ -247,10 +247,21 @@ NULL = "\\N"
 _TAB, _NEWLINE, _EMPTY = (pa.scalar(s, pa.large_string()) for s in ("\t", "\n", ""))
 
 
+def _text_bytes(array: pa.Array) -> bytes:
+    """The UTF-8 bytes of a large_string array's values, end to end (a copy: bytes.find is memchr, many times faster
+    than a regular expression over each value)."""
+    offsets, data = array.buffers()[1], array.buffers()[2]
+    if offsets is None or data is None or len(array) == 0:
+        return b""
+    bounds = memoryview(offsets).cast("q")
+    return memoryview(data)[bounds[array.offset] : bounds[array.offset + len(array)]].tobytes()
+
+
 def _escape(array: pa.Array) -> pa.Array:
     """Text with backslash, tab and newline escaped as LOAD DATA reads them back (other bytes, NUL and \\r
     included, travel as they are)."""
-    if pc.any(pc.match_substring_regex(array, r"[\\\t\n]")).as_py():
+    text = _text_bytes(array)
+    if b"\\" in text or b"\t" in text or b"\n" in text:
         array = pc.replace_substring(array, "\\", "\\\\")
         array = pc.replace_substring(array, "\t", "\\t")
         array = pc.replace_substring(array, "\n", "\\n")
