@@ -916,3 +916,14 @@ def test_escaping_looks_only_at_the_values_of_a_slice():
     assert _escape(values.slice(1, 2)).to_pylist() == ["plain", "back\\\\slash"]
     assert _escape(values.slice(0, 1)).to_pylist() == ["a\\tb"]
     assert _escape(pa.array([None, ""], pa.large_string())).to_pylist() == [None, ""]
+
+
+def test_a_replace_run_with_no_rows_publishes_an_empty_table(tmp_path, mysql_db):
+    res = memory_resource(tmp_path, dest(mysql_db, "replace"))
+    run(res, MemoryCheckpointStore(), MemorySource(tie_rows(20), SCHEMA))
+    assert rows_of(mysql_db, "SELECT COUNT(*) FROM things") == [(20,)]
+    done = run(res, MemoryCheckpointStore(), MemorySource([], SCHEMA))[-1]
+    assert isinstance(done, RunFinished) and done.rows_this_run == 0
+    assert rows_of(mysql_db, "SELECT COUNT(*) FROM things") == [(0,)]
+    assert tables_of(mysql_db) == ["_conduit_batches", "things"]
+    assert [r[0] for r in rows_of(mysql_db, "SHOW COLUMNS FROM things")] == ["id", "k", "note"], "the previous table's columns"
