@@ -927,3 +927,27 @@ def test_a_replace_run_with_no_rows_publishes_an_empty_table(tmp_path, mysql_db)
     assert rows_of(mysql_db, "SELECT COUNT(*) FROM things") == [(0,)]
     assert tables_of(mysql_db) == ["_conduit_batches", "things"]
     assert [r[0] for r in rows_of(mysql_db, "SHOW COLUMNS FROM things")] == ["id", "k", "note"], "the previous table's columns"
+
+
+def test_a_run_whose_lock_session_dies_stops_before_its_next_batch(tmp_path, mysql_db):
+    res = memory_resource(tmp_path, dest(mysql_db, "append"))
+    store = MemoryCheckpointStore()
+    inner = open_destination(res.destination, "things")
+    try:
+        events = run_pipeline(res, store, run_id="a", source=MemorySource(tie_rows(60), SCHEMA), destination=inner)
+        for event in events:
+            if isinstance(event, BatchCommitted):
+                break
+        conn = mysql_connect(None)
+        with conn.cursor() as cur:
+            cur.execute(f"KILL {inner._lock.thread_id()}")
+        conn.close()
+        with pytest.raises(DestinationError, match=r"lost its lock on table .*things.*it resumes from its checkpoint"):
+            list(events)
+    finally:
+        inner.close()
+    committed = store.load("things").batches_committed
+    assert rows_of(mysql_db, "SELECT COUNT(*) FROM _conduit_batches") == [(committed,)]
+    done = run(res, store, MemorySource(tie_rows(60), SCHEMA))[-1]
+    assert isinstance(done, RunFinished) and done.resumed
+    assert Counter(rows_of(mysql_db, "SELECT id, k, note FROM things")) == Counter(tuple(r.values()) for r in tie_rows(60))
