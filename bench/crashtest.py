@@ -23,9 +23,10 @@ With --source mysql the table is in MariaDB/MySQL instead (database `conduit_cra
 candidate checkpoint columns `id` (unique bigint, multiples of 10), `ts` (TIMESTAMP(6), 40 rows
 share each value), `code` (varchar, 25 rows share each value), `dt6` (DATETIME(6), 40 rows share
 each value, microseconds never zero, in an order unrelated to id's) and `ci` (varchar on the
-case-insensitive, PAD SPACE collation utf8mb4_general_ci: 'K00000001', 'k00000001',
-'K00000001 ', 'k00000001  ' ... are one value to MySQL, each variant on several rows, about 50
-rows a word; every row must still be loaded exactly once), beside a decimal, a text with NULLs,
+case- and accent-insensitive, PAD SPACE collation utf8mb4_general_ci, which also holds every
+character outside the BMP equal: 'e00000001😀', 'E00000001😁 ', 'é00000001😀  ', 'É00000001😁' ...
+are one value to MySQL; 24 variants of a word, about 4 rows each, about 100 rows a word; every row
+must still be loaded exactly once), beside a decimal, a text with NULLs,
 newlines, trailing spaces and characters outside the BMP, and a varbinary with NULLs and
 0x00/0xff bytes. The destinations mysql-replace, mysql-append and mysql-merge (on id) write
 to the database `conduit_crash_<pid>_out`, from either source. Both databases (or schemas) are
@@ -207,7 +208,8 @@ class MySQLSource:
 
     def setup(self, rows: int) -> Counter[str]:
         conn = mysql_connect(None)
-        words = rows // 50 + 1  # ci: about 50 rows a word, in 6 variants of case and trailing spaces
+        # ci: about 100 rows a word, in 24 variants (case and accent, two characters outside the BMP, trailing spaces)
+        words = rows // 100 + 1
         digits = len(str(rows))
         g = " + ".join(f"d{i}.d * {10**i}" for i in range(digits)) + " + 1"
         product = " CROSS JOIN ".join(f"digits AS d{i}" for i in range(digits))
@@ -243,8 +245,8 @@ class MySQLSource:
                        IF(g % 9 = 0, NULL, CONCAT('note, "', g, '"', CHAR(10), 'end', IF(g % 3 = 0, ' é😀 ', ''))),
                        TIMESTAMP('2025-01-01 00:00:00') + INTERVAL {dt6_group} SECOND
                            + INTERVAL (1 + {dt6_group} * 7919 % 999999) MICROSECOND,
-                       CONCAT(IF((g DIV {words}) % 2 = 0, 'K', 'k'), LPAD((g * 7919) % {words}, 8, '0'),
-                              ELT((g DIV {words}) DIV 2 % 3 + 1, '', ' ', '  ')),
+                       CONCAT(ELT((g DIV {words}) % 4 + 1, 'e', 'E', 'é', 'É'), LPAD((g * 7919) % {words}, 8, '0'),
+                              ELT((g DIV {words}) DIV 4 % 2 + 1, '😀', '😁'), ELT((g DIV {words}) DIV 8 % 3 + 1, '', ' ', '  ')),
                        IF(g % 7 = 0, NULL, CONCAT(X'00FF', UNHEX(LPAD(HEX(g), 8, '0'))))
                 FROM (SELECT {g} AS g FROM {product}) AS s
                 WHERE g <= {rows}

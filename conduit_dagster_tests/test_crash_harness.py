@@ -65,9 +65,10 @@ def _mysql_env(mysql_server: dict[str, object]) -> dict[str, str]:
 
 
 def test_crash_harness_mysql_source_loses_and_duplicates_nothing(mysql_server):
-    """A MariaDB/MySQL source checkpointed on a utf8mb4_general_ci text (case and trailing-space variants of one word,
-    equal to MySQL), a DATETIME(6) with 40 rows a value, and a unique id, into MySQL append, replace and merge and into
-    Parquet, while rows are inserted between keys in transactions that commit late: every source row once."""
+    """A MariaDB/MySQL source checkpointed on a utf8mb4_general_ci text (case, accent, trailing-space and non-BMP
+    variants of one word, equal to MySQL), a DATETIME(6) with 40 rows a value, and a unique id, into MySQL append,
+    replace and merge and into Parquet, while rows are inserted between keys in transactions that commit late: every
+    source row once."""
     out = subprocess.run(
         [
             sys.executable,
