@@ -332,9 +332,10 @@ def test_readme_reference_example_is_valid(tmp_path, monkeypatch):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme[readme.index("## ingest.yml reference") :]
     example = section[section.index("```yaml\n") + len("```yaml\n") : section.index("```\n", section.index("```yaml\n") + 8)]
-    for var in ("PG_PASSWORD", "WAREHOUSE_PASSWORD"):
+    for var in ("PG_PASSWORD", "WAREHOUSE_PASSWORD", "LEGACY_PASSWORD", "MART_PASSWORD"):
         monkeypatch.setenv(var, "x")
     spec = load_spec_text(example, tmp_path / "ingest.yml")
     assert spec.checkpoints is not None and spec.checkpoints.type == "s3" and spec.checkpoints.bucket == "ops-bucket"
     assert any(isinstance(d, S3DestinationSpec) for d in spec.destinations)
-    assert {s.type for s in spec.sources} == {"postgresql", "sqlite", "file"}
+    assert {s.type for s in spec.sources} == {"postgresql", "sqlite", "file", "mysql", "sqlalchemy"}
+    assert {d.type for d in spec.destinations} == {"local", "postgresql", "mysql", "s3"}

@@ -7,7 +7,8 @@ the resources that use it. ``spec.py`` hands each entry to its backend's ``parse
 Dagster glue and the CLI call ``source_backend(spec)`` / ``destination_backend(spec)`` and never switch on a type.
 
 Adding a backend: one module that builds its description and calls ``register_source_backend`` (or
-``register_destination_backend``) at import, plus its name in ``BUILTIN_MODULES``. A registration is checked when
+``register_destination_backend``) at import, plus its type and module in ``BUILTIN_SOURCES`` (or
+``BUILTIN_DESTINATIONS``). A registration is checked when
 it is made: a type registered once, a lowercase name, the keys every entry has, and every hook callable.
 """
 
@@ -26,18 +27,22 @@ if TYPE_CHECKING:
     from conduit_dagster.engine.sources.base import Source
     from conduit_dagster.engine.spec import ResourceSpec, _Entry
 
-# The built-in backends, in the order ingest.yml errors list their types.
-BUILTIN_MODULES = (
-    "conduit_dagster.engine.sources.postgresql",
-    "conduit_dagster.engine.sources.sqlite",
-    "conduit_dagster.engine.sources.files",
-    "conduit_dagster.engine.sources.mysql",
-    "conduit_dagster.engine.sources.sqla",
-    "conduit_dagster.engine.destinations.local",
-    "conduit_dagster.engine.destinations.postgresql",
-    "conduit_dagster.engine.destinations.mysql",
-    "conduit_dagster.engine.destinations.s3",
-)
+# The built-in backends: type -> the module that registers it, in the order ingest.yml errors list the types. A
+# module is imported when its type is first asked for, so a run pays only for the drivers it uses (SQLAlchemy,
+# PyMySQL, ConnectorX are not imported by a PostgreSQL pipeline).
+BUILTIN_SOURCES = {
+    "postgresql": "conduit_dagster.engine.sources.postgresql",
+    "sqlite": "conduit_dagster.engine.sources.sqlite",
+    "file": "conduit_dagster.engine.sources.files",
+    "mysql": "conduit_dagster.engine.sources.mysql",
+    "sqlalchemy": "conduit_dagster.engine.sources.sqla",
+}
+BUILTIN_DESTINATIONS = {
+    "local": "conduit_dagster.engine.destinations.local",
+    "postgresql": "conduit_dagster.engine.destinations.postgresql",
+    "mysql": "conduit_dagster.engine.destinations.mysql",
+    "s3": "conduit_dagster.engine.destinations.s3",
+}
 _TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -175,59 +180,55 @@ def register_destination_backend(backend: DestinationBackend) -> DestinationBack
     return backend
 
 
-_loaded = False
-
-
-def _load_builtins() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in BUILTIN_MODULES:
-            importlib.import_module(module)
-
-
-def _in_order(registry: dict[str, Any]) -> list[str]:
-    """The registered types: the built-in ones in BUILTIN_MODULES order (whichever module was imported first), then
-    the others in the order they were registered."""
-    _load_builtins()
-    rank = {module: i for i, module in enumerate(BUILTIN_MODULES)}
-    position = {kind: i for i, kind in enumerate(registry)}
-    return sorted(registry, key=lambda kind: (rank.get(registry[kind].parse.__module__, len(rank)), position[kind]))
+def _in_order(registry: dict[str, Any], builtin: dict[str, str]) -> list[str]:
+    """The types: the built-in ones in their fixed order, then the others in the order they were registered."""
+    return [*builtin, *(kind for kind in registry if kind not in builtin)]
 
 
 def source_types() -> tuple[str, ...]:
-    return tuple(_in_order(_SOURCES))
+    return tuple(_in_order(_SOURCES, BUILTIN_SOURCES))
 
 
 def destination_types() -> tuple[str, ...]:
-    return tuple(_in_order(_DESTINATIONS))
+    return tuple(_in_order(_DESTINATIONS, BUILTIN_DESTINATIONS))
+
+
+def _load(registry: dict[str, Any], builtin: dict[str, str], kind: str) -> None:
+    if kind not in registry and kind in builtin:
+        importlib.import_module(builtin[kind])
+        if kind not in registry:
+            raise RuntimeError(f"{builtin[kind]} did not register the backend type {kind!r}")
 
 
 def destination_backends() -> Iterable[DestinationBackend]:
-    return tuple(_DESTINATIONS[kind] for kind in _in_order(_DESTINATIONS))
+    """Every destination backend (each built-in module imported)."""
+    for kind in BUILTIN_DESTINATIONS:
+        _load(_DESTINATIONS, BUILTIN_DESTINATIONS, kind)
+    return tuple(_DESTINATIONS[kind] for kind in destination_types())
 
 
 def _kind(spec_or_type: Any) -> str:
     return spec_or_type if isinstance(spec_or_type, str) else spec_or_type.type
 
 
-def _find(table: dict[str, Any], what: str, spec_or_type: Any, types: Callable[[], Iterable[str]]) -> Any:
-    _load_builtins()
+def _find(registry: dict[str, Any], builtin: dict[str, str], what: str, spec_or_type: Any) -> Any:
     kind = _kind(spec_or_type)
+    _load(registry, builtin, kind)
     try:
-        return table[kind]
+        return registry[kind]
     except KeyError:
         name = getattr(spec_or_type, "name", kind)
-        raise SpecError(f"{what} {name!r}: unknown type {kind!r}; use one of {', '.join(types())}") from None
+        types = _in_order(registry, builtin)
+        raise SpecError(f"{what} {name!r}: unknown type {kind!r}; use one of {', '.join(types)}") from None
 
 
 def source_backend(spec_or_type: Any) -> SourceBackend:
     """The backend of a source spec (or of a type name)."""
-    backend: SourceBackend = _find(_SOURCES, "source", spec_or_type, source_types)
+    backend: SourceBackend = _find(_SOURCES, BUILTIN_SOURCES, "source", spec_or_type)
     return backend
 
 
 def destination_backend(spec_or_type: Any) -> DestinationBackend:
     """The backend of a destination spec (or of a type name)."""
-    backend: DestinationBackend = _find(_DESTINATIONS, "destination", spec_or_type, destination_types)
+    backend: DestinationBackend = _find(_DESTINATIONS, BUILTIN_DESTINATIONS, "destination", spec_or_type)
     return backend
