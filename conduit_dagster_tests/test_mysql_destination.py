@@ -5,6 +5,7 @@ from PostgreSQL value by value, the exact LOAD DATA encoding, values that do not
 import datetime as dt
 import decimal
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -672,7 +673,7 @@ def test_column_types_for_arrow_types():
     "column_sql,fine,value,message",
     [
         ("note VARCHAR(3)", "abc", "abcd", r"Data too long for column 'note'|Data truncated for column 'note'"),
-        ("note TINYINT", "127", "300", r"Out of range value for column 'note'"),
+        ("note TINYINT", 127, 300, r"Out of range value for column 'note'"),  # text into an integer column is refused
         ("note DECIMAL(5, 2)", "1.23", "1.234", r"Data truncated for column 'note'"),
         ("note DATE", "2024-02-29", "2023-02-29", r"column 'note'|`note`"),
         ("note VARCHAR(10) CHARACTER SET latin1", "é", "😀", r"column 'note'|`note`"),
@@ -687,8 +688,9 @@ def test_a_value_the_column_cannot_hold_fails_its_batch_loudly(tmp_path, mysql_d
     rows = [{"id": i, "k": i, "note": value if i == 9 else fine} for i in range(1, 13)]
     res = memory_resource(tmp_path, dest(mysql_db, "append"), batch=4)
     store = MemoryCheckpointStore()
+    schema = SCHEMA.set(2, pa.field("note", pa.int64())) if isinstance(fine, int) else SCHEMA
     with pytest.raises(DestinationError, match=message) as info:
-        run(res, store, MemorySource(rows, SCHEMA))
+        run(res, store, MemorySource(rows, schema))
     text = str(info.value)
     assert f"table {mysql_db}.things cannot hold a value of the batch (row 1 of the batch, k = 9)" in text
     assert "batch was rolled back and the checkpoint is unchanged" in text
@@ -951,3 +953,210 @@ def test_a_run_whose_lock_session_dies_stops_before_its_next_batch(tmp_path, mys
     done = run(res, store, MemorySource(tie_rows(60), SCHEMA))[-1]
     assert isinstance(done, RunFinished) and done.resumed
     assert Counter(rows_of(mysql_db, "SELECT id, k, note FROM things")) == Counter(tuple(r.values()) for r in tie_rows(60))
+
+
+# --- existing tables: what merge upserts on, and columns narrower than the rows ---------------------------------------
+
+
+def create(db: str, *statements: str) -> None:
+    conn = mysql_connect(db)
+    try:
+        with conn.cursor() as cur:
+            for statement in statements:
+                cur.execute(statement)
+    finally:
+        conn.close()
+
+
+KEYED = pa.schema([("seq", pa.int64()), ("k", pa.int64()), ("email", pa.string())])
+
+
+def test_merge_refuses_a_table_whose_other_unique_index_would_catch_rows(tmp_path, mysql_db):
+    """ON DUPLICATE KEY UPDATE fires on any unique index: a new row sharing an email with another row overwrote that
+    row and was lost. Now such a table is refused naming the index, and nothing changes."""
+    create(
+        mysql_db,
+        "CREATE TABLE things (seq BIGINT, k BIGINT PRIMARY KEY, email VARCHAR(50), UNIQUE KEY by_email (email)) ENGINE=InnoDB",
+        "INSERT INTO things VALUES (0, 1, 'alice@x')",
+    )
+    res = memory_resource(tmp_path, dest(mysql_db, "merge", keys=("k",)), column="seq")
+    with pytest.raises(DestinationError, match=r"the unique index 'by_email' on \(email\) besides the one on \(k\)") as info:
+        run(res, MemoryCheckpointStore(), MemorySource([{"seq": 1, "k": 2, "email": "alice@x"}], KEYED))
+    assert "ALTER TABLE `things` DROP INDEX `by_email`" in str(info.value)
+    assert rows_of(mysql_db, "SELECT seq, k, email FROM things") == [(0, 1, "alice@x")]
+    assert rows_of(mysql_db, "SELECT COUNT(*) FROM _conduit_batches") == [(0,)]
+
+
+def test_merge_refuses_a_key_index_on_a_prefix_and_null_keys(tmp_path, mysql_db):
+    # UNIQUE (k(3)) fires on 'abcd' and 'abce' alike: it is no index on k
+    text = "VARCHAR(20) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin"
+    create(mysql_db, f"CREATE TABLE things (seq BIGINT, k {text} NOT NULL, UNIQUE KEY (k(3))) ENGINE=InnoDB")
+    schema = pa.schema([("seq", pa.int64()), ("k", pa.string())])
+    res = memory_resource(tmp_path, dest(mysql_db, "merge", keys=("k",)), column="seq")
+    with pytest.raises(DestinationError, match=r"no PRIMARY KEY or UNIQUE index on exactly \(k\) \(whole columns, not a prefix"):
+        run(res, MemoryCheckpointStore(), MemorySource([{"seq": 1, "k": "abcd"}, {"seq": 2, "k": "abce"}], schema))
+    assert rows_of(mysql_db, "SELECT COUNT(*) FROM things") == [(0,)]
+    # a nullable unique key holds NULLs apart: a NULL key would be added again by every run
+    create(mysql_db, "DROP TABLE things", "CREATE TABLE things (seq BIGINT, k BIGINT NULL, UNIQUE KEY (k)) ENGINE=InnoDB")
+    schema = pa.schema([("seq", pa.int64()), ("k", pa.int64())])
+    rows = [{"seq": 1, "k": 1}, {"seq": 2, "k": None}]
+    with pytest.raises(DestinationError, match=r"primary_key column 'k' is NULL \(row 2 of the batch, seq = 2\)"):
+        run(res, MemoryCheckpointStore(), MemorySource(rows, schema))
+    assert rows_of(mysql_db, "SELECT COUNT(*) FROM things") == [(0,)]
+
+
+def test_merge_beside_an_auto_increment_primary_key_upserts_on_the_unique_key(tmp_path, mysql_db):
+    """The usual shape: a surrogate AUTO_INCREMENT id the rows do not carry, and a unique business key (an index that
+    holds every key column, here (k, email), cannot clash where the key does not)."""
+    create(
+        mysql_db,
+        "CREATE TABLE things (id BIGINT AUTO_INCREMENT PRIMARY KEY, seq BIGINT, k BIGINT NOT NULL, email VARCHAR(50), "
+        "UNIQUE KEY by_k (k), UNIQUE KEY by_k_email (k, email)) ENGINE=InnoDB",
+        "INSERT INTO things (seq, k, email) VALUES (0, 1, 'x')",
+    )
+    res = memory_resource(tmp_path, dest(mysql_db, "merge", keys=("k",)), column="seq")
+    rows = [{"seq": 1, "k": 1, "email": "y"}, {"seq": 2, "k": 2, "email": "x"}, {"seq": 3, "k": 2, "email": "z"}]
+    run(res, MemoryCheckpointStore(), MemorySource(rows, KEYED))
+    assert rows_of(mysql_db, "SELECT k, seq, email FROM things ORDER BY k") == [(1, 1, "y"), (2, 3, "z")]
+    assert rows_of(mysql_db, "SELECT id FROM things WHERE k = 1") == [(1,)], "the existing row keeps its id"
+    # rows that carry the id could clash on it with another row
+    schema = pa.schema([("id", pa.int64()), ("seq", pa.int64()), ("k", pa.int64())])
+    with pytest.raises(DestinationError, match=r"holds id, the AUTO_INCREMENT column\(s\) of another unique index"):
+        run(res, MemoryCheckpointStore(), MemorySource([{"id": 1, "seq": 4, "k": 5}], schema))
+    assert rows_of(mysql_db, "SELECT COUNT(*) FROM things") == [(2,)]
+
+
+@pytest.mark.parametrize("collation", ["utf8mb4_general_ci", "utf8mb4_bin"])
+def test_merge_refuses_a_key_column_that_ignores_case_or_trailing_spaces(tmp_path, mysql_db, collation):
+    """'a', 'A' and 'a ' were one key in a utf8mb4_general_ci column ('a' and 'a ' in utf8mb4_bin, PAD SPACE): two
+    source rows were lost. Refused naming the column; the ALTER the error names makes the merge exact."""
+    create(
+        mysql_db,
+        f"CREATE TABLE things (seq BIGINT, k VARCHAR(20) CHARACTER SET utf8mb4 COLLATE {collation} PRIMARY KEY, v TEXT) "
+        "ENGINE=InnoDB",
+    )
+    schema = pa.schema([("seq", pa.int64()), ("k", pa.string()), ("v", pa.string())])
+    rows = [{"seq": 1, "k": "a", "v": "1"}, {"seq": 2, "k": "A", "v": "2"}, {"seq": 3, "k": "a ", "v": "3"}]
+    res = memory_resource(tmp_path, dest(mysql_db, "merge", keys=("k",)), column="seq")
+    with pytest.raises(DestinationError, match=rf"merge key column 'k' of table .*things has the collation {collation}") as info:
+        run(res, MemoryCheckpointStore(), MemorySource(rows, schema))
+    assert rows_of(mysql_db, "SELECT COUNT(*) FROM things") == [(0,)]
+    alter = re.search(r"ALTER TABLE .*? NOT NULL", str(info.value))
+    assert alter is not None, str(info.value)
+    create(mysql_db, alter.group(0))
+    run(res, MemoryCheckpointStore(), MemorySource(rows, schema))
+    assert sorted(rows_of(mysql_db, "SELECT k, v FROM things")) == [("A", "2"), ("a", "1"), ("a ", "3")]
+
+
+@pytest.mark.parametrize(
+    "column_sql,arrow,value,message",
+    [
+        ("DATETIME", pa.timestamp("us"), dt.datetime(2024, 1, 1, 0, 0, 0, 500000), r"carry 6 digits of a second, .*rounds to 0"),
+        ("TIMESTAMP(0) NULL", pa.timestamp("us"), dt.datetime(2024, 1, 1, 0, 0, 0, 999999), r"6 digits of a second"),
+        ("DATETIME(3)", pa.string(), "2024-01-01 00:00:00.0005", r"6 digits of a second, which MySQL rounds to 3"),
+        ("TIME(3)", pa.duration("us"), dt.timedelta(microseconds=1), r"6 digits of a second, which MySQL rounds to 3"),
+        ("INT", pa.float64(), 1.5, r"convert float values to INT"),
+        ("INT", pa.string(), "1.5", r"convert text values to INT"),
+        ("FLOAT", pa.float64(), 0.1, r"rounded to a FLOAT's single precision"),
+        ("DOUBLE", pa.int64(), 2**53 + 1, r"64-bit integers above 2\^53 would be rounded"),
+        ("DOUBLE", pa.decimal128(30, 20), decimal.Decimal("0.10000000000000000001"), r"convert decimal values to DOUBLE"),
+        ("DECIMAL(10, 2)", pa.decimal128(10, 3), decimal.Decimal("1.000"), r"its 3 digits after the point would be rounded to 2"),
+        ("VARCHAR(5)", pa.bool_(), True, r"convert bool values to VARCHAR"),
+        ("BIT(8)", pa.int64(), 5, r"convert int values to BIT"),
+        ("SET('a','b')", pa.string(), "b,a", r"convert text values to SET"),
+        ("ENUM('a','b')", pa.string(), "A", r"value 'A' \(row 1 of the batch, k = 1\) is not exactly one of its values"),
+        ("ENUM('a','b')", pa.string(), "2", r"value '2' .*is not exactly one of its values"),
+        ("CHAR(5)", pa.string(), "ab  ", r"value 'ab  ' .*ends with a space, which a CHAR column drops"),
+        ("BINARY(4)", pa.binary(), b"ab", r"value b'ab' .*is not 4 bytes long, and a BINARY\(4\) column pads it"),
+        ("YEAR", pa.int64(), 5, r"value 5 .*is outside 1901-2155"),
+    ],
+)
+def test_a_column_narrower_than_the_rows_is_refused_before_a_row_is_written(
+    tmp_path, mysql_db, column_sql, arrow, value, message
+):
+    """Each of these landed changed and without a warning (00:00:00.5 as 00:00:00, 1.5 as 2, 'A' as 'a', ...)."""
+    create(mysql_db, f"CREATE TABLE things (id BIGINT, k BIGINT, v {column_sql}) ENGINE=InnoDB")
+    schema = pa.schema([("id", pa.int64()), ("k", pa.int64()), ("v", arrow)])
+    res = memory_resource(tmp_path, dest(mysql_db, "append"))
+    with pytest.raises(DestinationError, match=message) as info:
+        run(res, MemoryCheckpointStore(), MemorySource([{"id": 1, "k": 1, "v": value}], schema))
+    assert f"column 'v' of table {mysql_db}.things is " in str(info.value)
+    assert "Nothing of the batch was written and the checkpoint is unchanged" in str(info.value)
+    assert rows_of(mysql_db, "SELECT COUNT(*) FROM things") == [(0,)]
+    assert rows_of(mysql_db, "SELECT COUNT(*) FROM _conduit_batches") == [(0,)]
+
+
+def test_columns_as_wide_as_the_rows_or_wider_load_exactly(tmp_path, mysql_db):
+    create(
+        mysql_db,
+        "CREATE TABLE things (id BIGINT, k BIGINT, i BIGINT, ts DATETIME(6), ms DATETIME(3), t TIME(6), d DECIMAL(12, 4), "
+        "f DOUBLE, f4 DOUBLE, e ENUM('a','it''s','b\\\\c'), c CHAR(3), b BINARY(2), y YEAR, txt VARCHAR(10), day DATETIME) "
+        "ENGINE=InnoDB",
+    )
+    schema = pa.schema(
+        [
+            ("id", pa.int64()),
+            ("k", pa.int64()),
+            ("i", pa.int32()),
+            ("ts", pa.timestamp("us")),
+            ("ms", pa.timestamp("ms")),
+            ("t", pa.time64("us")),
+            ("d", pa.decimal128(10, 2)),
+            ("f", pa.int32()),
+            ("f4", pa.float32()),
+            ("e", pa.dictionary(pa.int8(), pa.string())),
+            ("c", pa.string()),
+            ("b", pa.binary()),
+            ("y", pa.int16()),
+            ("txt", pa.string()),
+            ("day", pa.date32()),
+        ]
+    )
+    rows = [
+        {
+            "id": i,
+            "k": i,
+            "i": -(2**31),
+            "ts": dt.datetime(2024, 1, 1, 0, 0, 0, 500001),
+            "ms": dt.datetime(2024, 1, 1, 0, 0, 0, 123000),
+            "t": dt.time(23, 59, 59, 999999),
+            "d": decimal.Decimal("12345678.91"),
+            "f": 2**31 - 1,
+            "f4": 0.1,
+            "e": ["a", "it's", "b\\c"][i],
+            "c": " ab",
+            "b": b"\x00\xff",
+            "y": 2155,
+            "txt": "x ",
+            "day": dt.date(2024, 2, 29),
+        }
+        for i in range(3)
+    ]
+    run(memory_resource(tmp_path, dest(mysql_db, "append")), MemoryCheckpointStore(), MemorySource(rows, schema))
+    back = rows_of(mysql_db, "SELECT id, i, ts, ms, t, d, f, CAST(f4 AS DOUBLE), e, c, b, y, txt, day FROM things ORDER BY id")
+    assert [r[8] for r in back] == ["a", "it's", "b\\c"]
+    assert back[0][1:8] == (
+        -(2**31),
+        dt.datetime(2024, 1, 1, 0, 0, 0, 500001),
+        dt.datetime(2024, 1, 1, 0, 0, 0, 123000),
+        dt.timedelta(hours=23, minutes=59, seconds=59, microseconds=999999),
+        decimal.Decimal("12345678.9100"),
+        2**31 - 1,
+        struct.unpack("f", struct.pack("f", 0.1))[0],
+    )
+    assert back[0][9:] == (" ab", b"\x00\xff", 2155, "x ", dt.datetime(2024, 2, 29))
+
+
+def test_binary_inside_a_list_or_struct_is_written_as_hex(tmp_path, mysql_db):
+    """It was written as Python's repr text ("b'\\x00\\x01'")."""
+    schema = pa.schema(
+        [
+            ("id", pa.int64()),
+            ("k", pa.int64()),
+            ("l", pa.list_(pa.binary())),
+            ("s", pa.struct([("b", pa.large_binary()), ("n", pa.int64())])),
+        ]
+    )
+    rows = [{"id": 1, "k": 1, "l": [b"\x00\x01", None, b""], "s": {"b": b"\xff\\", "n": 2}}]
+    run(memory_resource(tmp_path, dest(mysql_db, "append")), MemoryCheckpointStore(), MemorySource(rows, schema))
+    assert rows_of(mysql_db, "SELECT l, s FROM things") == [('["0001", null, ""]', '{"b": "ff5c", "n": 2}')]

@@ -26,7 +26,15 @@ Exactness of the load:
 - The rows travel as tab-separated text with backslash escapes, built by Arrow compute: ``\\N`` is NULL, an
   empty field is the empty string, ``\\``, tab and newline are escaped; binary values go as hex through
   ``UNHEX``; float32 values as the exact decimal of their double; NaN and infinities, which MySQL cannot
-  store, are refused naming the column.
+  store, are refused naming the column. Lists and structs go as JSON text, binary values inside them as lowercase
+  hex (as JSON Lines parts write them).
+- Each batch's columns are checked against the target table's (read once a run: what matters is a table that
+  existed already) by the rule table ``FITS`` before anything is written: a pair MySQL would fill by rounding, padding
+  or reinterpreting without a warning (DATETIME(0) from microseconds, INT from a double, FLOAT from a double, DOUBLE
+  from a 64-bit integer, ENUM from 'A' or '2') is refused naming the table, the column, both types and the fix;
+  widening is fine. Merge upserts with ``ON DUPLICATE KEY UPDATE``, which fires on any unique index: the table needs
+  one on exactly ``primary_key`` (whole columns), no other that could clash instead, key columns in a binary NO PAD
+  collation, and no NULL keys.
 - Tables conduit creates are InnoDB, text in ``utf8mb4`` with a binary NO PAD collation (``utf8mb4_nopad_bin`` on
   MariaDB, ``utf8mb4_0900_bin`` on MySQL 8: keys and later reads compare byte by byte, as the source's order did, and
   ``'a'`` and ``'a '`` stay two keys, which ``utf8mb4_bin``, PAD SPACE, would merge), and carry the comment
@@ -292,8 +300,16 @@ def _hex(array: pa.Array) -> pa.Array:
     return pa.array([None if v is None else v.hex() for v in array.to_pylist()], pa.large_string())
 
 
+def _json_default(value: Any) -> Any:
+    """A value JSON has no type for: bytes (binary inside a list or struct) as lowercase hex, as JSON Lines parts write
+    them (str() would write Python's b'...' repr); anything else (dates, decimals) as its str()."""
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
 def _json(array: pa.Array) -> pa.Array:
-    values = [None if v is None else json.dumps(v, default=str, ensure_ascii=False) for v in array.to_pylist()]
+    values = [None if v is None else json.dumps(v, default=_json_default, ensure_ascii=False) for v in array.to_pylist()]
     return _escape(pa.array(values, pa.large_string()))
 
 
@@ -373,6 +389,194 @@ def _at_row(table: pa.Table, key_column: str | None, row: int) -> str:
     return f" (row {row + 1} of the batch, {key_column} = {table.column(key_column)[row].as_py()!r})"
 
 
+# --- what an existing column holds ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Column:
+    """A column of the target table, from information_schema.COLUMNS."""
+
+    name: str
+    data_type: str  # DATA_TYPE, lower case: int, varchar, datetime, enum ...
+    column_type: str  # COLUMN_TYPE: int(10) unsigned, datetime(3), enum('a','b') ...
+    scale: int  # NUMERIC_SCALE (0 for integers)
+    fraction: int  # DATETIME_PRECISION: digits after the second
+    length: int | None  # CHARACTER_MAXIMUM_LENGTH: characters, or a BINARY(n)'s bytes
+    collation: str | None  # None: not text
+    auto_increment: bool
+
+
+def _kind(t: pa.DataType) -> str:
+    """The family of an Arrow type, as the rule table below names it."""
+    t = _value_type(t)
+    for kind, test in (
+        ("null", pa.types.is_null),
+        ("bool", pa.types.is_boolean),
+        ("int", pa.types.is_integer),
+        ("float", pa.types.is_floating),
+        ("decimal", pa.types.is_decimal),
+        ("date", pa.types.is_date),
+        ("timestamp", pa.types.is_timestamp),
+        ("time", pa.types.is_time),
+        ("duration", pa.types.is_duration),
+        ("bytes", _is_bytes),
+        ("json", _is_json),
+        ("text", _is_text),
+    ):
+        if test(t):
+            return kind
+    return str(t)
+
+
+Condition = Callable[[pa.DataType, _Column], str | None]  # why the column cannot hold every value of the type, or None
+ValueCheck = Callable[[pa.ChunkedArray, _Column], tuple[int, str] | None]  # the first row it cannot hold, and why
+
+
+def _scale_fits(t: pa.DataType, c: _Column) -> str | None:
+    scale = max(_value_type(t).scale, 0)
+    if scale > c.scale:
+        return f"its {scale} digits after the point would be rounded to {c.scale} (silently, into an integer column)"
+    return None
+
+
+def _fraction_fits(t: pa.DataType, c: _Column) -> str | None:
+    # text is taken as carrying microseconds: MySQL rounds a longer fraction of '...00:00:00.5' without an error
+    digits = {"s": 0, "ms": 3}.get(getattr(_value_type(t), "unit", "us"), 6)
+    if digits > c.fraction:
+        return f"its values carry {digits} digits of a second, which MySQL rounds to {c.fraction} without an error"
+    return None
+
+
+def _bits(limit: int) -> Condition:
+    def fits(t: pa.DataType, c: _Column) -> str | None:
+        bits = _value_type(t).bit_width
+        if bits > limit:
+            return f"{bits}-bit integers above 2^{limit} would be rounded without an error"
+        return None
+
+    return fits
+
+
+def _single(t: pa.DataType, c: _Column) -> str | None:
+    if _value_type(t).bit_width > 32:
+        return "a double would be rounded to a FLOAT's single precision without an error (0.1 would read 0.100000001)"
+    return None
+
+
+def _first(mask: pa.ChunkedArray) -> int | None:
+    mask = mask.fill_null(False)
+    return pc.index(mask, True).as_py() if pc.any(mask).as_py() else None
+
+
+def _no_trailing_space(values: pa.ChunkedArray, c: _Column) -> tuple[int, str] | None:
+    row = _first(pc.ends_with(values.cast(pa.large_string()), " "))
+    if row is None:
+        return None
+    return row, f"ends with a space, which a CHAR column drops. Change the column to VARCHAR({c.length})"
+
+
+def _exact_bytes(values: pa.ChunkedArray, c: _Column) -> tuple[int, str] | None:
+    row = _first(pc.not_equal(pc.binary_length(values.cast(pa.large_binary())), c.length or 0))
+    if row is None:
+        return None
+    return row, f"is not {c.length} bytes long, and a BINARY({c.length}) column pads it with zero bytes. Make it VARBINARY"
+
+
+_ENUM_VALUE_RE = re.compile(r"'((?:[^'\\]|''|\\.)*)'")
+_ENUM_ESCAPES = {"0": "\0", "n": "\n", "r": "\r", "t": "\t", "b": "\b", "Z": "\x1a"}
+
+
+def enum_values(column_type: str) -> list[str]:
+    """The values of an ``enum('a','it''s')`` COLUMN_TYPE (quotes doubled, backslashes escaped)."""
+    inner = column_type[column_type.find("(") + 1 : column_type.rfind(")")]
+    unquote = re.compile(r"''|\\(.)")
+    return [
+        unquote.sub(lambda e: "'" if e.group(0) == "''" else _ENUM_ESCAPES.get(e.group(1), e.group(1)), m.group(1))
+        for m in _ENUM_VALUE_RE.finditer(inner)
+    ]
+
+
+def _enum_member(values: pa.ChunkedArray, c: _Column) -> tuple[int, str] | None:
+    text = values.cast(pa.large_string())
+    members = pa.array(enum_values(c.column_type), pa.large_string())
+    row = _first(pc.and_(pc.is_valid(text), pc.invert(pc.is_in(text, value_set=members))))
+    if row is None:
+        return None
+    return row, (
+        "is not exactly one of its values (MySQL would store the value it matches in the column's collation, 'A' as "
+        "'a', or read '2' as the second value). Add the value to the ENUM, or change the column to VARCHAR"
+    )
+
+
+def _year(values: pa.ChunkedArray, c: _Column) -> tuple[int, str] | None:
+    row = _first(pc.or_(pc.less(values, 1901), pc.greater(values, 2155)))
+    if row is None:
+        return None
+    return row, "is outside 1901-2155, which a YEAR column reads as another year (5 as 2005). Change the column to SMALLINT"
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """A row of the rule table: columns of these DATA_TYPEs hold Arrow types of these kinds, if ``condition`` (of the
+    two types) says nothing, and each batch's values if ``values`` finds no row it cannot hold."""
+
+    columns: tuple[str, ...]
+    kinds: tuple[str, ...]
+    condition: Condition | None = None
+    values: ValueCheck | None = None
+
+
+_INTEGER_COLUMNS = ("tinyint", "smallint", "mediumint", "int", "bigint")
+_TEXT_COLUMNS = ("varchar", "tinytext", "text", "mediumtext", "longtext", "json")
+_BLOB_COLUMNS = ("varbinary", "tinyblob", "blob", "mediumblob", "longblob")
+# What an existing column may be loaded from (the first row naming the column's DATA_TYPE and the Arrow type's kind
+# decides; a pair no row names is refused: MySQL would convert it without an error, 1.5 into an INT as 2, True into
+# a VARCHAR as '1', 5 into a BIT as b'5'). A value out of range, too long, with more digits than a DECIMAL keeps, not
+# in the column's character set or not a date fails its load (strict mode, any warning rolls the batch back), so
+# those pairs need only the types to agree; the conditions catch what MySQL rounds or pads silently.
+FITS: tuple[_Fit, ...] = (
+    _Fit(_INTEGER_COLUMNS + ("decimal",), ("bool", "int")),
+    _Fit(_INTEGER_COLUMNS + ("decimal",), ("decimal",), _scale_fits),
+    _Fit(("decimal",), ("float", "text")),
+    _Fit(("double",), ("bool", "float")),
+    _Fit(("double",), ("int",), _bits(53)),
+    _Fit(("float",), ("bool",)),
+    _Fit(("float",), ("float",), _single),
+    _Fit(("float",), ("int",), _bits(24)),
+    _Fit(("year",), ("int",), values=_year),
+    _Fit(("date",), ("date", "timestamp", "text")),
+    _Fit(("datetime", "timestamp"), ("date",)),
+    _Fit(("datetime", "timestamp"), ("timestamp", "text"), _fraction_fits),
+    _Fit(("time",), ("time", "duration", "text"), _fraction_fits),
+    _Fit(_TEXT_COLUMNS, ("text", "json")),
+    _Fit(("char",), ("text",), values=_no_trailing_space),
+    _Fit(("enum",), ("text",), values=_enum_member),
+    _Fit(_BLOB_COLUMNS, ("bytes", "text")),
+    _Fit(("binary",), ("bytes", "text"), values=_exact_bytes),
+)
+
+
+def fit(t: pa.DataType, c: _Column) -> tuple[str | None, ValueCheck | None]:
+    """Whether column ``c`` holds every value of Arrow type ``t``: (why not, or None; the check of each batch's values)."""
+    kind = _kind(t)
+    if kind == "null":
+        return None, None
+    for rule in FITS:
+        if c.data_type in rule.columns and kind in rule.kinds:
+            return (rule.condition(t, c) if rule.condition else None), rule.values
+    return f"MySQL would convert {kind} values to {c.data_type.upper()} without an error where it cannot hold them", None
+
+
+def _str(value: Any) -> str:
+    """An information_schema value (MySQL 8 returns some as bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def exact_key_collation(collation: str | None) -> bool:
+    """A merge key column's collation: binary (byte by byte) and NO PAD, or not text at all."""
+    return collation is None or collation == "binary" or collation.endswith("_nopad_bin") or collation in NO_PAD_BINARY
+
+
 # --- the destination ---------------------------------------------------------------------------------------------
 
 
@@ -403,6 +607,10 @@ class MySQLDestination:
         self._lock: Any = None
         self.collation = NO_PAD_BINARY[1]  # the server's, found by start()
         self._fold_case = False  # the server's lower_case_table_names, found by start()
+        self._columns: dict[str, _Column] | None = None  # the target's, by lower-case name: read at the first write
+        self._fitted: pa.Schema | None = None  # the last batch schema checked against them
+        self._value_checks: list[tuple[int, _Column, ValueCheck]] = []  # what each batch of that schema is checked for
+        self._generated: set[str] = set()  # merge: AUTO_INCREMENT columns of another unique index, which rows must not carry
         try:
             self.database = target(spec).database
             self.conn = connect(spec, "destination", local_infile=True, autocommit=False)
@@ -673,20 +881,119 @@ class MySQLDestination:
                 f"together. Convert it (ALTER TABLE {self.table} ENGINE=InnoDB) or choose another `table`. Nothing was written"
             )
         if self.mode == "merge":
-            exact = "" if self._fold_case else " AND BINARY TABLE_NAME = BINARY %s"
-            cur.execute(
-                "SELECT INDEX_NAME, GROUP_CONCAT(COLUMN_NAME ORDER BY SEQ_IN_INDEX SEPARATOR '\\0') "
-                f"FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s{exact} "
-                "AND NON_UNIQUE = 0 GROUP BY INDEX_NAME",
-                (self.database, self.table) + (() if self._fold_case else (self.table,)),
+            self._check_merge_keys(cur)
+
+    def _columns_of(self, cur: Any, name: str) -> dict[str, _Column]:
+        """The table's columns by lower-case name (MySQL's column names ignore case)."""
+        exact = "" if self._fold_case else " AND BINARY TABLE_NAME = BINARY %s"
+        cur.execute(
+            "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, NUMERIC_SCALE, DATETIME_PRECISION, CHARACTER_MAXIMUM_LENGTH, "
+            f"COLLATION_NAME, EXTRA FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s{exact}",
+            (self.database, name) + (() if self._fold_case else (name,)),
+        )
+        return {
+            _str(column).lower(): _Column(
+                name=_str(column),
+                data_type=_str(data_type).lower(),
+                column_type=_str(column_type),
+                scale=int(scale or 0),
+                fraction=int(fraction or 0),
+                length=None if length is None else int(length),
+                collation=None if collation is None else _str(collation),
+                auto_increment="auto_increment" in _str(extra or "").lower(),
             )
-            wanted = {k.lower() for k in self.spec.primary_key}
-            keys = [set(str(columns).lower().split("\0")) for _, columns in cur.fetchall()]
-            if wanted not in keys:
+            for column, data_type, column_type, scale, fraction, length, collation, extra in cur.fetchall()
+        }
+
+    def _check_merge_keys(self, cur: Any) -> None:
+        """Merge upserts with ``INSERT ... ON DUPLICATE KEY UPDATE``, which fires on a clash in ANY unique index: the
+        table needs one on exactly ``primary_key`` (whole columns, not prefixes), no other that could clash where the key
+        does not (one that holds every key column whole cannot; one on AUTO_INCREMENT columns the rows do not carry
+        cannot), and key columns that compare byte by byte and NO PAD, as Python compares the keys."""
+        exact = "" if self._fold_case else " AND BINARY TABLE_NAME = BINARY %s"
+        cur.execute(
+            "SELECT INDEX_NAME, COLUMN_NAME, SUB_PART FROM information_schema.STATISTICS "
+            f"WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s{exact} AND NON_UNIQUE = 0 ORDER BY INDEX_NAME, SEQ_IN_INDEX",
+            (self.database, self.table) + (() if self._fold_case else (self.table,)),
+        )
+        indexes: dict[str, list[tuple[str | None, Any]]] = {}
+        for index, column, part in cur.fetchall():
+            indexes.setdefault(_str(index), []).append((None if column is None else _str(column).lower(), part))
+        columns = self._columns_of(cur, self.table)
+        wanted = {k.lower() for k in self.spec.primary_key}
+        table, keys = f"{self.database}.{self.table}", ", ".join(self.spec.primary_key)
+
+        def whole(parts: list[tuple[str | None, Any]]) -> set[str]:
+            return {c for c, part in parts if c is not None and part is None}
+
+        if not any(whole(parts) == wanted and len(parts) == len(wanted) for parts in indexes.values()):
+            raise DestinationError(
+                f"destination {self.spec.name!r}: table {table} has no PRIMARY KEY or UNIQUE index on exactly ({keys}) "
+                "(whole columns, not a prefix of one), which mode merge upserts on; add one, or fix `primary_key`. "
+                "Nothing was written"
+            )
+        self._generated = set()
+        for index, parts in sorted(indexes.items()):
+            if wanted <= whole(parts):
+                continue  # a clash in it is a clash of the key
+            generated = [c for c, _ in parts if c is not None and c in columns and columns[c].auto_increment]
+            if len(generated) == len(parts):
+                self._generated.update(generated)  # write() refuses rows that carry them
+                continue
+            on = ", ".join(columns[c].name if c is not None and c in columns else "an expression" for c, _ in parts)
+            raise DestinationError(
+                f"destination {self.spec.name!r}: table {table} has the unique index {index!r} on ({on}) besides the one on "
+                f"({keys}) that mode merge upserts on; MySQL's INSERT ... ON DUPLICATE KEY UPDATE fires on either, so a "
+                f"new row sharing its {on} with another row would overwrite that row and be lost. Drop the index "
+                f"(ALTER TABLE {qi(self.table)} DROP INDEX {qi(index)}), make {keys} the only unique key, or merge into "
+                "another table. Nothing was written"
+            )
+        for key in self.spec.primary_key:
+            column = columns.get(key.lower())
+            if column is not None and not exact_key_collation(column.collation):
                 raise DestinationError(
-                    f"destination {self.spec.name!r}: table {self.database}.{self.table} has no PRIMARY KEY or UNIQUE index "
-                    f"on exactly ({', '.join(self.spec.primary_key)}), which mode merge upserts on; add one, or fix "
-                    "`primary_key`. Nothing was written"
+                    f"destination {self.spec.name!r}: the merge key column {key!r} of table {table} has the collation "
+                    f"{column.collation}, which holds keys equal that Python tells apart ('a', 'A' and 'a ' would merge into "
+                    f"one row); nothing was written. Give it a binary NO PAD collation: ALTER TABLE {qi(self.table)} "
+                    f"MODIFY {qi(column.name)} {column.column_type} CHARACTER SET utf8mb4 COLLATE {self.collation} NOT NULL, "
+                    "or let conduit create the table (it does so)"
+                )
+
+    def _check_fit(self, cur: Any, name: str, table: pa.Table, where: str, key_column: str | None) -> None:
+        """The batch's columns against the table's (read once a run), by the rule table ``FITS``: a type MySQL would
+        round, pad or reinterpret without an error is refused before the batch is written, and so is a value that a
+        CHAR, BINARY(n), ENUM or YEAR column would change."""
+        if self._columns is None:
+            self._columns = self._columns_of(cur, name)
+        where_in = f"table {self.database}.{name}"
+        if self._fitted is None or not table.schema.equals(self._fitted):
+            self._value_checks = []
+            widths = _key_bytes(table.schema, self.spec.primary_key if self.mode == "merge" else ())
+            for i, field in enumerate(table.schema):
+                column = self._columns.get(field.name.lower())
+                if column is None:
+                    continue  # the load fails naming it
+                why, values = fit(field.type, column)
+                if why is not None:
+                    wide = column_type(field, where, key_bytes=widths.get(field.name), collation=self.collation)
+                    raise DestinationError(
+                        f"{where}: column {column.name!r} of {where_in} is {column.column_type}, and the query's "
+                        f"{field.name!r} is {field.type}: {why}. Nothing of the batch was written and the checkpoint is "
+                        "unchanged. Cast the value in the query to a type the column holds, change the column (ALTER TABLE "
+                        f"{qi(name)} MODIFY {qi(column.name)} {wide}, keeping its NOT NULL and DEFAULT), or write to a new "
+                        "table (conduit creates it to fit)"
+                    )
+                if values is not None:
+                    self._value_checks.append((i, column, values))
+            self._fitted = table.schema
+        for i, column, check in self._value_checks:
+            found = check(table.column(i), column)
+            if found is not None:
+                row, why = found
+                raise DestinationError(
+                    f"{where}: column {column.name!r} of {where_in} is {column.column_type}, and the value "
+                    f"{table.column(i)[row].as_py()!r}{_at_row(table, key_column, row)} {why}. Nothing of the batch was "
+                    "written and the checkpoint is unchanged"
                 )
 
     def _create_table(self, cur: Any, name: str, table: pa.Table, comment: str) -> None:
@@ -722,6 +1029,22 @@ class MySQLDestination:
                 raise DestinationError(
                     f"destination {self.spec.name!r}: primary_key column(s) {', '.join(missing)} are not in the query's result"
                 )
+            for key in self.spec.primary_key:
+                row = _first(table.column(key).is_null())
+                if row is not None:
+                    raise DestinationError(
+                        f"{where}: primary_key column {key!r} is NULL{_at_row(table, key_column, row)}; a NULL key matches "
+                        "no row (a unique index holds NULLs apart), so every run would add that row again. Nothing of the "
+                        f"batch was written; leave such rows out in the query (WHERE {key} IS NOT NULL)"
+                    )
+            carried = [n for n in table.schema.names if n.lower() in self._generated]
+            if carried:
+                raise DestinationError(
+                    f"{where}: the query's result holds {', '.join(carried)}, the AUTO_INCREMENT column(s) of another unique "
+                    f"index of table {self.database}.{self.table} than the one on ({', '.join(self.spec.primary_key)}) that "
+                    "mode merge upserts on: a row sharing its value with another row would overwrite that row. Nothing "
+                    "was written; leave the column(s) out of the query, and MySQL numbers new rows itself"
+                )
         for field in table.schema:
             column_type(field, where)  # a type MySQL cannot hold is refused before anything is written
         _refuse_non_finite(table, where, key_column)
@@ -736,6 +1059,7 @@ class MySQLDestination:
                     self._create_table(cur, name, table, self._stamp() if self.mode == "replace" else self.comment)
                     self._created_staging = self.mode == "replace"
                 self._target_expected = True
+                self._check_fit(cur, name, table, where, key_column)
                 load_into = name
                 if self.mode == "merge":
                     # a temporary table is created outside the batch's transaction (GTID-consistent servers refuse
