@@ -218,3 +218,20 @@ def test_timestamps_of_any_year_postgresql_holds_land_by_either_route(pg, pg_sch
         ("5", None),
         ("6", "10000-01-01 00:00:00+00"),
     ]
+
+
+def test_binary_and_dates_inside_lists_and_structs_land_as_json_with_hex_and_iso_text(pg, pg_schema):
+    """Lists and structs go as JSON text: bytes inside them as lowercase hex and dates in ISO form, as JSON Lines parts
+    and the MySQL destination write them (never Python's b'...' repr)."""
+    table = pa.table(
+        {
+            "id": pa.array([1, 2], pa.int64()),
+            "blobs": pa.array([[b"\x00\x01", b"\xff"], None], pa.list_(pa.binary())),
+            "meta": pa.array([{"at": dt.date(2024, 2, 29), "raw": b"\x10"}, None]),
+        }
+    )
+    load(pg_schema, table)
+    with pg.cursor() as cur:
+        cur.execute(f"SELECT blobs::text, meta::text FROM {pg_schema}.out ORDER BY id")
+        rows = cur.fetchall()
+    assert rows == [('["0001", "ff"]', '{"at": "2024-02-29", "raw": "10"}'), (None, None)]

@@ -14,10 +14,10 @@ EXTENSIONS = {"parquet": "parquet", "csv": "csv", "jsonl": "jsonl"}
 
 def _json_row(row: dict[str, Any]) -> str:
     try:
-        return json.dumps(row, default=_json_default, ensure_ascii=False, allow_nan=False)
+        return json.dumps(row, default=json_default, ensure_ascii=False, allow_nan=False)
     except ValueError:  # NaN or infinity, which JSON cannot hold: written as the strings NaN, Infinity, -Infinity
         fixed = {k: _non_finite(v) for k, v in row.items()}
-        return json.dumps(fixed, default=_json_default, ensure_ascii=False, allow_nan=False)
+        return json.dumps(fixed, default=json_default, ensure_ascii=False, allow_nan=False)
 
 
 def _non_finite(value: Any) -> Any:
@@ -26,7 +26,10 @@ def _non_finite(value: Any) -> Any:
     return value
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """A value JSON has no type for, in every JSON conduit writes (JSON Lines parts, lists and structs in database
+    columns): bytes as lowercase hex (``str()`` would write Python's ``b'...'``), dates and times in ISO form, the rest
+    (decimals) as their text."""
     if isinstance(value, bytes):
         return value.hex()
     if hasattr(value, "isoformat"):

@@ -62,6 +62,7 @@ import pymysql
 from conduit_dagster.engine.backends import DestinationBackend, ResourceUse, register_destination_backend
 from conduit_dagster.engine.checkpoint import decode_value, encode_value
 from conduit_dagster.engine.destinations.base import CommittedBatch, Resumption
+from conduit_dagster.engine.destinations.formats import json_default
 from conduit_dagster.engine.errors import CheckpointError, ConduitError, DestinationError
 from conduit_dagster.engine.mysql import (
     CONNECTION_KEYS,
@@ -300,16 +301,8 @@ def _hex(array: pa.Array) -> pa.Array:
     return pa.array([None if v is None else v.hex() for v in array.to_pylist()], pa.large_string())
 
 
-def _json_default(value: Any) -> Any:
-    """A value JSON has no type for: bytes (binary inside a list or struct) as lowercase hex, as JSON Lines parts write
-    them (str() would write Python's b'...' repr); anything else (dates, decimals) as its str()."""
-    if isinstance(value, bytes):
-        return value.hex()
-    return str(value)
-
-
 def _json(array: pa.Array) -> pa.Array:
-    values = [None if v is None else json.dumps(v, default=_json_default, ensure_ascii=False) for v in array.to_pylist()]
+    values = [None if v is None else json.dumps(v, default=json_default, ensure_ascii=False) for v in array.to_pylist()]
     return _escape(pa.array(values, pa.large_string()))
 
 

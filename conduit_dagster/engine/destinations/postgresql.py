@@ -52,6 +52,7 @@ import pyarrow.csv as pacsv
 from conduit_dagster.engine.backends import DestinationBackend, ResourceUse, register_destination_backend
 from conduit_dagster.engine.checkpoint import decode_value, encode_value
 from conduit_dagster.engine.destinations.base import CommittedBatch, Resumption
+from conduit_dagster.engine.destinations.formats import json_default
 from conduit_dagster.engine.errors import CheckpointError, ConduitError, DestinationError
 from conduit_dagster.engine.pg import CONNECTION_KEYS, PostgresConnectionSpec, connect, describe, parse_connection, redact
 from conduit_dagster.engine.spec import NAME_RE, WRITE_MODES, _Entry, column_list
@@ -151,7 +152,8 @@ def _csv_ready(table: pa.Table) -> pa.Table:
         if pa.types.is_binary(t) or pa.types.is_large_binary(t):
             column = pa.array([None if v is None else "\\x" + v.hex() for v in column.to_pylist()], pa.string())
         elif pa.types.is_list(t) or pa.types.is_struct(t) or pa.types.is_map(t):
-            column = pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], pa.string())
+            values = [None if v is None else json.dumps(v, default=json_default) for v in column.to_pylist()]
+            column = pa.array(values, pa.string())
         elif pa.types.is_duration(t):
             column = pa.array([None if v is None else f"{v.total_seconds()} seconds" for v in column.to_pylist()], pa.string())
         elif pa.types.is_timestamp(t) and t.tz is not None:
