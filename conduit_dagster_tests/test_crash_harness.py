@@ -78,7 +78,7 @@ def test_crash_harness_mysql_source_loses_and_duplicates_nothing(mysql_server):
             "--trials",
             "10",
             "--rows",
-            "50000",
+            "100000",
             "--columns",
             "ci,dt6,id",
             "--destinations",
@@ -91,7 +91,7 @@ def test_crash_harness_mysql_source_loses_and_duplicates_nothing(mysql_server):
         env=_mysql_env(mysql_server),
     )
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
-    assert re.search(r"summary: 10 trials, (\d+) kills, 50,000 source rows, rows lost 0, rows duplicated 0", out.stdout), (
+    assert re.search(r"summary: 10 trials, (\d+) kills, 100,000 source rows, rows lost 0, rows duplicated 0", out.stdout), (
         out.stdout[-3000:]
     )
     assert len(re.findall(r"^trial ", out.stdout, flags=re.M)) == 10
