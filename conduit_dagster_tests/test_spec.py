@@ -1,5 +1,6 @@
 """ingest.yml parsing: the happy path and every error, each naming file, line/key and fix."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -339,3 +340,41 @@ def test_readme_reference_example_is_valid(tmp_path, monkeypatch):
     assert any(isinstance(d, S3DestinationSpec) for d in spec.destinations)
     assert {s.type for s in spec.sources} == {"postgresql", "sqlite", "file", "mysql", "sqlalchemy"}
     assert {d.type for d in spec.destinations} == {"local", "postgresql", "mysql", "s3"}
+
+
+@pytest.mark.parametrize(
+    ("destination", "resource", "message"),
+    [
+        ("table: " + "t" * 64, "r", "is longer than PostgreSQL's 63 characters"),
+        ("table: _conduit_batches", "r", "starts with _conduit_, which conduit's own tables use"),
+        ("mode: append", "r" * 64, "longer than PostgreSQL's 63 characters; set `table:`"),
+    ],
+)
+def test_a_postgresql_table_name_the_server_would_cut_or_that_is_conduits_own_is_refused(
+    tmp_path, destination, resource, message
+):
+    """PostgreSQL cuts identifiers at 63 characters, so two long names would write one table; `_conduit_batches` is
+    conduit's own bookkeeping table. Both are refused when ingest.yml is read (as for MySQL)."""
+    from conduit_dagster.engine.errors import SpecError
+    from conduit_dagster.engine.spec import load_spec_text
+
+    text = f"""
+sources:
+  - name: src
+    type: sqlite
+    path: x.db
+    resume: true
+    checkpoint_column: id
+destinations:
+  - name: wh
+    type: postgresql
+    database: test
+    {destination}
+resources:
+  - name: {resource}
+    source: src
+    destination: wh
+    query: SELECT id FROM t
+"""
+    with pytest.raises(SpecError, match=re.escape(message)):
+        load_spec_text(text, tmp_path / "ingest.yml")

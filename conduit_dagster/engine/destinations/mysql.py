@@ -63,6 +63,7 @@ from conduit_dagster.engine.backends import DestinationBackend, ResourceUse, reg
 from conduit_dagster.engine.checkpoint import decode_value, encode_value
 from conduit_dagster.engine.destinations.base import CommittedBatch, Resumption
 from conduit_dagster.engine.destinations.formats import json_default
+from conduit_dagster.engine.destinations.tables import check_table_resource, parse_table_keys
 from conduit_dagster.engine.errors import CheckpointError, ConduitError, DestinationError
 from conduit_dagster.engine.mysql import (
     CONNECTION_KEYS,
@@ -74,7 +75,7 @@ from conduit_dagster.engine.mysql import (
     redact,
     target,
 )
-from conduit_dagster.engine.spec import NAME_RE, WRITE_MODES, _Entry, column_list
+from conduit_dagster.engine.spec import _Entry
 
 
 @dataclass(frozen=True)
@@ -1268,50 +1269,12 @@ def _stream(cur: Any, statement: str, rows: _Rows) -> int:
 
 def _parse(e: _Entry, file: Path, name: str) -> MySQLDestinationSpec:
     e.finish(_KEYS)
-    mode = e.choice("mode", WRITE_MODES, default="replace")
-    keys = column_list(e, "primary_key")
-    if mode == "merge" and not keys:
-        raise e.fail(None, "mode merge needs `primary_key: [column, ...]` to upsert on")
-    table = e.text("table", env=False)
-    if table is not None:
-        if not NAME_RE.match(table):
-            raise e.fail("table", f"{table!r} is not a valid table name; use letters, digits and _")
-        if len(table) > MAX_NAME:
-            raise e.fail("table", f"{table!r} is longer than MySQL's {MAX_NAME} characters; choose a shorter name")
-        if table.lower().startswith("_conduit_"):
-            raise e.fail("table", f"{table!r} starts with _conduit_, which conduit's own tables use; choose another name")
+    table, mode, keys = parse_table_keys(e, "MySQL", MAX_NAME)
     return MySQLDestinationSpec(name=name, table=table, mode=mode, primary_key=keys, **parse_connection(e))
 
 
 def _check_resource(e: _Entry, d: MySQLDestinationSpec, use: ResourceUse) -> None:
-    """One table per resource; an incremental load never replaces; append is exact only when resuming."""
-    if d.table:
-        for other_name, other in use.others:
-            if other is d:
-                raise e.fail(
-                    "destination",
-                    f"resources {other_name!r} and {use.name!r} would both write table {d.table!r} of destination "
-                    f"{use.destination_name!r}; give each its own destination, or leave `table` out (it defaults to the "
-                    "resource name)",
-                )
-    elif len(use.name) > MAX_NAME:
-        raise e.fail(
-            "destination",
-            f"destination {use.destination_name!r} would write table {use.name!r} (the resource name), longer than "
-            f"MySQL's {MAX_NAME} characters; set `table:` on the destination",
-        )
-    if use.incremental and d.mode == "replace":
-        raise e.fail(
-            "destination",
-            f"destination {use.destination_name!r} replaces its table on every run, which would keep "
-            "only the newest rows of an incremental load; use mode append or merge",
-        )
-    if d.mode == "append" and not use.resume:
-        raise e.fail(
-            "destination",
-            f"destination {use.destination_name!r} appends, which is exact after a crash only with resume: true and a "
-            "checkpoint_column (the rerun would append the rows again); turn resume on, or use mode replace or merge",
-        )
+    check_table_resource(e, d, use, "MySQL", MAX_NAME)
 
 
 def _table_uri(d: MySQLDestinationSpec, pipeline: str) -> str:
