@@ -310,3 +310,20 @@ def test_jsonl_output_is_valid_json_with_non_finite_floats(tmp_path):
     lines = (tmp_path / "out" / "things" / "part-000000.jsonl").read_text().splitlines()
     parsed = [json.loads(line, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}")) for line in lines]
     assert parsed == [{"id": 1, "x": "NaN"}, {"id": 2, "x": "Infinity"}, {"id": 3, "x": 1.5}]
+
+
+def test_a_backwards_error_on_long_keys_shows_them_cut_and_says_why_it_can_happen() -> None:
+    """Two 1 KB text keys out of order (a source that sorts on a prefix only): the message stays short and names the
+    likely cause, for both the list and the Arrow checks."""
+    import pyarrow as pa
+
+    from conduit_dagster.engine.errors import OrderingError
+    from conduit_dagster.engine.keys import check_keys
+
+    long_a, long_b = "k" * 1030 + "b", "k" * 1030 + "a"
+    for keys in ([long_a, long_b], pa.array([long_a, long_b])):
+        with pytest.raises(OrderingError) as exc:
+            check_keys(keys, None, "k")
+        message = str(exc.value)
+        assert "went backwards" in message and "max_sort_length" in message
+        assert "(1033 characters)" in message and len(message) < 600

@@ -31,10 +31,20 @@ def _nan_error(column: str, prev: Any) -> OrderingError:
     )
 
 
+def _shown(value: Any, limit: int = 100) -> str:
+    """A key value for an error message: its repr, cut in the middle when long (keys of 1 KB make a message unreadable)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit // 2]}...{text[-limit // 4 :]} ({len(text)} characters)"
+
+
 def _backwards_error(column: str, prev: Any, value: Any) -> OrderingError:
     return OrderingError(
-        f"checkpoint column {column!r} went backwards: {value!r} came after {prev!r}; the column must be "
-        "sortable by the source in the same order Python compares it (cast it, or pick another column)"
+        f"checkpoint column {column!r} went backwards: {_shown(value)} came after {_shown(prev)}; the column must be "
+        "sortable by the source in the same order Python compares it (cast it, or pick another column). Long values "
+        "that share a prefix do this on a source that sorts text on a prefix only (MySQL's max_sort_length, 1024 "
+        "bytes by default): order by a shorter or an integer column"
     )
 
 
