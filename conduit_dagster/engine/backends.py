@@ -141,6 +141,8 @@ class DestinationBackend:
     # (destination_id, destination state, pipeline) of a checkpoint about to be cleared -> lines telling what it
     # leaves behind that no run will touch again, or None
     leftover: Callable[[str, dict[str, Any], str], list[str] | None] = _no_leftover
+    # its ``open`` takes ``partition=`` (a partitions.Partition) and publishes each partition on its own
+    partitioned: bool = False
 
 
 _SOURCES: dict[str, SourceBackend] = {}
@@ -164,7 +166,7 @@ def _check(given: object, kind: type, registry: dict[str, Any], required_keys: f
     if missing:
         raise ValueError(f"{what} type {backend.type!r}: keys lack {', '.join(missing)}, which every {what} entry has")
     for f in fields(backend):
-        if f.name not in ("type", "keys") and not callable(getattr(backend, f.name)):
+        if f.name not in ("type", "keys", "partitioned") and not callable(getattr(backend, f.name)):
             raise ValueError(f"{what} type {backend.type!r}: {f.name} must be callable, got {getattr(backend, f.name)!r}")
 
 

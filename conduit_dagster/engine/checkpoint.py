@@ -244,6 +244,14 @@ class CheckpointStore(Protocol):
 
     def list_states(self) -> "builtins.list[str]": ...
 
+    def load_plan(self, pipeline: str) -> str | None:
+        """A partitioned pipeline's key-range plan (JSON text, see ``partitions.RangePlan``), or None."""
+        ...
+
+    def save_plan(self, pipeline: str, text: str) -> None: ...
+
+    def delete_plan(self, pipeline: str) -> None: ...
+
     def has_checkpoint(self, pipeline: str) -> bool:
         """A checkpoint exists (readable or not)."""
         ...
@@ -474,7 +482,9 @@ class LocalCheckpointStore:
         if not self.directory.is_dir():
             return []
         return sorted(
-            p.stem for p in self.directory.glob("*.json") if not p.name.startswith(".") and not p.name.endswith(".state.json")
+            p.stem
+            for p in self.directory.glob("*.json")
+            if not p.name.startswith(".") and not p.name.endswith((".state.json", ".plan.json"))
         )
 
     def _state_path(self, pipeline: str) -> Path:
@@ -511,6 +521,32 @@ class LocalCheckpointStore:
 
     def delete_state(self, pipeline: str) -> None:
         self._unlink(self._state_path(pipeline), sync=False)
+
+    def _plan_path(self, pipeline: str) -> Path:
+        return self._path(pipeline).with_suffix(".plan.json")
+
+    def load_plan(self, pipeline: str) -> str | None:
+        path = self._plan_path(pipeline)
+        try:
+            return self._read(path)
+        except LinkRefusedError as exc:
+            raise CheckpointError(f"{exc.message}; nothing was read or written") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: cannot read the key-range plan ({exc})") from None
+
+    def save_plan(self, pipeline: str, text: str) -> None:
+        path = self._plan_path(pipeline)
+        try:
+            with self._dir(create=True) as fd:
+                assert fd is not None
+                write_atomic_at(fd, path.name, text.encode("utf-8"), path)
+        except LinkRefusedError as exc:
+            raise CheckpointError(f"{exc.message}; the plan is unchanged") from None
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot write the key-range plan ({exc.strerror or exc})") from None
+
+    def delete_plan(self, pipeline: str) -> None:
+        self._unlink(self._plan_path(pipeline), sync=True)
 
     @contextmanager
     def lock(self, pipeline: str, run_id: str | None) -> Iterator[None]:
@@ -555,6 +591,7 @@ class MemoryCheckpointStore:
     def __init__(self) -> None:
         self.docs: dict[str, str] = {}
         self.states: dict[str, str] = {}
+        self.plans: dict[str, str] = {}
         self.held: dict[str, str | None] = {}
 
     def describe(self, pipeline: str) -> str:
@@ -593,6 +630,15 @@ class MemoryCheckpointStore:
 
     def delete_state(self, pipeline: str) -> None:
         self.states.pop(pipeline, None)
+
+    def load_plan(self, pipeline: str) -> str | None:
+        return self.plans.get(pipeline)
+
+    def save_plan(self, pipeline: str, text: str) -> None:
+        self.plans[pipeline] = text
+
+    def delete_plan(self, pipeline: str) -> None:
+        self.plans.pop(pipeline, None)
 
     @contextmanager
     def lock(self, pipeline: str, run_id: str | None) -> Iterator[None]:

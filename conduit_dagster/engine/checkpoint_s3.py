@@ -134,7 +134,7 @@ class S3CheckpointStore:
             or "\\" in pipeline
             or "\x00" in pipeline
             or pipeline.startswith(".")
-            or pipeline.endswith((".state", ".lease"))  # its objects would be another pipeline's state or lease
+            or pipeline.endswith((".state", ".lease", ".plan"))  # its objects would be another pipeline's state, lease or plan
         ):
             raise CheckpointError(f"invalid pipeline name {pipeline!r} for a checkpoint object")
         return join_key(self.prefix, pipeline + suffix)
@@ -247,6 +247,15 @@ class S3CheckpointStore:
     def delete_state(self, pipeline: str) -> None:
         self._delete(self._key(pipeline, ".state.json"), pipeline, "incremental state")
 
+    def load_plan(self, pipeline: str) -> str | None:
+        return self._get(self._key(pipeline, ".plan.json"))
+
+    def save_plan(self, pipeline: str, text: str) -> None:
+        self._put(self._key(pipeline, ".plan.json"), text.encode("utf-8"), pipeline, "key-range plan")
+
+    def delete_plan(self, pipeline: str) -> None:
+        self._delete(self._key(pipeline, ".plan.json"), pipeline, "key-range plan")
+
     def _names(self, suffix: str) -> "builtins.list[str]":
         base = join_key(self.prefix, "") + ("/" if self.prefix else "")
         try:
@@ -259,7 +268,7 @@ class S3CheckpointStore:
             if "/" in rest or not rest.endswith(suffix) or rest.startswith("."):
                 continue
             stem = rest[: -len(suffix)]
-            if suffix == ".json" and stem.endswith((".state", ".lease")):
+            if suffix == ".json" and stem.endswith((".state", ".lease", ".plan")):
                 continue
             names.append(stem)
         return sorted(names)

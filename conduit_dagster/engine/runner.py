@@ -36,8 +36,9 @@ from conduit_dagster.engine.checkpoint import (
     encode_value,
 )
 from conduit_dagster.engine.destinations import Destination, open_destination
-from conduit_dagster.engine.errors import CheckpointError, SourceError
+from conduit_dagster.engine.errors import CheckpointError, SourceError, SpecError
 from conduit_dagster.engine.keys import KeyBuffer, check_keys
+from conduit_dagster.engine.partitions import Partition
 from conduit_dagster.engine.sources import Chunk, Source, open_source
 from conduit_dagster.engine.spec import ResourceSpec
 
@@ -96,10 +97,13 @@ class RunFinished:
 Event = RunStarted | BatchCommitted | RunWarning | RunFinished
 
 
-def query_fingerprint(resource: ResourceSpec) -> str:
-    """What the checkpoint's rows were selected by: the query, or for a file source its files and format."""
+def query_fingerprint(resource: ResourceSpec, partition: Partition | None = None) -> str:
+    """What the checkpoint's rows were selected by: the query, or for a file source its files and format (and the
+    partition's bounds)."""
     selection = source_backend(resource.source).selection(resource)
     text = f"{selection}\n--conduit checkpoint_column={resource.checkpoint_column}"
+    if partition is not None:
+        text += f"\n--conduit partition={partition.fingerprint()}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -299,6 +303,29 @@ def cut_batches(chunks: Iterator[Chunk], batch_size: int, column: str | None, af
         yield pa.Table.from_batches(pending), (keys.value(count - 1) if column is not None else None)
 
 
+def open_partitioned_source(resource: ResourceSpec, partition: Partition | None) -> Source:
+    """The resource's source, restricted to ``partition``'s rows when it has one."""
+    src = open_source(resource.source)
+    if partition is None:
+        return src
+    try:
+        restrict_source(src, resource, partition)
+    except BaseException:
+        src.close()
+        raise
+    return src
+
+
+def restrict_source(src: Source, resource: ResourceSpec, partition: Partition) -> None:
+    restrict = getattr(src, "restrict", None)
+    if restrict is None:
+        raise SourceError(
+            f"pipeline {resource.name!r}: source {resource.source.name!r} (type {resource.source.type}) cannot read "
+            "one partition's rows; partitions need a SQL source (postgresql, mysql, sqlite, sqlalchemy)"
+        )
+    restrict(partition)
+
+
 def run_pipeline(
     resource: ResourceSpec,
     store: CheckpointStore,
@@ -306,14 +333,26 @@ def run_pipeline(
     run_id: str | None = None,
     source: Source | None = None,
     destination: Destination | None = None,
+    partition: Partition | None = None,
 ) -> Iterator[Event]:
-    """Run one pipeline to the end, resuming from its checkpoint if it has one."""
-    with store.lock(resource.name, run_id):
+    """Run one pipeline (or one partition of a partitioned pipeline) to the end, resuming from its checkpoint if it
+    has one. A partition is a pipeline of its own for the store (checkpoint and lock named ``<pipeline>.<key>``), the
+    source (only its rows) and the destination (its own output, replacing only that partition's)."""
+    if (partition is None) != (resource.partitions is None):
+        raise SpecError(
+            f"pipeline {resource.name!r} is partitioned: name the partition to run"
+            if partition is None
+            else f"pipeline {resource.name!r} has no partitions: run it without a partition key"
+        )
+    unit = partition.unit if partition is not None else resource.name
+    with store.lock(unit, run_id):
         dest = destination or open_destination(
-            resource.destination, resource.name, accumulate=resource.incremental_column is not None
+            resource.destination, resource.name, accumulate=resource.incremental_column is not None, partition=partition
         )
         try:
-            yield from _run_locked(resource, store, run_id=run_id, source=source, dest=dest)
+            if source is not None and partition is not None:
+                restrict_source(source, resource, partition)
+            yield from _run_locked(resource, store, run_id=run_id, source=source, dest=dest, partition=partition)
         finally:
             if destination is None:
                 dest.close()
@@ -326,9 +365,10 @@ def _run_locked(
     run_id: str | None,
     source: Source | None,
     dest: Destination,
+    partition: Partition | None = None,
 ) -> Iterator[Event]:
     started = time.monotonic()
-    name = resource.name
+    name = partition.unit if partition is not None else resource.name
     column = resource.checkpoint_column
     set_fence = getattr(dest, "set_fence", None)
     if callable(set_fence):  # a destination that cleans up after others checks first that this run still owns the pipeline
@@ -337,7 +377,7 @@ def _run_locked(
     if callable(set_resumable):  # without a checkpoint, what a failed run leaves can never be resumed
         set_resumable(resource.resume)
     rolls_forward = bool(getattr(dest, "rolls_forward", False))
-    fingerprint = query_fingerprint(resource)
+    fingerprint = query_fingerprint(resource, partition)
     checkpoint = store.load(name) if resource.resume else None
     if checkpoint is not None:
         where = store.describe(name)
@@ -420,7 +460,7 @@ def _run_locked(
             if incremental:
                 boundary = list(batch.state["boundary"])
         store.save(checkpoint_at(after, records, index, boundary))
-    src = source or (None if resumption.already_published else open_source(resource.source))
+    src = source or (None if resumption.already_published else open_partitioned_source(resource, partition))
     if src is not None and incremental:
         src.bind({"last_value": incremental.bound})
     if src is not None and checkpoint is not None and after is not None and column is not None:

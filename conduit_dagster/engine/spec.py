@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import yaml
 
 from conduit_dagster.engine.errors import SpecError
+from conduit_dagster.engine.partitions import PartitionsSpec, parse_partitions
 
 if TYPE_CHECKING:  # each backend's spec, importable from here too (see __getattr__)
     from conduit_dagster.engine.destinations.local import LocalDestinationSpec as LocalDestinationSpec
@@ -160,6 +161,7 @@ class ResourceSpec:
     incremental_column: str | None = None  # with :last_value in the query: load only what is new since the last run
     initial_value: Any = None
     incremental_key: tuple[str, ...] = ()  # columns that identify a row at the boundary (default: all)
+    partitions: "PartitionsSpec | None" = None  # split into partitions that load, resume and publish on their own
 
 
 @dataclass(frozen=True)
@@ -460,6 +462,7 @@ _RESOURCE_KEYS = {
     "incremental_column",
     "initial_value",
     "incremental_key",
+    "partitions",
 }
 
 
@@ -796,6 +799,7 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
         )
         destination_backend(destination).check_resource(e, destination, use)
         cron, timezone = _schedule(e)
+        partitions = parse_partitions(e, column, incremental_column is not None)
         resources[name] = ResourceSpec(
             name=name,
             source=source,
@@ -818,6 +822,7 @@ def load_spec_text(text: str, path: Path) -> IngestSpec:
             incremental_column=incremental_column,
             initial_value=initial_value,
             incremental_key=column_list(e, "incremental_key"),
+            partitions=partitions,
         )
     return IngestSpec(
         path=path,
