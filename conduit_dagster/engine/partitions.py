@@ -250,7 +250,7 @@ def _window_starts(tw: TimeWindows, limit: dt.datetime) -> Iterator[dt.datetime]
 def time_partition_keys(tw: TimeWindows, now: dt.datetime | None = None) -> list[str]:
     """Every window's key, oldest first: up to ``end``, or without one up to the last complete window."""
     limit = tw.end if tw.end is not None else (now or dt.datetime.now(dt.UTC))
-    return [s.strftime(tw.fmt) for s in _window_starts(tw, limit)]
+    return [window_key(tw, s) for s in _window_starts(tw, limit)]
 
 
 def time_window(tw: TimeWindows, key: str) -> tuple[dt.datetime, dt.datetime]:
@@ -259,8 +259,11 @@ def time_window(tw: TimeWindows, key: str) -> tuple[dt.datetime, dt.datetime]:
     try:
         start = dt.datetime.strptime(key, tw.fmt).replace(tzinfo=zone)
     except ValueError:
-        raise SpecError(f"{key!r} is not a partition key of a {tw.every} window (keys look like {_example(tw)})") from None
-    if start.strftime(tw.fmt) != key or _tick_at_or_after(tw, start) != start or start < _tick_at_or_after(tw, tw.start):
+        try:  # the second of two equal wall-clock hours (see window_key)
+            start = dt.datetime.fromtimestamp(dt.datetime.strptime(key, tw.fmt + "%z").timestamp(), tz=zone)
+        except ValueError:
+            raise SpecError(f"{key!r} is not a partition key of a {tw.every} window (keys look like {_example(tw)})") from None
+    if window_key(tw, start) != key or _tick_at_or_after(tw, start) != start or start < _tick_at_or_after(tw, tw.start):
         raise SpecError(f"{key!r} is not the key of a {tw.every} window of this pipeline (keys look like {_example(tw)})")
     end = _next(tw, start)
     if tw.end is not None and end > tw.end:
@@ -269,7 +272,16 @@ def time_window(tw: TimeWindows, key: str) -> tuple[dt.datetime, dt.datetime]:
 
 
 def _example(tw: TimeWindows) -> str:
-    return _tick_at_or_after(tw, tw.start).strftime(tw.fmt)
+    return window_key(tw, _tick_at_or_after(tw, tw.start))
+
+
+def window_key(tw: TimeWindows, start: dt.datetime) -> str:
+    """Dagster's key of the window starting at ``start``. When clocks go back, an hour's wall-clock time repeats:
+    the second window of that hour gets its UTC offset appended (``2024-11-03-01:00-0500``), as Dagster's
+    ``dst_safe_strftime`` does; without it two windows would share one key (one checkpoint, one output)."""
+    if tw.every == "hour" and start.fold == 1 and start.utcoffset() != start.replace(fold=0).utcoffset():
+        return start.strftime(tw.fmt + "%z")
+    return start.strftime(tw.fmt)
 
 
 # --- key ranges -----------------------------------------------------------------------------------------------
