@@ -53,8 +53,9 @@ from conduit_dagster.engine.backends import DestinationBackend, ResourceUse, reg
 from conduit_dagster.engine.checkpoint import decode_value, encode_value
 from conduit_dagster.engine.destinations.base import CommittedBatch, Resumption
 from conduit_dagster.engine.destinations.formats import json_default
-from conduit_dagster.engine.destinations.tables import check_table_resource, parse_table_keys
+from conduit_dagster.engine.destinations.tables import check_table_resource, parse_table_keys, partition_bound
 from conduit_dagster.engine.errors import CheckpointError, ConduitError, DestinationError
+from conduit_dagster.engine.partitions import Partition
 from conduit_dagster.engine.pg import CONNECTION_KEYS, PostgresConnectionSpec, connect, describe, parse_connection, redact
 from conduit_dagster.engine.spec import _Entry
 from conduit_dagster.engine.sql import quote_ident
@@ -73,6 +74,7 @@ class PostgresDestinationSpec(PostgresConnectionSpec):
 
 
 BATCHES = "_conduit_batches"
+PUBLISHED = "_conduit_published"  # the generations partitions published (created by partitioned runs only)
 BATCH_COLUMN = "_conduit_batch"
 STAGING_PREFIX = "_conduit_stage_"
 
@@ -102,10 +104,12 @@ def owned_staging(state: dict[str, Any], pipeline: str, destination_id: str) -> 
     return (schema, staging) if isinstance(staging, str) else None
 
 
-def lock_key(schema: str, table: str) -> int:
+def lock_key(schema: str, table: str, scope: str = "") -> int:
     """The table's advisory-lock key: 64 bits of a SHA-256 (32-bit ``hashtext`` keys collide between
-    different tables often enough to report a busy table that nobody writes)."""
-    digest = hashlib.sha256(f"conduit:{quote_ident(schema)}.{quote_ident(table)}".encode()).digest()  # "a.b".c is not a."b.c"
+    different tables often enough to report a busy table that nobody writes). ``scope``: another lock of that
+    table (one partition's runs, or the creation of the table), apart from the table's own."""
+    name = f"conduit:{quote_ident(schema)}.{quote_ident(table)}"  # "a.b".c is not a."b.c"
+    digest = hashlib.sha256((f"{name}\0{scope}" if scope else name).encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
@@ -341,10 +345,16 @@ class PostgresDestination:
     # a committed batch is final (append, merge): a resume adopts it instead of writing it again
     rolls_forward = True
 
-    def __init__(self, spec: PostgresDestinationSpec, pipeline: str, *, accumulate: bool = False) -> None:
+    def __init__(
+        self, spec: PostgresDestinationSpec, pipeline: str, *, accumulate: bool = False, partition: Partition | None = None
+    ) -> None:
         # accumulate (an incremental load) is what append and merge do already; replace is refused for it in the spec
         self.spec = spec
         self.pipeline = pipeline
+        self.partition = partition
+        # the name of this writer's bookkeeping (batch records, staging table, lock): the partition's unit, or the pipeline
+        self.unit = partition.unit if partition is not None else pipeline
+        self.who = f"pipeline {pipeline!r}" + (f" partition {partition.key!r}" if partition is not None else "")
         self.schema = spec.schema or "public"
         self.table = spec.table or pipeline
         self.mode = spec.mode
@@ -387,9 +397,9 @@ class PostgresDestination:
     def _missing(self, name: str, why: str) -> DestinationError:
         what = "staging table" if name != self.table else "table"
         return DestinationError(
-            f"destination {self.spec.name!r}: the {what} {self.schema}.{name} of pipeline {self.pipeline!r} is missing "
+            f"destination {self.spec.name!r}: the {what} {self.schema}.{name} of {self.who} is missing "
             f"{why}; someone dropped it, and its rows with it. Nothing more was written; start over with "
-            f"`conduit clear-checkpoints --pipeline-name {self.pipeline}`"
+            f"`conduit clear-checkpoints --pipeline-name {self.unit}`"
         )
 
     # --- protocol ----------------------------------------------------------------------
@@ -401,21 +411,18 @@ class PostgresDestination:
     def start(self, state: dict[str, Any] | None, committed: int = 0) -> Resumption:
         try:
             with self.conn, self.conn.cursor() as cur:
-                cur.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)}")
-                cur.execute(
-                    f"CREATE TABLE IF NOT EXISTS {self._q(BATCHES)} (pipeline text NOT NULL, generation text NOT NULL, "
-                    "batch_index integer NOT NULL, rows bigint NOT NULL, last_key text, batch_state jsonb, "
-                    "committed_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (pipeline, generation, batch_index))"
-                )
-                cur.execute(f"ALTER TABLE {self._q(BATCHES)} ADD COLUMN IF NOT EXISTS last_key text")
-                cur.execute(f"ALTER TABLE {self._q(BATCHES)} ADD COLUMN IF NOT EXISTS batch_state jsonb")
+                self._bookkeeping(cur)
                 self._fence(cur)
+                if self.partition is not None and self._exists(cur, self.table):
+                    self._window(cur, self.table)  # a partition column it cannot compare is refused before any work
                 if state is None:
                     # Nothing else is dropped: a staging table with another name belongs to another run (another
                     # generation, or another deployment), and only its own checkpoint can say it is abandoned.
                     self.generation = uuid.uuid4().hex
+                    if self.partition is not None:  # a publish record of an earlier run: no checkpoint names it any more
+                        cur.execute(f"DELETE FROM {self._q(PUBLISHED)} WHERE pipeline = %s", (self.unit,))
                     if self.mode == "replace":
-                        self.staging = staging_name(self.pipeline, self.schema, self.table, self.generation)
+                        self.staging = staging_name(self.unit, self.schema, self.table, self.generation)
                         self._check_replaceable(cur)
                         return Resumption({"generation": self.generation, "staging": self.staging, "schema": self.schema})
                     return Resumption({"generation": self.generation})
@@ -423,40 +430,65 @@ class PostgresDestination:
         except psycopg2.Error as exc:
             raise self._fail("cannot prepare the output", exc) from None
 
+    def _bookkeeping(self, cur: Any) -> None:
+        """The schema and conduit's tables in it, created once: under a lock of the schema's bookkeeping, as two
+        runs starting at the same moment (partitions of one pipeline do) would both try to create them."""
+        cur.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (lock_key(self.schema, BATCHES, "create"),))
+        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)}")
+        cur.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._q(BATCHES)} (pipeline text NOT NULL, generation text NOT NULL, "
+            "batch_index integer NOT NULL, rows bigint NOT NULL, last_key text, batch_state jsonb, "
+            "committed_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (pipeline, generation, batch_index))"
+        )
+        # columns added by later versions; ALTER TABLE only when missing, as it would wait for every batch in progress
+        cur.execute(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = %s::regclass AND attname IN ('last_key', 'batch_state') "
+            "AND NOT attisdropped",
+            (self._q(BATCHES),),
+        )
+        if cur.fetchone()[0] < 2:
+            cur.execute(f"ALTER TABLE {self._q(BATCHES)} ADD COLUMN IF NOT EXISTS last_key text")
+            cur.execute(f"ALTER TABLE {self._q(BATCHES)} ADD COLUMN IF NOT EXISTS batch_state jsonb")
+        if self.partition is not None:
+            cur.execute(
+                f"CREATE TABLE IF NOT EXISTS {self._q(PUBLISHED)} (pipeline text NOT NULL, generation text NOT NULL, "
+                "rows bigint NOT NULL, published_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (pipeline, generation))"
+            )
+
     def _resume(self, cur: Any, state: dict[str, Any], committed: int) -> Resumption:
         generation = state.get("generation")
         if not isinstance(generation, str) or not generation.isalnum():
-            raise CheckpointError(f"pipeline {self.pipeline!r}: the checkpoint names no valid output generation")
+            raise CheckpointError(f"{self.who}: the checkpoint names no valid output generation")
         self.generation = generation
         if self.mode == "replace":
             staging = state.get("staging", legacy_staging_name(self.pipeline, generation))
             if not isinstance(staging, str) or not staging.startswith(STAGING_PREFIX) or not staging.isascii():
-                raise CheckpointError(f"pipeline {self.pipeline!r}: the checkpoint names no valid staging table")
+                raise CheckpointError(f"{self.who}: the checkpoint names no valid staging table")
             self.staging = staging
-            if self._table_comment(cur, self.table) == f"{self.comment} generation {generation}":
+            if self._published_before(cur, generation):
                 self._published = True
                 return Resumption(state, already_published=True)
             if not self._exists(cur, staging):
                 if committed == 0:  # crashed before its first batch: the staging table comes with it
                     return Resumption(state)
                 raise CheckpointError(
-                    f"pipeline {self.pipeline!r}: the checkpoint's staging table {self.schema}.{staging} is "
+                    f"{self.who}: the checkpoint's staging table {self.schema}.{staging} is "
                     "missing, so it cannot be resumed; start over with "
-                    f"`conduit clear-checkpoints --pipeline-name {self.pipeline}`"
+                    f"`conduit clear-checkpoints --pipeline-name {self.unit}`"
                 )
             self._target_expected = True
             # rows of batches written after the last checkpoint are dropped; they will be read again
             cur.execute(f"DELETE FROM {self._q(staging)} WHERE {BATCH_COLUMN} >= %s", (committed,))
             cur.execute(
                 f"DELETE FROM {self._q(BATCHES)} WHERE pipeline = %s AND generation = %s AND batch_index >= %s",
-                (self.pipeline, generation, committed),
+                (self.unit, generation, committed),
             )
             return Resumption(state)
         # append, merge: what was committed past the checkpoint is in the table for good; the runner adopts it
         cur.execute(
             f"SELECT batch_index, rows, last_key, batch_state FROM {self._q(BATCHES)} "
             "WHERE pipeline = %s AND generation = %s AND batch_index >= %s ORDER BY batch_index",
-            (self.pipeline, generation, committed),
+            (self.unit, generation, committed),
         )
         beyond = tuple(
             CommittedBatch(
@@ -473,24 +505,104 @@ class PostgresDestination:
             self._target_expected = True
         return Resumption(state, committed=beyond)
 
+    def _published_before(self, cur: Any, generation: str) -> bool:
+        """Whether this generation's publish committed (a crash after it, before the checkpoint was deleted)."""
+        if self.partition is None:  # the table itself carries the generation it holds
+            return self._table_comment(cur, self.table) == f"{self.comment} generation {generation}"
+        cur.execute(f"SELECT 1 FROM {self._q(PUBLISHED)} WHERE pipeline = %s AND generation = %s", (self.unit, generation))
+        return cur.fetchone() is not None
+
     def _fence(self, cur: Any) -> None:
         """A session advisory lock on the target table, held until this connection closes (or its holder dies):
         two runs writing one table, even from machines whose checkpoint locks never meet, cannot interleave.
 
+        A partition's run holds the table's lock shared (the partitions of a pipeline write it at the same time, each
+        its own rows) and its partition's own lock exclusively: it keeps out an unpartitioned run of the table, and a
+        second run of the same partition.
+
         A run that just ended (or crashed) releases the lock when its server process notices the closed
         connection, a moment after the client closed it: the lock is tried for up to two seconds."""
-        deadline = time.monotonic() + 2.0
-        while True:
-            cur.execute("SELECT pg_try_advisory_lock(%s::bigint)", (lock_key(self.schema, self.table),))
-            locked = bool(cur.fetchone()[0])
-            if locked or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        if not locked:
+        table_key = lock_key(self.schema, self.table)
+        if self.partition is None:
+            locks = [("pg_try_advisory_lock", table_key, "another run (it holds the table's advisory lock)")]
+        else:
+            locks = [
+                (
+                    "pg_try_advisory_lock_shared",
+                    table_key,
+                    "a run of an unpartitioned pipeline (it holds the table's advisory lock)",
+                ),
+                ("pg_try_advisory_lock", lock_key(self.schema, self.table, f"unit {self.unit}"), f"another run of {self.who}"),
+            ]
+        for function, key, holder in locks:
+            deadline = time.monotonic() + 2.0
+            while True:
+                cur.execute(f"SELECT {function}(%s::bigint)", (key,))
+                locked = bool(cur.fetchone()[0])
+                if locked or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            if not locked:
+                raise DestinationError(
+                    f"destination {self.spec.name!r}: table {self.schema}.{self.table} is being written by {holder}; "
+                    "nothing was written. Wait for that run to finish"
+                )
+
+    def _lock_creation(self, cur: Any) -> None:
+        """Until this transaction ends: the right to create the target table. Partitions of a pipeline create it at
+        the same moment (the first to write or publish); the others wait, then find it."""
+        cur.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (lock_key(self.schema, self.table, "create"),))
+
+    def _columns(self, cur: Any, name: str) -> list[tuple[str, str, int, bool]]:
+        """(name, type as SQL, type oid, collatable) of a table's columns, in order."""
+        cur.execute(
+            "SELECT attname, format_type(atttypid, atttypmod), atttypid::bigint, attcollation <> 0 FROM pg_attribute "
+            "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            (self._q(name),),
+        )
+        return [(str(n), str(t), int(o), bool(c)) for n, t, o, c in cur.fetchall()]
+
+    def _window(self, cur: Any, name: str) -> tuple[str, tuple[Any, ...]]:
+        """The SQL condition selecting the partition's rows of table ``name`` (``lo <= column < hi``, its bounds
+        as parameters, compared as the column's type needs), and its parameters."""
+        partition = self.partition
+        assert partition is not None
+        column = next((c for c in self._columns(cur, name) if c[0] == partition.column), None)
+        if column is None:
             raise DestinationError(
-                f"destination {self.spec.name!r}: table {self.schema}.{self.table} is being written by another run "
-                "(it holds the table's advisory lock); nothing was written. Wait for that run to finish"
+                f"destination {self.spec.name!r}: table {self.schema}.{name} has no column {partition.column!r}, the "
+                f"partition column of {self.who}, so the partition's rows cannot be told apart there; the query must "
+                "give that column (as named in `partitions: column:`)"
             )
+        _, sql_type, oid, collatable = column
+        if partition.timezone is not None:  # a time window
+            kinds = {_DATE: "date", _TIMESTAMP: "timestamp", _TIMESTAMPTZ: "timestamptz"}
+            if oid not in kinds:
+                raise DestinationError(
+                    f"destination {self.spec.name!r}: the partition column {partition.column!r} of table "
+                    f"{self.schema}.{name} is {sql_type}; time windows need a date, timestamp or timestamptz column"
+                )
+            kind = kinds[oid]
+            cast = f"::{kind}"
+        else:
+            if collatable:
+                # the source orders text by its own collation, which this column's need not share: the rows the
+                # destination deletes as the partition's could then be another partition's, lost at its next publish
+                raise DestinationError(
+                    f"destination {self.spec.name!r}: the partition column {partition.column!r} of table "
+                    f"{self.schema}.{name} is {sql_type}, compared by a collation, which may order text otherwise "
+                    "than the source did when it planned the key ranges; partition on a number, date or timestamp column"
+                )
+            kind, cast = "", ""
+        ident = quote_ident(partition.column)
+        where, params = [], []
+        if partition.lo is not None:
+            where.append(f"{ident} >= %s{cast}")
+            params.append(partition_bound(partition, partition.lo, kind))
+        if partition.hi is not None:
+            where.append(f"{ident} < %s{cast}")
+            params.append(partition_bound(partition, partition.hi, kind))
+        return (" AND ".join(where) or "TRUE"), tuple(params)
 
     def _exists(self, cur: Any, name: str) -> bool:
         cur.execute("SELECT to_regclass(%s) IS NOT NULL", (self._q(name),))
@@ -537,12 +649,12 @@ class PostgresDestination:
                 cur.execute(
                     f"INSERT INTO {self._q(BATCHES)} (pipeline, generation, batch_index, rows, last_key, batch_state) "
                     "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    (self.pipeline, self.generation, index, table.num_rows, key_json, json.dumps(batch_state or {})),
+                    (self.unit, self.generation, index, table.num_rows, key_json, json.dumps(batch_state or {})),
                 )
                 if cur.rowcount == 0:
                     # A resume adopts committed batches and never writes them again: another writer got here
                     raise DestinationError(
-                        f"destination {self.spec.name!r}: batch {index} of pipeline {self.pipeline!r} (generation "
+                        f"destination {self.spec.name!r}: batch {index} of {self.who} (generation "
                         f"{self.generation}) is committed already in {self.schema}.{BATCHES}; writing it again would "
                         "apply its rows twice. Is another run writing this pipeline? Nothing was written"
                     )
@@ -551,9 +663,12 @@ class PostgresDestination:
                 elif self._target_expected:
                     raise self._missing(target, f"after batches of this run went into it (at batch {index})")
                 else:
-                    self._create_table(cur, target, table, with_batch=self.mode == "replace")
+                    if self.partition is not None and target == self.table:
+                        self._lock_creation(cur)  # another partition may be creating it now
+                    if not self._exists(cur, target):
+                        self._create_table(cur, target, table, with_batch=self.mode == "replace")
+                        self._created_staging = self.mode == "replace"
                     self._target_expected = True
-                    self._created_staging = self.mode == "replace"
                 if self.mode == "replace":
                     self._copy_in(
                         cur,
@@ -609,7 +724,9 @@ class PostgresDestination:
     def publish(self, batches: int | None = None) -> None:
         try:
             with self.conn, self.conn.cursor() as cur:
-                if self.mode == "replace":
+                if self.mode == "replace" and self.partition is not None:
+                    self._publish_partition(cur)
+                elif self.mode == "replace":
                     self._check_replaceable(cur)
                     if self._exists(cur, self._staging):
                         cur.execute(f"ALTER TABLE {self._q(self._staging)} DROP COLUMN {BATCH_COLUMN}")
@@ -626,11 +743,88 @@ class PostgresDestination:
                         f"COMMENT ON TABLE {self._q(self.table)} IS %s", (f"{self.comment} generation {self.generation}",)
                     )
                 cur.execute(
-                    f"DELETE FROM {self._q(BATCHES)} WHERE pipeline = %s AND generation = %s", (self.pipeline, self.generation)
+                    f"DELETE FROM {self._q(BATCHES)} WHERE pipeline = %s AND generation = %s", (self.unit, self.generation)
                 )
             self._published = True
         except psycopg2.Error as exc:
             raise self._fail("cannot publish the output", exc) from None
+
+    def _publish_partition(self, cur: Any) -> None:
+        """Replace the partition's rows of the target with the staged ones, in the publish's one transaction: the
+        target created if missing, its rows in the partition's window deleted, the staged rows inserted, the staging
+        table dropped and the publish recorded (a resume after a crash past the commit finds it done). Only this
+        partition's rows are touched and no lock is taken on the whole table: other partitions publish meanwhile."""
+        assert self.partition is not None and self.generation is not None
+        self._check_replaceable(cur)
+        staged = self._exists(cur, self._staging)
+        if not staged and self._target_expected:  # publishing would empty the partition instead of loading it
+            raise self._missing(self._staging, "at publish, after batches of this run went into it")
+        if staged and not self._exists(cur, self.table):
+            self._lock_creation(cur)
+            if not self._exists(cur, self.table):
+                columns = [(n, t) for n, t, _, _ in self._columns(cur, self._staging) if n != BATCH_COLUMN]
+                # not IF NOT EXISTS: it was checked missing in this transaction under the lock of its creation
+                cur.execute(f"CREATE TABLE {self._q(self.table)} ({', '.join(f'{quote_ident(n)} {t}' for n, t in columns)})")
+                cur.execute(f"COMMENT ON TABLE {self._q(self.table)} IS %s", (self.comment,))
+        rows = 0
+        if self._exists(cur, self.table):
+            where, params = self._window(cur, self.table)
+            if staged:
+                names = self._check_compatible(cur)
+            cur.execute(f"DELETE FROM {self._q(self.table)} WHERE {where}", params)
+            if staged:
+                cur.execute(
+                    f"SELECT coalesce(sum(rows), 0) FROM {self._q(BATCHES)} WHERE pipeline = %s AND generation = %s",
+                    (self.unit, self.generation),
+                )
+                expected = int(cur.fetchone()[0])
+                listed = ", ".join(quote_ident(n) for n in names)
+                cur.execute(
+                    f"INSERT INTO {self._q(self.table)} ({listed}) SELECT {listed} FROM {self._q(self._staging)} WHERE {where}",
+                    params,
+                )
+                rows = cur.rowcount
+                if rows != expected:
+                    self._outside_window(cur, where, params, expected - rows)
+                cur.execute(f"DROP TABLE {self._q(self._staging)}")
+        cur.execute(
+            f"INSERT INTO {self._q(PUBLISHED)} (pipeline, generation, rows) VALUES (%s, %s, %s)",
+            (self.unit, self.generation, rows),
+        )
+
+    def _check_compatible(self, cur: Any) -> list[str]:
+        """The staged columns, checked to be the existing target's columns with the same types: the partition's rows
+        land as they were loaded, none of the other partitions' columns is left empty for them. Returns their names."""
+        staged = [(n, t) for n, t, _, _ in self._columns(cur, self._staging) if n != BATCH_COLUMN]
+        target = dict((n, t) for n, t, _, _ in self._columns(cur, self.table))
+        problems = [
+            f"{n} is {t} in this partition's rows but {target[n]} in the table"
+            for n, t in staged
+            if n in target and target[n] != t
+        ]
+        problems += [f"{n} ({t}) is not in the table" for n, t in staged if n not in target]
+        problems += [f"{n} is in the table but not in this partition's rows" for n in target if n not in dict(staged)]
+        if problems:
+            raise DestinationError(
+                f"destination {self.spec.name!r}: {self.who} cannot replace its rows of table {self.schema}.{self.table}, "
+                f"whose columns differ from the rows loaded now: {'; '.join(problems)}. Nothing was published. Restore the "
+                "query the table was loaded with, or drop the table and load every partition again"
+            )
+        return [n for n, _ in staged]
+
+    def _outside_window(self, cur: Any, where: str, params: tuple[Any, ...], missing: int) -> None:
+        """Staged rows the partition's window does not hold, as this table compares them: refused (inserted, the next
+        publish of the partition would not delete them, and another partition's would)."""
+        assert self.partition is not None
+        column = quote_ident(self.partition.column)
+        cur.execute(f"SELECT {column}::text FROM {self._q(self._staging)} WHERE ({where}) IS NOT TRUE LIMIT 3", params)
+        examples = ", ".join("NULL" if v is None else repr(v) for (v,) in cur.fetchall())
+        raise DestinationError(
+            f"destination {self.spec.name!r}: {missing} row(s) loaded for {self.who} have {self.partition.column} values "
+            f"outside it as PostgreSQL compares them (e.g. {examples}), so the source and the table disagree on which "
+            "rows are the partition's; nothing was published. Partition on a column both compare alike (a number, date "
+            "or timestamp)"
+        )
 
     def close(self) -> None:
         try:
@@ -646,16 +840,22 @@ class PostgresDestination:
                 if self._created_staging:
                     cur.execute(f"DROP TABLE IF EXISTS {self._q(self._staging)}")
                 cur.execute(
-                    f"DELETE FROM {self._q(BATCHES)} WHERE pipeline = %s AND generation = %s", (self.pipeline, self.generation)
+                    f"DELETE FROM {self._q(BATCHES)} WHERE pipeline = %s AND generation = %s", (self.unit, self.generation)
                 )
         except psycopg2.Error:
             pass  # the connection failed with the run; the staging table stays until dropped by hand
 
     def count(self) -> int | None:
+        """Rows of the table; with a partition, its rows in the partition (0 before the table exists: the partition
+        published no row, as an empty partition leaves no table to create)."""
         with self.conn, self.conn.cursor() as cur:
             if not self._exists(cur, self.table):
-                return None
-            cur.execute(f"SELECT count(*) FROM {self._q(self.table)}")
+                return None if self.partition is None else 0
+            if self.partition is None:
+                cur.execute(f"SELECT count(*) FROM {self._q(self.table)}")
+            else:
+                where, params = self._window(cur, self.table)
+                cur.execute(f"SELECT count(*) FROM {self._q(self.table)} WHERE {where}", params)
             return int(cur.fetchone()[0])
 
 
@@ -711,5 +911,6 @@ BACKEND = register_destination_backend(
         counts_whole_output=lambda d: d.mode == "replace",
         check_resource=_check_resource,
         leftover=_leftover,
+        partitioned=True,
     )
 )

@@ -55,3 +55,25 @@ def check_table_resource(e: _Entry, d: Any, use: ResourceUse, database: str, max
             f"destination {use.destination_name!r} appends, which is exact after a crash only with resume: true and a "
             "checkpoint_column (the rerun would append the rows again); turn resume on, or use mode replace or merge",
         )
+
+
+def partition_bound(partition: Any, value: Any, kind: str) -> Any:
+    """A bound (``lo`` or ``hi``) of ``partition`` (a ``partitions.Partition``) as a table's column of ``kind`` compares
+    it, the way the sources select a partition's rows: a time window's bound (an aware datetime in
+    ``partition.timezone``) against a ``date`` column as its date, a ``timestamp`` column (no time zone) as the wall-clock
+    time in that zone, a ``timestamptz`` column as the instant. Key-range bounds (values of the column's own type) and
+    ``None`` (unbounded) stay as they are."""
+    if value is None or partition.timezone is None:
+        return value
+    from zoneinfo import ZoneInfo
+
+    zone = ZoneInfo(partition.timezone)
+    # already in the zone: kept as written (a wall-clock time a DST change skips is not moved), as the sources do
+    local = value if getattr(value.tzinfo, "key", None) == zone.key else value.astimezone(zone)
+    if kind == "date":
+        return local.date()
+    if kind == "timestamp":
+        return local.replace(tzinfo=None)
+    if kind == "timestamptz":
+        return local
+    raise ValueError(f"no time-window comparison for a column of kind {kind!r}")
