@@ -42,18 +42,43 @@ Exactness of the load:
 
 Staging tables are named from the pipeline, the database, the table and the generation (``_conduit_stage_...``),
 and the checkpoint records the name; bookkeeping lives in ``<database>._conduit_batches``.
+
+Partitions (a partitioned pipeline's run writes one ``partitions.Partition``, the rows with ``lo <= column < hi``):
+the partition is a *unit* (``<pipeline>.<key>``) that names its batch records, its staging table and its
+``GET_LOCK``, held for the run, so the partitions of one pipeline load at the same time, each resumable on its own.
+
+    replace  batches go to the unit's staging table, made ``LIKE`` the target (which the first partition creates,
+             under the table's lock, so every batch is checked against the target's own columns). Publishing takes
+             the table's lock for as long as it runs and, in ONE transaction, deletes the target's rows with
+             ``lo <= column < hi``, copies the staging rows in with ``INSERT ... SELECT`` and records the publish in
+             ``_conduit_batches`` (``batch_index`` -1); the staging table is dropped after the commit (DDL commits on its
+             own, so it never sits inside that transaction). Readers see the partition's previous rows or its new
+             ones. A resume that finds the record knows the publish happened; the record goes at the unit's next
+             fresh start. The bounds are bound parameters: a time window (aware datetimes in the partition's zone)
+             compares with a DATE column as ``lo.date()``, with a DATETIME as wall-clock time in the zone (or as the
+             UTC instant, for a DATETIME conduit made from zoned timestamps: its comment says ``UTC``), and with a
+             TIMESTAMP as the instant (the session is UTC). A text column is refused as a partition column here:
+             its collation may order keys unlike the source, and the delete would miss or take rows.
+    append, merge
+             as without partitions, with the unit's batch records; a deadlock between partitions writing one table
+             rolls the batch back and writes it again.
 """
 
+import datetime as dt
 import hashlib
 import json
 import os
+import random
 import re
 import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -75,6 +100,7 @@ from conduit_dagster.engine.mysql import (
     redact,
     target,
 )
+from conduit_dagster.engine.partitions import Partition, split_unit
 from conduit_dagster.engine.spec import _Entry
 
 
@@ -105,6 +131,14 @@ NO_PAD_BINARY = ("utf8mb4_0900_bin", "utf8mb4_nopad_bin")
 PAD_BINARY = "utf8mb4_bin"  # servers older than MySQL 8.0 / MariaDB 10.2
 KEY_BYTES = 3072  # InnoDB's longest index key (DYNAMIC rows): a merge key's text columns share it
 LOCK_WAIT_S = 2  # a run that just ended releases its lock as its session closes: wait that long for it
+# a partition waits that long for the table's lock, which another partition holds while it publishes (or creates the
+# table); a publish copies a whole partition, so it may take minutes
+TABLE_LOCK_WAIT_S = 3600
+PUBLISHED = -1  # the batch_index of a partition's publish record in _conduit_batches
+PARTITION_INDEX = "_conduit_partition"  # the index on the partition column of a table conduit creates for partitions
+WRITE_RETRIES = 5  # a partition's batch rolled back by a deadlock with another partition is written again
+ER_LOCK_WAIT_TIMEOUT = 1205
+ER_LOCK_DEADLOCK = 1213
 ROWS_PER_CHUNK = 65536  # rows encoded at a time while the load streams
 WARNINGS_SHOWN = 5
 ER_NO_SUCH_TABLE = 1146
@@ -136,6 +170,13 @@ def lock_name(database: str, table: str) -> str:
     """The table's ``GET_LOCK`` name: ``conduit:`` and 56 hex digits of a SHA-256 of the quoted database and table
     (GET_LOCK names are at most 64 characters; `a.b`.c is not a.`b.c`)."""
     return "conduit:" + hashlib.sha256(f"{qi(database)}.{qi(table)}".encode()).hexdigest()[: MAX_NAME - 8]
+
+
+def partition_lock_name(database: str, table: str, key: str) -> str:
+    """The ``GET_LOCK`` name of one partition of a table (held for a run of that partition): as ``lock_name``, over
+    the table and the partition key."""
+    text = f"{qi(database)}.{qi(table)} partition {key}"
+    return "conduit:" + hashlib.sha256(text.encode()).hexdigest()[: MAX_NAME - 8]
 
 
 # --- column types ------------------------------------------------------------------------------------------------
@@ -398,6 +439,7 @@ class _Column:
     length: int | None  # CHARACTER_MAXIMUM_LENGTH: characters, or a BINARY(n)'s bytes
     collation: str | None  # None: not text
     auto_increment: bool
+    generated: bool = False  # a generated (virtual or stored) column: its values are computed, never written
 
 
 def _kind(t: pa.DataType) -> str:
@@ -571,6 +613,39 @@ def exact_key_collation(collation: str | None) -> bool:
     return collation is None or collation == "binary" or collation.endswith("_nopad_bin") or collation in NO_PAD_BINARY
 
 
+# --- a partition's rows in a table ------------------------------------------------------------------------------
+
+# DATA_TYPEs a partition column may have here: they compare the same way in every database (numbers, dates and times,
+# bytes). Text is left out: its collation may order keys unlike the source's, and a publish would delete other rows.
+_PARTITION_TYPES = frozenset(
+    _INTEGER_COLUMNS
+    + ("decimal", "float", "double", "year", "date", "datetime", "timestamp", "time")
+    + _BLOB_COLUMNS
+    + ("binary",)
+)
+_TEMPORAL_TYPES = ("date", "datetime", "timestamp")
+_GENERATED_EXTRA = ("virtual", "persistent", "stored")  # MariaDB's EXTRA of a generated column; MySQL's say GENERATED
+
+
+def partition_bound(value: Any, data_type: str, *, utc: bool, timezone: str | None) -> tuple[str, Any]:
+    """(placeholder, parameter) comparing a column of ``data_type`` with one bound of a partition as the source
+    compared it. ``timezone``: the partition's (a time window) or None (key ranges). ``utc``: a DATETIME column that
+    holds zoned timestamps as UTC wall time (conduit's comment 'UTC')."""
+    if isinstance(value, dt.datetime) and value.tzinfo is not None:
+        if data_type == "date" and timezone is not None:
+            return "CAST(%s AS DATE)", value.astimezone(ZoneInfo(timezone)).date()  # windows of a day start at midnight
+        if data_type == "datetime" and timezone is not None and not utc:
+            value = value.astimezone(ZoneInfo(timezone))  # wall-clock time in the window's zone
+        else:
+            value = value.astimezone(dt.UTC)  # the instant: TIMESTAMP compares in the session's zone, UTC
+        value = value.replace(tzinfo=None)
+    if isinstance(value, dt.datetime):
+        return "CAST(%s AS DATETIME(6))", value  # never rounded to the column's fraction digits
+    if isinstance(value, dt.date) and data_type in _TEMPORAL_TYPES:
+        return "CAST(%s AS DATE)", value
+    return "%s", value
+
+
 # --- the destination ---------------------------------------------------------------------------------------------
 
 
@@ -585,10 +660,15 @@ class MySQLDestination:
     # a committed batch is final in every mode: a resume adopts it instead of writing it again
     rolls_forward = True
 
-    def __init__(self, spec: MySQLDestinationSpec, pipeline: str, *, accumulate: bool = False) -> None:
+    def __init__(
+        self, spec: MySQLDestinationSpec, pipeline: str, *, accumulate: bool = False, partition: Partition | None = None
+    ) -> None:
         # accumulate (an incremental load) is what append and merge do already; replace is refused for it in the spec
         self.spec = spec
         self.pipeline = pipeline
+        self.partition = partition
+        # what names the run's batch records, staging table and lock: the pipeline, or the partition's unit
+        self.unit = partition.unit if partition is not None else pipeline
         self.table = spec.table or pipeline
         self.mode = spec.mode
         self.generation: str | None = None
@@ -637,7 +717,14 @@ class MySQLDestination:
         return f"{describe(self.spec)}/{self.table}"
 
     def _where(self) -> str:
-        return f"destination {self.spec.name!r} ({self.describe()})"
+        part = f", {self.partition.describe()}" if self.partition is not None else ""
+        return f"destination {self.spec.name!r} ({self.describe()}{part})"
+
+    def _of(self) -> str:
+        """Whose output this is, for messages: the pipeline, and the partition."""
+        if self.partition is None:
+            return f"pipeline {self.pipeline!r}"
+        return f"partition {self.partition.key!r} of pipeline {self.pipeline!r}"
 
     def _error_text(self, exc: Exception) -> str:
         args: tuple[Any, ...] = getattr(exc, "args", ())
@@ -655,9 +742,9 @@ class MySQLDestination:
     def _missing(self, name: str, why: str) -> DestinationError:
         what = "staging table" if name != self.table else "table"
         return DestinationError(
-            f"destination {self.spec.name!r}: the {what} {self.database}.{name} of pipeline {self.pipeline!r} is missing "
+            f"destination {self.spec.name!r}: the {what} {self.database}.{name} of {self._of()} is missing "
             f"{why}; someone dropped it, and its rows with it. Nothing more was written; start over with "
-            f"`conduit clear-checkpoints --pipeline-name {self.pipeline}`"
+            f"`conduit clear-checkpoints --pipeline-name {self.unit}`"
         )
 
     # --- protocol ------------------------------------------------------------------------------------------
@@ -686,9 +773,16 @@ class MySQLDestination:
                     # Nothing else is dropped: a staging table with another name belongs to another run (another
                     # generation, or another deployment), and only its own checkpoint can say it is abandoned.
                     self.generation = uuid.uuid4().hex
+                    if self.partition is not None:
+                        # the unit's earlier publish records: no checkpoint names their generation any more
+                        cur.execute(
+                            f"DELETE FROM {self._q(BATCHES)} WHERE pipeline = %s AND batch_index = %s", (self.unit, PUBLISHED)
+                        )
                     if self.mode == "replace":
-                        self.staging = staging_name(self.pipeline, self.database, self.table, self.generation)
+                        self.staging = staging_name(self.unit, self.database, self.table, self.generation)
                         self._check_replaceable(cur)
+                        if self.partition is not None and self._info(cur, self.table) is not None:
+                            self._condition(cur, self.table)  # a column publish cannot compare: refused before any row
                         resumption = Resumption(
                             {"generation": self.generation, "staging": self.staging, "database": self.database}
                         )
@@ -709,14 +803,22 @@ class MySQLDestination:
     def _resume(self, cur: Any, state: dict[str, Any], committed: int) -> Resumption:
         generation = state.get("generation")
         if not isinstance(generation, str) or not generation.isalnum() or len(generation) > 64:
-            raise CheckpointError(f"pipeline {self.pipeline!r}: the checkpoint names no valid output generation")
+            raise CheckpointError(f"{self._of()}: the checkpoint names no valid output generation")
         self.generation = generation
         if self.mode == "replace":
             staging = state.get("staging")
             if not isinstance(staging, str) or not _STAGING_RE.match(staging):
-                raise CheckpointError(f"pipeline {self.pipeline!r}: the checkpoint names no valid staging table")
+                raise CheckpointError(f"{self._of()}: the checkpoint names no valid staging table")
             self.staging = staging
-            info = self._info(cur, self.table)
+            if self.partition is not None:
+                if self._publish_recorded(cur):
+                    # published already (a crash came after the publish committed): drop what publish left
+                    cur.execute(f"DROP TABLE IF EXISTS {self._q(staging)}")
+                    self._published = True
+                    return Resumption(state, already_published=True)
+                info = None
+            else:
+                info = self._info(cur, self.table)
             if info is not None and info.comment == self._stamp():
                 # published already (a crash came after the swap): finish what publish left
                 cur.execute(f"DROP TABLE IF EXISTS {self._q(old_name(staging))}")
@@ -733,8 +835,8 @@ class MySQLDestination:
         elif written > 0:
             if self.mode == "replace":
                 raise CheckpointError(
-                    f"pipeline {self.pipeline!r}: the checkpoint's staging table {self.database}.{name} is missing, so it "
-                    f"cannot be resumed; start over with `conduit clear-checkpoints --pipeline-name {self.pipeline}`"
+                    f"{self._of()}: the checkpoint's staging table {self.database}.{name} is missing, so it "
+                    f"cannot be resumed; start over with `conduit clear-checkpoints --pipeline-name {self.unit}`"
                 )
             raise self._missing(name, f"though {written} batch(es) of this run went into it")
         return Resumption(state, committed=beyond)
@@ -743,7 +845,7 @@ class MySQLDestination:
         cur.execute(
             f"SELECT batch_index, `rows`, last_key, batch_state FROM {self._q(BATCHES)} "
             "WHERE pipeline = %s AND generation = %s AND batch_index >= %s ORDER BY batch_index",
-            (self.pipeline, self.generation, committed),
+            (self.unit, self.generation, committed),
         )
         return tuple(
             CommittedBatch(
@@ -756,7 +858,15 @@ class MySQLDestination:
         )
 
     def _forget_batches(self, cur: Any) -> None:
-        cur.execute(f"DELETE FROM {self._q(BATCHES)} WHERE pipeline = %s AND generation = %s", (self.pipeline, self.generation))
+        cur.execute(f"DELETE FROM {self._q(BATCHES)} WHERE pipeline = %s AND generation = %s", (self.unit, self.generation))
+
+    def _publish_recorded(self, cur: Any) -> bool:
+        """A partition's publish of this generation committed (its record is in ``_conduit_batches``)."""
+        cur.execute(
+            f"SELECT 1 FROM {self._q(BATCHES)} WHERE pipeline = %s AND generation = %s AND batch_index = %s",
+            (self.unit, self.generation, PUBLISHED),
+        )
+        return cur.fetchone() is not None
 
     def _stamp(self) -> str:
         """The comment of a published table: which generation it holds (a resume after the swap sees it is done)."""
@@ -801,8 +911,11 @@ class MySQLDestination:
             holder = self._holder(cur, name)
         self._lock.close()
         self._lock = None
+        what = f"table {self.database}.{self.table}"
+        if self.partition is not None:
+            what = f"partition {self.partition.key!r} of {what}"
         raise DestinationError(
-            f"destination {self.spec.name!r}: table {self.database}.{self.table} is being written by another run "
+            f"destination {self.spec.name!r}: {what} is being written by another run "
             f"({holder} holds its lock {name!r}); nothing was written. Wait for that run to finish"
         )
 
@@ -833,10 +946,42 @@ class MySQLDestination:
                 "it resumes from its checkpoint"
             )
 
-    def _lock_name(self) -> str:
+    def _names(self) -> tuple[str, str]:
+        """The database and table as the server tells them apart (without case, where it folds names)."""
         if self._fold_case:
-            return lock_name(self.database.lower(), self.table.lower())
-        return lock_name(self.database, self.table)
+            return self.database.lower(), self.table.lower()
+        return self.database, self.table
+
+    def _lock_name(self) -> str:
+        """The lock held for the run: the table's, or the partition's (partitions of a table load at the same time)."""
+        if self.partition is not None:
+            return partition_lock_name(*self._names(), self.partition.key)
+        return lock_name(*self._names())
+
+    @contextmanager
+    def _table_lock(self, what: str) -> Iterator[None]:
+        """The table's own lock, taken by a partition's run (on its lock session) only while it creates the table or
+        publishes: partitions publish one at a time, and never while a run without partitions writes the table."""
+        name = lock_name(*self._names())
+        assert self._lock is not None
+        with self._lock.cursor() as cur:
+            cur.execute("SELECT GET_LOCK(%s, %s)", (name, TABLE_LOCK_WAIT_S))
+            row = cur.fetchone()
+            if not row or row[0] != 1:
+                holder = self._holder(cur, name)
+                raise DestinationError(
+                    f"{self._where()}: cannot {what}: table {self.database}.{self.table} stayed locked for "
+                    f"{TABLE_LOCK_WAIT_S} s by another run ({holder} holds its lock {name!r}); nothing was changed. Run "
+                    "the partition again once that run is done: it resumes from its checkpoint"
+                )
+        try:
+            yield
+        finally:
+            try:
+                with self._lock.cursor() as cur:
+                    cur.execute("SELECT RELEASE_LOCK(%s)", (name,))
+            except pymysql.MySQLError:
+                pass  # the lock session is gone, and the lock with it
 
     def _info(self, cur: Any, name: str) -> _TableInfo | None:
         exact = "" if self._fold_case else " AND BINARY TABLE_NAME = BINARY %s"  # information_schema ignores case
@@ -895,6 +1040,7 @@ class MySQLDestination:
                 length=None if length is None else int(length),
                 collation=None if collation is None else _str(collation),
                 auto_increment="auto_increment" in _str(extra or "").lower(),
+                generated=_str(extra or "").lower() in _GENERATED_EXTRA or "generated" in _str(extra or "").lower(),
             )
             for column, data_type, column_type, scale, fraction, length, collation, extra in cur.fetchall()
         }
@@ -994,19 +1140,82 @@ class MySQLDestination:
         where = self._where()
         keys = self.spec.primary_key if self.mode == "merge" else ()
         widths = _key_bytes(table.schema, keys)
+        types = {f.name: column_type(f, where, key_bytes=widths.get(f.name), collation=self.collation) for f in table.schema}
         columns = [
-            f"{qi(f.name)} {column_type(f, where, key_bytes=widths.get(f.name), collation=self.collation)}"
-            + (" NOT NULL" if f.name in keys else "")
-            + _column_comment(f)
-            for f in table.schema
+            f"{qi(f.name)} {types[f.name]}" + (" NOT NULL" if f.name in keys else "") + _column_comment(f) for f in table.schema
         ]
         if keys:
             columns.append(f"PRIMARY KEY ({', '.join(qi(k) for k in keys)})")
+        column = self.partition.column if self.partition is not None else None
+        if column is not None and column in types and not types[column].startswith("LONG"):
+            # a publish deletes and a count reads the partition's rows by this column: a range of the index, not a scan
+            columns.append(f"KEY {qi(PARTITION_INDEX)} ({qi(column)})")
         # not IF NOT EXISTS: it was checked missing under the table's lock
         cur.execute(
             f"CREATE TABLE {self._q(name)} ({', '.join(columns)}) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 "
             f"COLLATE={self.collation} COMMENT={self.conn.escape(comment)}"
         )
+
+    def _create_for_partition(self, cur: Any, table: pa.Table) -> None:
+        """A partition run's first batch: the target, created if missing under the table's lock (other partitions may
+        be starting at the same time); for replace, the unit's staging table made LIKE it, so every batch is checked
+        against the target's own columns and the publish copies rows between identical columns."""
+        if self._info(cur, self.table) is None:
+            self.conn.commit()
+            with self._table_lock("create the table"):
+                if self._info(cur, self.table) is None:
+                    self._create_table(cur, self.table, table, self.comment)
+        if self.mode != "replace":
+            return
+        self._check_replaceable(cur)
+        self._condition(cur, self.table)  # a partition column a publish cannot compare: refused before a row is written
+        staging = self._staging
+        cur.execute(f"CREATE TABLE {self._q(staging)} LIKE {self._q(self.table)}")
+        self._created_staging = True
+        # an AUTO_INCREMENT column the rows do not carry: the target numbers the rows itself when they are copied in
+        carried = {n.lower() for n in table.schema.names}
+        generated = [c.name for k, c in self._columns_of(cur, staging).items() if c.auto_increment and k not in carried]
+        if generated:
+            cur.execute(f"ALTER TABLE {self._q(staging)} {', '.join(f'DROP COLUMN {qi(c)}' for c in generated)}")
+
+    def _condition(self, cur: Any, name: str) -> tuple[str, tuple[Any, ...]]:
+        """The WHERE condition selecting the partition's rows in table ``name`` (``lo <= column < hi``, the bounds
+        bound as parameters, compared as the source compared them), and its parameters."""
+        p = self.partition
+        assert p is not None
+        exact = "" if self._fold_case else " AND BINARY TABLE_NAME = BINARY %s"
+        cur.execute(
+            "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, COLUMN_COMMENT FROM information_schema.COLUMNS "
+            f"WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s{exact} AND COLUMN_NAME = %s",
+            (self.database, name) + (() if self._fold_case else (name,)) + (p.column,),
+        )
+        row = cur.fetchone()
+        where = f"{self._where()}: table {self.database}.{name}"
+        if row is None:
+            raise DestinationError(
+                f"{where} has no column {p.column!r}, which the pipeline is partitioned on, so the partition's rows cannot "
+                "be told from the others'; nothing was published. Keep the partition column in the query's result"
+            )
+        column, data_type, shown, comment = _str(row[0]), _str(row[1]).lower(), _str(row[2]), _str(row[3] or "")
+        if p.timezone is not None and data_type not in _TEMPORAL_TYPES:
+            raise DestinationError(
+                f"{where}: its partition column {column!r} is {shown}, and time windows need a DATE, DATETIME or TIMESTAMP "
+                "column to compare with; nothing was published. Cast the column in the query to a date or timestamp"
+            )
+        if data_type not in _PARTITION_TYPES:
+            raise DestinationError(
+                f"{where}: its partition column {column!r} is {shown}, which MySQL compares by its collation, perhaps in "
+                "another order than the source did, so publishing the partition could delete rows of another partition "
+                "or keep rows of this one; nothing was published. Partition on a number, date or timestamp column"
+            )
+        parts, params = [], []
+        quoted = qi(column).replace("%", "%%")  # the statement goes through %-formatting with its parameters
+        for value, op in ((p.lo, ">="), (p.hi, "<")):
+            if value is not None:
+                placeholder, param = partition_bound(value, data_type, utc=comment.strip() == "UTC", timezone=p.timezone)
+                parts.append(f"{quoted} {op} {placeholder}")
+                params.append(param)
+        return " AND ".join(parts) or f"{quoted} IS NOT NULL", tuple(params)
 
     def write(
         self,
@@ -1044,14 +1253,34 @@ class MySQLDestination:
         _refuse_non_finite(table, where, key_column)
         key_json = json.dumps(encode_value(last_key)) if key_column is not None else None
         name = self._write_target()
+        for attempt in range(WRITE_RETRIES + 1):
+            if self._write_once(index, table, where, key_column, key_json, batch_state, name, attempt):
+                return
+
+    def _write_once(
+        self,
+        index: int,
+        table: pa.Table,
+        where: str,
+        key_column: str | None,
+        key_json: str | None,
+        batch_state: dict[str, Any] | None,
+        name: str,
+        attempt: int,
+    ) -> bool:
+        """One attempt at a batch's transaction: True when it committed, False when a deadlock with another partition
+        rolled it back and it may be written again."""
         try:
             with self.conn.cursor() as cur:
                 # once the table is there, it is not looked up again: a table dropped since then fails the load
                 # (error 1146), which is reported below as the missing table
                 if not self._target_expected and self._info(cur, name) is None:
                     # DDL commits on its own: the table comes before the batch's transaction
-                    self._create_table(cur, name, table, self._stamp() if self.mode == "replace" else self.comment)
-                    self._created_staging = self.mode == "replace"
+                    if self.partition is not None:
+                        self._create_for_partition(cur, table)
+                    else:
+                        self._create_table(cur, name, table, self._stamp() if self.mode == "replace" else self.comment)
+                        self._created_staging = self.mode == "replace"
                 self._target_expected = True
                 self._check_fit(cur, name, table, where, key_column)
                 load_into = name
@@ -1071,12 +1300,12 @@ class MySQLDestination:
                     cur.execute(
                         f"INSERT INTO {self._q(BATCHES)} (pipeline, generation, batch_index, `rows`, last_key, batch_state) "
                         "VALUES (%s, %s, %s, %s, %s, %s)",
-                        (self.pipeline, self.generation, index, table.num_rows, key_json, json.dumps(batch_state or {})),
+                        (self.unit, self.generation, index, table.num_rows, key_json, json.dumps(batch_state or {})),
                     )
                 except pymysql.err.IntegrityError:
                     # A resume adopts committed batches and never writes them again: another writer got here
                     raise DestinationError(
-                        f"destination {self.spec.name!r}: batch {index} of pipeline {self.pipeline!r} (generation "
+                        f"destination {self.spec.name!r}: batch {index} of {self._of()} (generation "
                         f"{self.generation}) is committed already in {self.database}.{BATCHES}; writing it again would "
                         "apply its rows twice. Is another run writing this pipeline? Nothing was written"
                     ) from None
@@ -1084,8 +1313,14 @@ class MySQLDestination:
                 if self.mode == "merge":
                     self._merge(cur, name, table)
             self.conn.commit()
+            return True
         except pymysql.MySQLError as exc:
             self._rollback()
+            code = exc.args[0] if exc.args else None
+            if self.partition is not None and code in (ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT) and attempt < WRITE_RETRIES:
+                # the whole transaction (batch record included) was rolled back: writing it again is exact
+                time.sleep(random.uniform(0.05, 0.25) * (attempt + 1))
+                return False
             if exc.args and exc.args[0] == ER_NO_SUCH_TABLE and self._gone(name):
                 raise self._missing(name, f"after batches of this run went into it (at batch {index})") from None
             raise self._fail(f"cannot write batch {index}", exc) from None
@@ -1164,6 +1399,9 @@ class MySQLDestination:
             pass
 
     def publish(self, batches: int | None = None) -> None:
+        if self.partition is not None and self.mode == "replace":
+            self._publish_partition()
+            return
         try:
             with self.conn.cursor() as cur:
                 if self.mode == "replace":
@@ -1194,6 +1432,75 @@ class MySQLDestination:
             self._rollback()
             raise self._fail("cannot publish the output", exc) from None
 
+    def _publish_partition(self) -> None:
+        """Replace the partition's rows in the target by the staging table's, in one transaction, under the table's
+        lock; then drop the staging table (DDL, after the commit)."""
+        staging = self._staging
+        try:
+            with self.conn.cursor() as cur:
+                staged = self._info(cur, staging) is not None
+                if not staged and self._target_expected:  # publishing would empty the partition instead of loading it
+                    raise self._missing(staging, "at publish, after batches of this run went into it")
+                self.conn.commit()
+                with self._table_lock("publish the partition"):
+                    self._check_replaceable(cur)
+                    if staged and self._info(cur, self.table) is None:
+                        # dropped since this run made its staging table from it: the staging table has its columns
+                        cur.execute(f"CREATE TABLE {self._q(self.table)} LIKE {self._q(staging)}")
+                    exists = self._info(cur, self.table) is not None
+                    copy = self._copied_columns(cur, staging) if staged else []
+                    condition, params = self._condition(cur, self.table) if exists else ("", ())
+                    self.conn.commit()
+                    # one transaction: the partition's previous rows go, its new rows come, the publish is recorded;
+                    # readers see the one or the other
+                    self._still_fenced(cur)
+                    copied = 0
+                    if exists:
+                        cur.execute(f"DELETE FROM {self._q(self.table)} WHERE {condition}", params)
+                    if copy:
+                        cols = ", ".join(qi(c) for c in copy)
+                        cur.execute(f"INSERT INTO {self._q(self.table)} ({cols}) SELECT {cols} FROM {self._q(staging)}")
+                        copied = int(cur.rowcount)
+                    self._forget_batches(cur)
+                    cur.execute(
+                        f"INSERT INTO {self._q(BATCHES)} (pipeline, generation, batch_index, `rows`, batch_state) "
+                        "VALUES (%s, %s, %s, %s, %s)",
+                        (self.unit, self.generation, PUBLISHED, copied, "{}"),
+                    )
+                    self.conn.commit()
+                self._published = True
+                if staged:
+                    cur.execute(f"DROP TABLE IF EXISTS {self._q(staging)}")  # a crash before this: the resume drops it
+                self.conn.commit()
+        except pymysql.MySQLError as exc:
+            self._rollback()
+            raise self._fail("cannot publish the partition", exc) from None
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _copied_columns(self, cur: Any, staging: str) -> list[str]:
+        """The staging table's columns a publish copies (not generated ones), each checked to have the target's type
+        still: ``INSERT ... SELECT`` would convert (and round) a value into another type without an error."""
+        target_columns = self._columns_of(cur, self.table)
+        copy = []
+        for key, column in self._columns_of(cur, staging).items():
+            if column.generated:
+                continue
+            now = target_columns.get(key)
+            if now is None or (now.column_type, now.collation) != (column.column_type, column.collation):
+                became = (
+                    "is gone" if now is None else f"is now {now.column_type}" + (f" {now.collation}" if now.collation else "")
+                )
+                raise DestinationError(
+                    f"{self._where()}: column {column.name!r} of table {self.database}.{self.table} {became}, but was "
+                    f"{column.column_type} when this run made its staging table {staging} from the table; copying its rows "
+                    "could convert their values, so nothing was published. Start the partition over: "
+                    f"`conduit clear-checkpoints --pipeline-name {self.unit}`, then run it again"
+                )
+            copy.append(column.name)
+        return copy
+
     def close(self) -> None:
         try:
             if not self._resumable and not self._published and self.generation is not None and self.conn.open:
@@ -1222,11 +1529,16 @@ class MySQLDestination:
             pass  # the connection failed with the run; the staging table stays until dropped by hand
 
     def count(self) -> int | None:
+        """Rows in the table; a partition's: its rows in the table (0 where there is no table: it published none)."""
         with self.conn.cursor() as cur:
             if self._info(cur, self.table) is None:
                 self.conn.commit()
-                return None
-            cur.execute(f"SELECT COUNT(*) FROM {self._q(self.table)}")
+                return 0 if self.partition is not None else None
+            if self.partition is not None:
+                condition, params = self._condition(cur, self.table)
+                cur.execute(f"SELECT COUNT(*) FROM {self._q(self.table)} WHERE {condition}", params)
+            else:
+                cur.execute(f"SELECT COUNT(*) FROM {self._q(self.table)}")
             (n,) = cur.fetchone()
         self.conn.commit()
         return int(n)
@@ -1314,8 +1626,10 @@ def _leftover(destination_id: str, state: dict[str, Any], pipeline: str) -> list
     if not isinstance(staging, str) or not _STAGING_RE.match(staging) or not isinstance(database, str):
         return None
     table = f"{qi(database)}.{qi(staging)}"
+    key = split_unit(pipeline)[1]
+    whose = f"partition {key!r}'s" if key is not None else "its"
     return [
-        f"its unfinished output stays in MySQL, in staging table {table}; drop it with:",
+        f"{whose} unfinished output stays in MySQL, in staging table {table}; drop it with:",
         f"DROP TABLE IF EXISTS {table};",
     ]
 
@@ -1334,5 +1648,6 @@ BACKEND = register_destination_backend(
         counts_whole_output=lambda d: d.mode == "replace",
         check_resource=_check_resource,
         leftover=_leftover,
+        partitioned=True,
     )
 )
