@@ -1,9 +1,17 @@
-"""The ``conduit`` command: run pipelines, check ingest.yml, look at and clear checkpoints.
+"""The ``conduit`` command: run pipelines, check ingest.yml, look at and clear checkpoints, plan key ranges.
 
-    conduit run [--file ingest.yml] [--pipeline NAME ...] [--dry-run]
+    conduit run [--file ingest.yml] [--pipeline NAME ...] [--partition KEY ... | --all-partitions] [--dry-run]
     conduit validate [--file ingest.yml] [--dir DIR]
-    conduit checkpoints [--file ingest.yml] [--dir DIR]
+    conduit checkpoints [--file ingest.yml] [--dir DIR] [--pipeline NAME]
+    conduit checkpoints clear [--pipeline NAME [--partition KEY ...]] [--state] [--file ingest.yml] [--dir DIR]
     conduit clear-checkpoints [--pipeline-name NAME] [--file ingest.yml] [--dir DIR]
+    conduit plan --pipeline NAME [--file ingest.yml] [--dir DIR]
+
+A partitioned pipeline's checkpoints are per partition (``<pipeline>.<key>`` in the store); ``conduit
+checkpoints`` shows them with a pipeline and a partition column. ``conduit run`` runs a partitioned
+pipeline's partitions as Dagster runs the asset's backfill: one run per partition (``backfill:
+multi_run``, or up to ``max_partitions_per_run`` adjacent partitions a run), or one run for adjacent
+partitions (``single_run``).
 
 The checkpoint store is found as the Dagster resource finds it: --dir (a directory or
 s3://bucket/prefix), else $CONDUIT_CHECKPOINTS / $CONDUIT_CHECKPOINT_DIR, else ingest.yml's
@@ -20,8 +28,18 @@ from pathlib import Path
 from typing import Any
 
 from conduit_dagster.engine.checkpoint import CheckpointStore, encode_value
-from conduit_dagster.engine.errors import ConduitError
-from conduit_dagster.engine.spec import INGEST_FILE_ENV, CheckpointsSpec, load_spec
+from conduit_dagster.engine.errors import ConduitError, SpecError
+from conduit_dagster.engine.partition_runs import describe_keys, describe_scheme, select_partitions
+from conduit_dagster.engine.partitions import (
+    KeyRanges,
+    RangePlan,
+    load_plan,
+    partition_keys,
+    range_keys,
+    split_unit,
+    unit_name,
+)
+from conduit_dagster.engine.spec import INGEST_FILE_ENV, CheckpointsSpec, IngestSpec, ResourceSpec, load_spec
 from conduit_dagster.engine.stores import CHECKPOINTS_ENV, checkpoint_settings, open_checkpoint_store
 
 
@@ -54,25 +72,67 @@ def _age(updated_at: str) -> str:
     return f"{seconds:.0f}s"
 
 
+def _wanted(args: argparse.Namespace, name: str) -> bool:
+    """The checkpoint ``name`` is one of those the command's --pipeline / --partition name (all when none)."""
+    pipeline, key = split_unit(name)
+    if getattr(args, "pipeline", None) and pipeline != args.pipeline:
+        return False
+    partitions = getattr(args, "partition", None)
+    return not partitions or key in partitions
+
+
+def _plans(args: argparse.Namespace, store: CheckpointStore) -> list[str]:
+    """One line per key-range plan of ingest.yml's partitioned pipelines that the store holds."""
+    try:
+        spec = load_spec(_ingest_file(args.file))
+    except ConduitError:
+        return []
+    lines = []
+    for r in spec.resources:
+        if r.partitions is None or not isinstance(r.partitions.scheme, KeyRanges) or not _wanted(args, r.name):
+            continue
+        try:
+            plan = load_plan(r, store)
+        except ConduitError as exc:
+            lines.append(f"{r.name}: ! {exc}")
+            continue
+        if plan is not None:
+            lines.append(
+                f"{r.name}: {plan.ranges} key ranges on {plan.column}, planned {plan.planned_at} from {plan.rows_seen:,} "
+                f"rows ({_age(plan.planned_at)} ago)"
+            )
+    return lines
+
+
 def cmd_checkpoints(args: argparse.Namespace) -> int:
+    if args.action == "clear":
+        return cmd_checkpoints_clear(args)
+    if args.partition and not args.pipeline:
+        raise SpecError("--partition needs --pipeline: partition keys belong to one pipeline")
     store = _store(args)
-    names = store.list()
-    if not names and not store.list_states():
+    names = [n for n in store.list() if _wanted(args, n)]
+    states = [n for n in store.list_states() if _wanted(args, n)]
+    plans = _plans(args, store)
+    if not names and not states:
         print(f"no checkpoints in {store.location}")
+        for line in plans:
+            print(f"plan {line}")
         return 0
-    rows = [("pipeline", "column", "last value", "type", "records", "age", "run id")]
+    rows = [("pipeline", "partition", "column", "last value", "type", "records", "age", "run id")]
     for name in names:
+        pipeline, key = split_unit(name)
         try:
             cp = store.load(name)
         except ConduitError as exc:
-            rows.append((name, "!", str(exc), "", "", "", ""))
+            rows.append((pipeline, key or "", "!", str(exc), "", "", "", ""))
             continue
         if cp is None:
             continue
         enc = encode_value(cp.last_value)
         rows.append(
             (
-                name,
+                pipeline,
+                key or "",
                 cp.checkpoint_column,
                 enc["value"],
                 enc["type"],
@@ -81,17 +141,18 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
                 cp.run_id or "",
             )
         )
-    for name in store.list_states():
+    for name in states:
         try:
             state = store.load_state(name)
         except ConduitError as exc:
-            rows.append((name, "!", str(exc), "", "", "", ""))
+            rows.append((name, "", "!", str(exc), "", "", "", ""))
             continue
         if state is not None:
             enc = encode_value(state.last_value)
             rows.append(
                 (
                     f"{name} (incremental state)",
+                    "",
                     state.incremental_column,
                     enc["value"],
                     enc["type"],
@@ -103,39 +164,73 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    for line in plans:
+        print(f"plan {line}")
     print(f"({store.location})")
     return 0
+
+
+def _clear_units(store: CheckpointStore, names: list[str]) -> list[str]:
+    """Delete the checkpoints ``names`` (each under its lock: never from under a live run); print what was cleared."""
+    cleared = []
+    for name in names:
+        if not store.has_checkpoint(name):
+            continue
+        with store.lock(name, "conduit clear-checkpoints"):  # never pull a checkpoint from under a live run
+            leftover = _leftover_of(store, name)
+            store.delete(name)
+        cleared.append(name)
+        pipeline, key = split_unit(name)
+        if key is None:
+            print(f"cleared {name} ({store.describe(name)}); its next run is a full refresh")
+        else:
+            print(f"cleared {pipeline} partition {key} ({store.describe(name)}); its next run loads that partition in full")
+        for line in leftover or []:  # no run will touch it again, and this command cannot reach the destination
+            print(f"  {line}")
+    return cleared
+
+
+def cmd_checkpoints_clear(args: argparse.Namespace) -> int:
+    """``conduit checkpoints clear [--pipeline X [--partition K ...]] [--state]``."""
+    if args.partition and not args.pipeline:
+        raise SpecError("--partition needs --pipeline: partition keys belong to one pipeline")
+    store = _store(args)
+    names = [n for n in store.list() if _wanted(args, n)]
+    if args.partition:
+        missing = [k for k in args.partition if unit_name(args.pipeline, k) not in names]
+        for key in missing:
+            print(f"no checkpoint for {args.pipeline} partition {key} in {store.location}")
+    cleared = _clear_units(store, names)
+    if not cleared and not args.partition and not args.state:
+        print(f"no checkpoints{f' for {args.pipeline!r}' if args.pipeline else ''} in {store.location}")
+    if args.state:
+        _clear_states(store, args.pipeline)
+    return 0
+
+
+def _clear_states(store: CheckpointStore, pipeline: str | None) -> None:
+    """Incremental state: the next run starts again from initial_value."""
+    states = store.list_states()
+    for name in [pipeline] if pipeline else states:
+        if name in states:
+            with store.lock(name, "conduit clear-checkpoints"):
+                store.delete_state(name)
+            print(f"cleared the incremental state of {name}; its next run loads from initial_value again")
 
 
 def cmd_clear(args: argparse.Namespace) -> int:
     store = _store(args)
     names = [args.pipeline_name] if args.pipeline_name else store.list()
-    cleared = []
-    leftovers: dict[str, list[str]] = {}
-    for name in names:
-        if store.has_checkpoint(name):
-            with store.lock(name, "conduit clear-checkpoints"):  # never pull a checkpoint from under a live run
-                leftover = _leftover_of(store, name)
-                store.delete(name)
-            cleared.append(name)
-            if leftover:
-                leftovers[name] = leftover
-        elif args.pipeline_name:
-            print(f"no checkpoint for {name!r} in {store.location}")
-            return 0
-    if not cleared and not args.state:
+    if args.pipeline_name and not store.has_checkpoint(args.pipeline_name):
+        # a partitioned pipeline's name: its partitions' checkpoints
+        names = [n for n in store.list() if split_unit(n)[0] == args.pipeline_name] or names
+    cleared = _clear_units(store, names)
+    if args.pipeline_name and not cleared:
+        print(f"no checkpoint for {args.pipeline_name!r} in {store.location}")
+    elif not cleared and not args.state:
         print(f"no checkpoints in {store.location}")
-    for name in cleared:
-        print(f"cleared {name} ({store.describe(name)}); its next run is a full refresh")
-        for line in leftovers.get(name, []):  # no run will touch it again, and this command cannot reach the destination
-            print(f"  {line}")
-    if args.state:  # incremental state: the next run starts again from initial_value
-        states = store.list_states()
-        for name in [args.pipeline_name] if args.pipeline_name else states:
-            if name in states:
-                with store.lock(name, "conduit clear-checkpoints"):
-                    store.delete_state(name)
-                print(f"cleared the incremental state of {name}; its next run loads from initial_value again")
+    if args.state:
+        _clear_states(store, args.pipeline_name)
     return 0
 
 
@@ -160,6 +255,23 @@ def _check_destination(dest: Any) -> str:
     from conduit_dagster.engine.backends import destination_backend
 
     return destination_backend(dest).check(dest)
+
+
+def _partitioning(r: ResourceSpec, store: CheckpointStore) -> str:
+    """How a partitioned pipeline is split, its keys, plan and unfinished partitions (for `conduit validate`)."""
+    text = f"partitioned: {describe_scheme(r)} ({describe_keys(partition_keys(r))})"
+    assert r.partitions is not None
+    if isinstance(r.partitions.scheme, KeyRanges):
+        plan = load_plan(r, store)
+        text += (
+            f", planned {plan.planned_at} from {plan.rows_seen:,} rows"
+            if plan is not None
+            else ", not planned yet (the first partition run plans it; `conduit plan` re-plans)"
+        )
+    held = [key for name in store.list() for pipeline, key in [split_unit(name)] if pipeline == r.name and key is not None]
+    if held:
+        text += f", {len(held)} partition(s) with an unfinished run ({', '.join(held[:5])}{' ...' if len(held) > 5 else ''})"
+    return text + f", backfill {r.partitions.backfill}"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -198,12 +310,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
             if src is not None and r.incremental_column:
                 src.bind({"last_value": state.last_value if state else r.initial_value})
             columns = src.probe(r.query, r.checkpoint_column) if src is not None else []
-            cp = store.load(r.name) if r.resume else None
+            cp = store.load(r.name) if r.resume and r.partitions is None else None
+            split = _partitioning(r, store) if r.partitions is not None else ""
         except ConduitError as exc:
             problems += 1
             print(f"  resource {r.name}: FAILED: {exc}")
             continue
-        if not r.resume:
+        if split:
+            plan = split
+        elif not r.resume:
             plan = "full refresh (resume off)"
         elif cp is None:
             plan = f"full refresh, checkpointed on {r.checkpoint_column}"
@@ -270,52 +385,158 @@ class _Progress:
             self.stream.flush()
 
 
+def _runs(resource: ResourceSpec, keys: list[str], every_key: list[str]) -> list[list[str]]:
+    """The partition keys of each run, as a Dagster backfill would make them: adjacent partitions only (a run covers
+    a range of keys), at most ``max_partitions_per_run`` a run under ``multi_run``, any number under ``single_run``."""
+    assert resource.partitions is not None
+    limit = len(keys) if resource.partitions.backfill == "single_run" else resource.partitions.max_partitions_per_run
+    position = {k: i for i, k in enumerate(every_key)}
+    runs: list[list[str]] = []
+    for key in keys:
+        last = runs[-1] if runs else None
+        if last is not None and len(last) < limit and position[key] == position[last[-1]] + 1:
+            last.append(key)
+        else:
+            runs.append([key])
+    return runs
+
+
+def _report(result: Any) -> None:
+    """What one Dagster run did: a line per materialization (per partition), a line per failure."""
+    from dagster import DagsterEventType
+
+    for event in result.all_events:
+        if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+            mat = event.step_materialization_data.materialization
+            meta = {k: v.value for k, v in mat.metadata.items()}
+            label = mat.asset_key.to_user_string() + (f" partition {mat.partition}" if mat.partition else "")
+            rows = meta.get("dagster/partition_row_count")
+            print(
+                f"{label}: {meta['conduit/rows_this_run']:,} rows this run ({meta['conduit/records_processed']:,} in total)"
+                f"{' resumed' if meta['conduit/resumed'] else ''}, {meta['conduit/duration_s']:.1f} s, "
+                f"{meta['conduit/rows_per_second']:,.0f} rows/s"
+                + (f", {rows:,} rows in the partition" if rows is not None and mat.partition else "")
+                + f" -> {meta['conduit/output']}"
+            )
+        elif event.event_type == DagsterEventType.STEP_FAILURE:
+            error = event.step_failure_data.error
+            message = error.message.strip() if error else "failed"
+            message = message.removeprefix("dagster._core.definitions.events.Failure: ")
+            head, sep, rest = message.partition(": ")
+            if sep and head.startswith(event.step_key or ""):  # "orders: ..." or "orders partition K: ..."
+                print(f"{head}: FAILED: {rest}", file=sys.stderr)
+            else:
+                print(f"{event.step_key}: FAILED: {message}", file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Materialize pipelines through Dagster: the same assets and checkpoint resource as the UI's runs."""
     path = _ingest_file(args.file)
     os.environ[INGEST_FILE_ENV] = str(path)  # child processes rebuild the same definitions
-    from dagster import AssetKey, DagsterEventType, DagsterInstance
-
-    from conduit_dagster.definitions import build_definitions
-    from conduit_dagster.engine.spec import load_spec
-
     spec = load_spec(path)
     names = args.pipeline or [r.name for r in spec.resources]
+    selected: dict[str, list[str] | None] = {}
     for name in names:
-        spec.resource(name)  # an unknown name is an error before anything runs
+        # an unknown name, a partitioned pipeline without --partition, an unknown key: errors before anything runs
+        selected[name] = select_partitions(spec.resource(name), args.partition, args.all_partitions)
     if args.dry_run:
         return cmd_validate(args)
+    return run_through_dagster(args, spec, path, selected)
+
+
+def run_through_dagster(args: argparse.Namespace, spec: IngestSpec, path: Path, selected: dict[str, list[str] | None]) -> int:
+    """One Dagster run for the unpartitioned pipelines, and for each partitioned one the runs its backfill policy
+    makes of the selected partitions; each recorded in $DAGSTER_HOME when it is set."""
+    from dagster import AssetKey, DagsterInstance
+
+    from conduit_dagster.assets import job_name
+    from conduit_dagster.definitions import build_definitions
+
     defs = build_definitions(path)
-    job = defs.resolve_implicit_global_asset_job_def()
     if args.dir:
         os.environ[CHECKPOINTS_ENV] = args.dir  # the run's resource resolves the same store
     store = _store(args)
     home = os.environ.get("DAGSTER_HOME")
     instance = DagsterInstance.get() if home else DagsterInstance.ephemeral()
-    print(f"running {', '.join(names)} from {path}" + (f" (runs recorded in {home})" if home else ""), flush=True)
-    with instance, _Progress(store, names, sys.stdout):
-        result = job.execute_in_process(
-            asset_selection=[AssetKey(n) for n in names],
-            instance=instance,
-            raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+    shown = [n if keys is None else f"{n} ({describe_keys(keys)})" for n, keys in selected.items()]
+    print(f"running {', '.join(shown)} from {path}" + (f" (runs recorded in {home})" if home else ""), flush=True)
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    plain = [n for n, keys in selected.items() if keys is None]
+    ok = True
+    with instance:
+        if plain:
+            with _Progress(store, plain, sys.stdout):
+                result = defs.resolve_job_def("ingest_all").execute_in_process(
+                    asset_selection=[AssetKey(n) for n in plain], instance=instance, raise_on_error=False, run_config=quiet
+                )
+            _report(result)
+            print(f"run {result.run_id}: {'success' if result.success else 'failure'}")
+            ok = ok and result.success
+        for name, keys in selected.items():
+            if keys is None:
+                continue
+            resource = spec.resource(name)
+            job = defs.resolve_job_def(job_name(resource))
+            for run_keys in _runs(resource, keys, partition_keys(resource)):
+                if len(run_keys) == 1:
+                    how: dict[str, Any] = {"partition_key": run_keys[0]}
+                else:
+                    how = {
+                        "tags": {
+                            "dagster/asset_partition_range_start": run_keys[0],
+                            "dagster/asset_partition_range_end": run_keys[-1],
+                        }
+                    }
+                with _Progress(store, [unit_name(name, k) for k in run_keys], sys.stdout):
+                    result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=quiet, **how)
+                _report(result)
+                what = run_keys[0] if len(run_keys) == 1 else f"{run_keys[0]} .. {run_keys[-1]}"
+                print(f"run {result.run_id} ({name} {what}): {'success' if result.success else 'failure'}")
+                ok = ok and result.success
+    return 0 if ok else 1
+
+
+def _boundaries(plan: RangePlan | None) -> list[str]:
+    if plan is None:
+        return []
+    keys = range_keys(plan.ranges)
+    bounds = ["-inf", *(repr(b) for b in plan.boundaries), "+inf"]
+    return [f"{key} [{bounds[i]}, {bounds[i + 1]})" for i, key in enumerate(keys)]
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Plan a key-range pipeline's boundaries again from the source (refused while a partition holds a checkpoint)."""
+    from conduit_dagster.engine.partitions import replan
+    from conduit_dagster.engine.sources import open_source
+
+    spec = load_spec(_ingest_file(args.file))
+    resource = spec.resource(args.pipeline)
+    if resource.partitions is None:
+        raise SpecError(f"pipeline {resource.name!r} has no partitions: there is nothing to plan")
+    if not isinstance(resource.partitions.scheme, KeyRanges):
+        raise SpecError(
+            f"pipeline {resource.name!r} is split into {describe_scheme(resource)}, which need no plan; `conduit plan` "
+            "plans key ranges (`ranges:`)"
         )
-    for event in result.all_events:
-        if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
-            mat = event.step_materialization_data.materialization
-            meta = {k: v.value for k, v in mat.metadata.items()}
-            print(
-                f"{mat.asset_key.to_user_string()}: {meta['conduit/rows_this_run']:,} rows this run "
-                f"({meta['conduit/records_processed']:,} in total){' resumed' if meta['conduit/resumed'] else ''}, "
-                f"{meta['conduit/duration_s']:.1f} s, {meta['conduit/rows_per_second']:,.0f} rows/s -> {meta['conduit/output']}"
-            )
-        elif event.event_type == DagsterEventType.STEP_FAILURE:
-            error = event.step_failure_data.error
-            message = error.message.strip() if error else "failed"
-            message = message.removeprefix("dagster._core.definitions.events.Failure: ").removeprefix(f"{event.step_key}: ")
-            print(f"{event.step_key}: FAILED: {message}", file=sys.stderr)
-    print(f"run {result.run_id}: {'success' if result.success else 'failure'}")
-    return 0 if result.success else 1
+    store = _store(args)
+    print(f"planning {resource.name}: {describe_scheme(resource)}, one pass over {resource.partitions.column}", flush=True)
+    old, new = replan(resource, store, lambda: open_source(resource.source))
+    before, after = _boundaries(old), _boundaries(new)
+    width = max([len(line) for line in before] + [len("old")])
+    print(f"{'old'.ljust(width)}  new")
+    for i in range(max(len(before), len(after))):
+        left = before[i] if i < len(before) else ("(no plan)" if i == 0 else "")
+        right = after[i] if i < len(after) else ""
+        print(f"{left.ljust(width)}  {right}".rstrip())
+    seen = f"from {old.rows_seen:,} rows, {old.planned_at}" if old is not None else "none before"
+    print(f"rows seen: {new.rows_seen:,} now ({seen}); saved to {store.describe(resource.name).removesuffix('.json')}.plan.json")
+    if old is not None and old.boundaries != new.boundaries:
+        print(
+            f"warning: the boundaries moved: the partitions already loaded hold the rows of the old ranges; load every "
+            f"partition of {resource.name} again (conduit run --pipeline {resource.name} --all-partitions, or a backfill "
+            "of all its partitions) so that no row is in two partitions' outputs or in none"
+        )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,8 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = (
         ("run", "materialize pipelines through Dagster, resuming from their checkpoints"),
         ("validate", "check ingest.yml and every connection, and print what would run"),
-        ("checkpoints", "list saved checkpoints"),
+        ("checkpoints", "list saved checkpoints (`checkpoints clear` deletes them)"),
         ("clear-checkpoints", "delete checkpoints"),
+        ("plan", "plan a key-range pipeline's partitions again from the source"),
     )
     for name, help_text in commands:
         p = sub.add_parser(name, help=help_text)
@@ -336,11 +558,22 @@ def main(argv: list[str] | None = None) -> int:
             "ingest.yml's checkpoints:, .checkpoints/ beside ingest.yml)",
         )
         if name == "clear-checkpoints":
-            p.add_argument("--pipeline-name", help="the pipeline (resource) whose checkpoint to clear; default all")
+            p.add_argument(
+                "--pipeline-name", help="the pipeline (resource) whose checkpoint to clear, or PIPELINE.KEY; default all"
+            )
             p.add_argument("--state", action="store_true", help="also clear incremental state (reload from initial_value)")
+        if name == "checkpoints":
+            p.add_argument("action", nargs="?", choices=("list", "clear"), default="list", help="list (default) or clear")
+            p.add_argument("--pipeline", help="only this pipeline's checkpoints")
+            p.add_argument("--partition", action="append", help="only this partition's checkpoint (repeatable; with --pipeline)")
+            p.add_argument("--state", action="store_true", help="clear: also clear incremental state (reload from initial_value)")
         if name == "run":
             p.add_argument("--pipeline", action="append", help="a resource to run (repeatable); default all")
+            p.add_argument("--partition", action="append", help="a partition key of a partitioned pipeline (repeatable)")
+            p.add_argument("--all-partitions", action="store_true", help="every partition of the partitioned pipelines")
             p.add_argument("--dry-run", action="store_true", help="check everything and print what would run; run nothing")
+        if name == "plan":
+            p.add_argument("--pipeline", required=True, help="the key-range pipeline (resource) to plan")
     args = parser.parse_args(argv)
     try:
         commands_by_name = {
@@ -348,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             "validate": cmd_validate,
             "checkpoints": cmd_checkpoints,
             "clear-checkpoints": cmd_clear,
+            "plan": cmd_plan,
         }
         command = commands_by_name[args.command]
         return command(args)
