@@ -557,8 +557,8 @@ class PostgresDestination:
         """(name, type as SQL, type oid, collatable) of a table's columns, in order."""
         cur.execute(
             "SELECT attname, format_type(atttypid, atttypmod), atttypid::bigint, attcollation <> 0 FROM pg_attribute "
-            "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-            (self._q(name),),
+            f"WHERE attrelid = {self._OID} AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            (self.schema, name),
         )
         return [(str(n), str(t), int(o), bool(c)) for n, t, o, c in cur.fetchall()]
 
@@ -604,12 +604,20 @@ class PostgresDestination:
             params.append(partition_bound(partition, partition.hi, kind))
         return (" AND ".join(where) or "TRUE"), tuple(params)
 
+    # A table's oid as of the statement, read from the catalog tables: not through the name cache (to_regclass,
+    # ::regclass), which keeps missing a table another transaction created while this one waited for a lock (two
+    # partitions creating the target at once: the second, let in, must see the first's table).
+    _OID = (
+        "(SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s)"
+    )
+
     def _exists(self, cur: Any, name: str) -> bool:
-        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (self._q(name),))
+        cur.execute(f"SELECT {self._OID} IS NOT NULL", (self.schema, name))
         return bool(cur.fetchone()[0])
 
     def _table_comment(self, cur: Any, name: str) -> str | None:
-        cur.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", (self._q(name),))
+        cur.execute(f"SELECT obj_description({self._OID}, 'pg_class')", (self.schema, name))
         row = cur.fetchone()
         return row[0] if row else None
 
@@ -766,6 +774,8 @@ class PostgresDestination:
                 # not IF NOT EXISTS: it was checked missing in this transaction under the lock of its creation
                 cur.execute(f"CREATE TABLE {self._q(self.table)} ({', '.join(f'{quote_ident(n)} {t}' for n, t in columns)})")
                 cur.execute(f"COMMENT ON TABLE {self._q(self.table)} IS %s", (self.comment,))
+            else:  # created meanwhile: by another partition of this pipeline, which the check lets in
+                self._check_replaceable(cur)
         rows = 0
         if self._exists(cur, self.table):
             where, params = self._window(cur, self.table)
