@@ -57,8 +57,10 @@ the partition is a *unit* (``<pipeline>.<key>``) that names its batch records, i
              fresh start. The bounds are bound parameters: a time window (aware datetimes in the partition's zone)
              compares with a DATE column as ``lo.date()``, with a DATETIME as wall-clock time in the zone (or as the
              UTC instant, for a DATETIME conduit made from zoned timestamps: its comment says ``UTC``), and with a
-             TIMESTAMP as the instant (the session is UTC). A text column is refused as a partition column here:
-             its collation may order keys unlike the source, and the delete would miss or take rows.
+             TIMESTAMP as the instant (the session is UTC); ISO text dates (SQLite's) in a binary collation compare
+             byte by byte with bounds written in their form, as the SQLite source compares them. Key ranges on a text
+             column are refused: its collation may order keys unlike the source, and the delete would miss or take
+             rows.
     append, merge
              as without partitions, with the unit's batch records; a deadlock between partitions writing one table
              rolls the batch back and writes it again.
@@ -78,7 +80,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -89,6 +90,7 @@ from conduit_dagster.engine.checkpoint import decode_value, encode_value
 from conduit_dagster.engine.destinations.base import CommittedBatch, Resumption
 from conduit_dagster.engine.destinations.formats import json_default
 from conduit_dagster.engine.destinations.tables import check_table_resource, parse_table_keys
+from conduit_dagster.engine.destinations.tables import partition_bound as window_bound
 from conduit_dagster.engine.errors import CheckpointError, ConduitError, DestinationError
 from conduit_dagster.engine.mysql import (
     CONNECTION_KEYS,
@@ -616,7 +618,8 @@ def exact_key_collation(collation: str | None) -> bool:
 # --- a partition's rows in a table ------------------------------------------------------------------------------
 
 # DATA_TYPEs a partition column may have here: they compare the same way in every database (numbers, dates and times,
-# bytes). Text is left out: its collation may order keys unlike the source's, and a publish would delete other rows.
+# bytes). Text is left out for key ranges: its collation may order keys unlike the source's, and a publish would
+# delete other rows; a time window compares with ISO text dates byte by byte, as the SQLite source does.
 _PARTITION_TYPES = frozenset(
     _INTEGER_COLUMNS
     + ("decimal", "float", "double", "year", "date", "datetime", "timestamp", "time")
@@ -625,25 +628,59 @@ _PARTITION_TYPES = frozenset(
 )
 _TEMPORAL_TYPES = ("date", "datetime", "timestamp")
 _GENERATED_EXTRA = ("virtual", "persistent", "stored")  # MariaDB's EXTRA of a generated column; MySQL's say GENERATED
+# ISO text dates as the SQLite source writes and compares them (engine/sources/base.py, iso_text_bounds): a form is
+# told by the value's length or its 11th character, and compares byte by byte with a bound written in that form
+_TEXT_FORMS = (
+    ("CHAR_LENGTH({c}) = 10", "%Y-%m-%d"),
+    ("SUBSTRING({c}, 11, 1) = ' '", "%Y-%m-%d %H:%M"),
+    ("SUBSTRING({c}, 11, 1) = 'T'", "%Y-%m-%dT%H:%M"),
+)
 
 
-def partition_bound(value: Any, data_type: str, *, utc: bool, timezone: str | None) -> tuple[str, Any]:
-    """(placeholder, parameter) comparing a column of ``data_type`` with one bound of a partition as the source
-    compared it. ``timezone``: the partition's (a time window) or None (key ranges). ``utc``: a DATETIME column that
-    holds zoned timestamps as UTC wall time (conduit's comment 'UTC')."""
-    if isinstance(value, dt.datetime) and value.tzinfo is not None:
-        if data_type == "date" and timezone is not None:
-            return "CAST(%s AS DATE)", value.astimezone(ZoneInfo(timezone)).date()  # windows of a day start at midnight
-        if data_type == "datetime" and timezone is not None and not utc:
-            value = value.astimezone(ZoneInfo(timezone))  # wall-clock time in the window's zone
+def _binary_collation(collation: str | None) -> bool:
+    return collation is not None and (collation == "binary" or collation.endswith("_bin"))
+
+
+def bound_sql(partition: Partition, value: Any, data_type: str, *, utc: bool) -> tuple[str, Any]:
+    """(placeholder, parameter) comparing a column of ``data_type`` with one bound of ``partition`` as the sources
+    compare it. A time window's bound (an aware datetime in the partition's zone) is a date for a DATE column, the
+    wall-clock time in the zone for a DATETIME, and the instant for a TIMESTAMP (the session's zone is UTC) or for a
+    DATETIME that holds zoned timestamps as UTC wall time (``utc``: conduit's column comment 'UTC'). A key range's
+    bound is a value of the column's own type (a zoned timestamp bound as its UTC wall time)."""
+    if partition.timezone is not None:
+        if data_type == "date":
+            wall = window_bound(partition, value, "timestamp")
+            if wall.time() != dt.time(0):
+                raise DestinationError(
+                    f"{partition.describe()}: the window starts or ends at {wall} ({partition.timezone}), not at midnight, "
+                    f"and the DATE column {partition.column!r} cannot be split there; use `every: day`, `week` or `month`"
+                )
+            value = wall.date()
         else:
-            value = value.astimezone(dt.UTC)  # the instant: TIMESTAMP compares in the session's zone, UTC
-        value = value.replace(tzinfo=None)
+            value = window_bound(partition, value, "timestamp" if data_type == "datetime" and not utc else "timestamptz")
+    if isinstance(value, dt.datetime) and value.tzinfo is not None:
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)  # PyMySQL would drop the zone, not convert
     if isinstance(value, dt.datetime):
         return "CAST(%s AS DATETIME(6))", value  # never rounded to the column's fraction digits
     if isinstance(value, dt.date) and data_type in _TEMPORAL_TYPES:
         return "CAST(%s AS DATE)", value
     return "%s", value
+
+
+def text_window(partition: Partition, quoted: str) -> tuple[str, tuple[Any, ...]]:
+    """The condition selecting a time window's rows from ISO text dates (in a binary collation), each written form
+    against the bounds written in that form; dates only where the window starts and ends at midnight."""
+    walls = [None if v is None else window_bound(partition, v, "timestamp") for v in (partition.lo, partition.hi)]
+    whole_days = all(w is None or w.time() == dt.time(0) for w in walls)
+    alternatives, params = [], []
+    for test, fmt in _TEXT_FORMS[0 if whole_days else 1 :]:
+        parts = [test.format(c=quoted)]
+        for wall, op in zip(walls, (">=", "<"), strict=True):
+            if wall is not None:
+                parts.append(f"{quoted} {op} %s")
+                params.append(wall.strftime(fmt))
+        alternatives.append("(" + " AND ".join(parts) + ")")
+    return "(" + " OR ".join(alternatives) + ")", tuple(params)
 
 
 # --- the destination ---------------------------------------------------------------------------------------------
@@ -1181,11 +1218,16 @@ class MySQLDestination:
     def _condition(self, cur: Any, name: str) -> tuple[str, tuple[Any, ...]]:
         """The WHERE condition selecting the partition's rows in table ``name`` (``lo <= column < hi``, the bounds
         bound as parameters, compared as the source compared them), and its parameters."""
+        condition, params, _ = self._partition_filter(cur, name)
+        return condition, params
+
+    def _partition_filter(self, cur: Any, name: str) -> tuple[str, tuple[Any, ...], str]:
+        """``_condition``, and the partition column as the statement quotes it."""
         p = self.partition
         assert p is not None
         exact = "" if self._fold_case else " AND BINARY TABLE_NAME = BINARY %s"
         cur.execute(
-            "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, COLUMN_COMMENT FROM information_schema.COLUMNS "
+            "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, COLUMN_COMMENT, COLLATION_NAME FROM information_schema.COLUMNS "
             f"WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s{exact} AND COLUMN_NAME = %s",
             (self.database, name) + (() if self._fold_case else (name,)) + (p.column,),
         )
@@ -1197,10 +1239,17 @@ class MySQLDestination:
                 "be told from the others'; nothing was published. Keep the partition column in the query's result"
             )
         column, data_type, shown, comment = _str(row[0]), _str(row[1]).lower(), _str(row[2]), _str(row[3] or "")
+        collation = None if row[4] is None else _str(row[4])
+        quoted = qi(column).replace("%", "%%")  # the statement goes through %-formatting with its parameters
+        is_text = data_type in _TEXT_COLUMNS + ("char",)
+        if p.timezone is not None and is_text and _binary_collation(collation):
+            return (*text_window(p, quoted), quoted)  # ISO text dates (from SQLite): byte by byte, as the source did
         if p.timezone is not None and data_type not in _TEMPORAL_TYPES:
             raise DestinationError(
-                f"{where}: its partition column {column!r} is {shown}, and time windows need a DATE, DATETIME or TIMESTAMP "
-                "column to compare with; nothing was published. Cast the column in the query to a date or timestamp"
+                f"{where}: its partition column {column!r} is {shown}"
+                + (f" {collation}" if is_text else "")
+                + ", and time windows need a DATE, DATETIME or TIMESTAMP column (or ISO text dates in a binary collation) "
+                "to compare with; nothing was published. Cast the column in the query to a date or timestamp"
             )
         if data_type not in _PARTITION_TYPES:
             raise DestinationError(
@@ -1209,13 +1258,31 @@ class MySQLDestination:
                 "or keep rows of this one; nothing was published. Partition on a number, date or timestamp column"
             )
         parts, params = [], []
-        quoted = qi(column).replace("%", "%%")  # the statement goes through %-formatting with its parameters
         for value, op in ((p.lo, ">="), (p.hi, "<")):
             if value is not None:
-                placeholder, param = partition_bound(value, data_type, utc=comment.strip() == "UTC", timezone=p.timezone)
+                placeholder, param = bound_sql(p, value, data_type, utc=comment.strip() == "UTC")
                 parts.append(f"{quoted} {op} {placeholder}")
                 params.append(param)
-        return " AND ".join(parts) or f"{quoted} IS NOT NULL", tuple(params)
+        return " AND ".join(parts) or f"{quoted} IS NOT NULL", tuple(params), quoted
+
+    def _refuse_outside(self, cur: Any, staging: str, condition: str, params: tuple[Any, ...], quoted: str) -> None:
+        """Every staged row in the partition's window as the table compares it: a row outside would not be deleted
+        when the partition is replaced next (and would show up in another partition's), so nothing is published."""
+        outside = f"FROM {self._q(staging)} WHERE NOT ({condition}) OR {quoted} IS NULL"
+        cur.execute(f"SELECT COUNT(*) {outside}", params)
+        (n,) = cur.fetchone()
+        if not n:
+            return
+        cur.execute(f"SELECT {quoted} {outside} LIMIT 3", params)
+        examples = ", ".join("NULL" if v is None else repr(v) for (v,) in cur.fetchall())
+        assert self.partition is not None
+        raise DestinationError(
+            f"{self._where()}: {n} row(s) loaded for {self._of()} have {self.partition.column} outside its window as "
+            f"table {self.database}.{self.table} compares them (e.g. {examples}), so the source and the table disagree on "
+            "which rows are the partition's, and replacing the partition again would keep them; nothing was published. "
+            "Give the table's column the source column's kind (DATETIME for a timestamp without time zone, TIMESTAMP for "
+            "one with a zone, DATE for a date)"
+        )
 
     def write(
         self,
@@ -1449,7 +1516,9 @@ class MySQLDestination:
                         cur.execute(f"CREATE TABLE {self._q(self.table)} LIKE {self._q(staging)}")
                     exists = self._info(cur, self.table) is not None
                     copy = self._copied_columns(cur, staging) if staged else []
-                    condition, params = self._condition(cur, self.table) if exists else ("", ())
+                    condition, params, quoted = self._partition_filter(cur, self.table) if exists else ("", (), "")
+                    if copy:
+                        self._refuse_outside(cur, staging, condition, params, quoted)
                     self.conn.commit()
                     # one transaction: the partition's previous rows go, its new rows come, the publish is recorded;
                     # readers see the one or the other
