@@ -12,6 +12,35 @@ Publishing swaps the staging directory with the visible one in a single ``rename
 new output, never a mix; elsewhere it falls back to two renames (a brief moment with no output,
 never a mix). A crash at any point is recovered by the next run from the checkpoint and the
 generation markers.
+
+A partitioned pipeline has the same design one level down, one output folder per partition::
+
+    out/orders/2024-01-01/                          partition 2024-01-01's output: its last finished run's parts
+        part-000000.parquet ...
+        _conduit_generation
+    out/orders/2024-01-02/ ...
+    out/_conduit_staging/orders/2024-01-01.<gen>/   a run of that partition in progress
+
+Publishing a partition swaps its staging folder with ``out/orders/<key>/`` alone: a reader sees that partition's
+old or new output, never a mix, and every other partition's folder is untouched. Each partition's bookkeeping
+(its generation folder, the clean-up of folders its dead runs left, the previous output it swaps out) is named
+``<key>.`` in ``out/_conduit_staging/orders/``; keys hold no ``.``, so partitions of one pipeline running at the same
+time in different processes never touch each other's folders, nor the unpartitioned layout's ``orders.<gen>``
+(whose clean-up, in turn, never reaches the ``orders`` folder). A zero-row partition publishes a folder with its
+marker and no part (as a zero-row run of an unpartitioned pipeline does): its earlier rows are gone, readers see
+none, and no schema file is invented (the destination sees no batch to take one from).
+
+The folder is the partition key as is (``out/orders/2024-01-01/``, ``out/orders/r03/``), not hive-style
+``l_shipdate=2024-01-01``: the rows already hold the partition column with its real values, and a hive-aware reader
+(DuckDB's ``hive_partitioning``, Spark, ``pyarrow.dataset`` with ``partitioning="hive"``) would add or overwrite that
+column with the directory's text, the window's start rather than each row's value (and ``r03`` for key ranges). An
+hourly key holds ``:`` (``2024-01-31-13:00``), which Linux and macOS accept in a folder name.
+
+Reading every partition: the part files below ``out/orders/``, e.g. ``pyarrow.dataset.dataset("out/orders",
+format="parquet")`` (recursive; skips ``_`` and ``.`` names) or DuckDB's ``read_parquet('out/orders/*/*.parquet')``.
+Runs in progress live under ``out/_conduit_staging/``, outside ``out/orders/``, so such a glob never sees them. A
+pipeline's output is either one folder or partitioned: a partitioned run refuses ``out/orders/`` while it holds an
+unpartitioned output, and an unpartitioned run refuses it while it holds partitions.
 """
 
 import ctypes
@@ -19,6 +48,7 @@ import ctypes.util
 import errno
 import os
 import re
+import shlex
 import shutil
 import stat
 import uuid
@@ -43,6 +73,7 @@ from conduit_dagster.engine.checkpoint import (
 from conduit_dagster.engine.destinations.base import Resumption
 from conduit_dagster.engine.destinations.formats import EXTENSIONS, count_rows, write_part
 from conduit_dagster.engine.errors import CheckpointError, DestinationError
+from conduit_dagster.engine.partitions import Partition, split_unit
 from conduit_dagster.engine.spec import FORMAT_KINDS, FORMATS, _Entry, entry_path
 
 
@@ -61,6 +92,8 @@ STAGING = "_conduit_staging"
 _EXT = EXTENSIONS
 _RENAME_EXCHANGE = 2
 _PART = re.compile(r"part-(\d{6,})\.")
+# a partition key as a folder name: no '/', no '.', not hidden ('_', '.') from readers
+_PARTITION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:\-]*$")
 
 
 def _exchange(a_dir: int, a: str, b_dir: int, b: str) -> bool:
@@ -96,15 +129,42 @@ class LocalDestination:
     conduit made, never through a symlink: the output folder may be shared, and a link planted in it must not make
     a run truncate, delete or publish anything outside it (``path`` itself is the user's and is followed)."""
 
-    def __init__(self, spec: LocalDestinationSpec, pipeline: str, *, accumulate: bool = False) -> None:
+    def __init__(
+        self, spec: LocalDestinationSpec, pipeline: str, *, accumulate: bool = False, partition: Partition | None = None
+    ) -> None:
         self.spec = spec
         self.pipeline = pipeline
         # accumulate: every run (an incremental load) adds its parts, named part-<generation>-NNNNNN, to the
         # output instead of replacing it; each part appears whole, by rename, when the run publishes
         self.accumulate = accumulate
+        self.partition = partition
         self.root = spec.path
-        self.visible = self.root / pipeline
         self.staging_root = self.root / STAGING
+        if partition is None:
+            self.unit = pipeline
+            self.what = f"pipeline {pipeline!r}"
+            self.out_dir = self.root  # the folder that holds the visible output folder ...
+            self.name = pipeline  # ... named so in it
+            self.stage_dir = self.staging_root  # the folder that holds this output's generation folders ...
+            self.stage_prefix = f"{pipeline}."  # ... each named so, then the generation
+        else:
+            if not _PARTITION_KEY.match(partition.key):
+                raise DestinationError(
+                    f"destination {spec.name!r}: partition key {partition.key!r} of pipeline {pipeline!r} cannot name a "
+                    "folder (letters, digits, '_', ':' and '-' only, starting with a letter or digit)"
+                )
+            if accumulate:
+                raise DestinationError(
+                    f"destination {spec.name!r}: pipeline {pipeline!r} is partitioned, so each run replaces its partition; "
+                    "it cannot also add to it (an incremental load)"
+                )
+            self.unit = partition.unit
+            self.what = f"pipeline {pipeline!r} partition {partition.key!r}"
+            self.out_dir = self.root / pipeline
+            self.name = partition.key
+            self.stage_dir = self.staging_root / pipeline
+            self.stage_prefix = f"{partition.key}."
+        self.visible = self.out_dir / self.name
         self.generation: str | None = None
 
     def describe(self) -> str:
@@ -113,21 +173,30 @@ class LocalDestination:
     @property
     def _gen_name(self) -> str:
         assert self.generation is not None
-        return f"{self.pipeline}.{self.generation}"
+        return f"{self.stage_prefix}{self.generation}"
 
     @property
     def _gen_dir(self) -> Path:
-        return self.staging_root / self._gen_name
+        return self.stage_dir / self._gen_name
 
     @contextmanager
     def _dirs(self) -> Iterator[tuple[int, int]]:
-        """Descriptors of ``path`` and of its staging folder (both made if missing)."""
+        """Descriptors of the folder holding the output folder and of the one holding the generation folders, made
+        if missing: ``path`` and ``path/_conduit_staging``, or for a partition ``path/<pipeline>`` and
+        ``path/_conduit_staging/<pipeline>``."""
         with ExitStack() as own:
             root = open_dir(self.root, create=True)
             own.callback(os.close, root)
             staging = open_subdir(root, STAGING, self.staging_root, create=True)
             own.callback(os.close, staging)
-            yield root, staging
+            if self.partition is None:
+                yield root, staging
+                return
+            out = open_subdir(root, self.pipeline, self.out_dir, create=True)
+            own.callback(os.close, out)
+            stage = open_subdir(staging, self.pipeline, self.stage_dir, create=True)
+            own.callback(os.close, stage)
+            yield out, stage
 
     def _open_gen(self, stack: ExitStack, staging: int) -> int:
         fd = open_subdir(staging, self._gen_name, self._gen_dir)
@@ -147,6 +216,18 @@ class LocalDestination:
             os.close(fd)
         return None if data is None else data.decode("utf-8", "replace").strip()
 
+    def _check_not_unpartitioned(self, out: int) -> None:
+        """A partition's output goes into ``path/<pipeline>/<key>/``: refuse while ``path/<pipeline>/`` holds an
+        unpartitioned run's output, which a reader of the folder would see next to the partitions'."""
+        if self.partition is None or not _lexists(out, MARKER):
+            return
+        raise DestinationError(
+            f"destination {self.spec.name!r}: {self.out_dir} holds the output of an unpartitioned run of {self.pipeline!r} "
+            f"(its {MARKER} marker and part files), and a partitioned pipeline writes each partition into "
+            f"{self.out_dir}/<partition key>/, where readers of {self.out_dir} would see both. Move that output away (or "
+            "delete it), or point the destination's path elsewhere. Nothing was changed"
+        )
+
     def _fail(self, what: str, exc: OSError) -> DestinationError:
         if isinstance(exc, LinkRefusedError):
             return DestinationError(
@@ -159,8 +240,9 @@ class LocalDestination:
 
     def _check_visible_is_ours(self, root: int) -> None:
         """Refuse to replace anything at the output path that conduit did not publish."""
+        self._check_not_unpartitioned(root)
         try:
-            st = os.stat(self.pipeline, dir_fd=root, follow_symlinks=False)
+            st = os.stat(self.name, dir_fd=root, follow_symlinks=False)
         except FileNotFoundError:
             return
         if stat.S_ISLNK(st.st_mode):
@@ -170,12 +252,21 @@ class LocalDestination:
                 f"destination {self.spec.name!r}: {self.visible} exists and is not a directory conduit wrote; "
                 "move it away or point the destination's path elsewhere. Nothing was changed"
             )
-        fd = open_subdir(root, self.pipeline, self.visible)
+        fd = open_subdir(root, self.name, self.visible)
         try:
-            empty = not os.listdir(fd)
+            names = os.listdir(fd)
+            if names and self.partition is None and self._marker(root, self.name, self.visible) is None:
+                partitions = sorted(n for n in names if _PARTITION_KEY.match(n) and self._marker(fd, n, self.visible / n))
+                if partitions:
+                    raise DestinationError(
+                        f"destination {self.spec.name!r}: {self.visible} holds the partitions of a partitioned run of "
+                        f"{self.pipeline!r} ({', '.join(partitions[:3])}{' ...' if len(partitions) > 3 else ''}), which "
+                        "publishing this unpartitioned output would replace; move them away (or delete them), or point the "
+                        "destination's path elsewhere. Nothing was changed"
+                    )
         finally:
             os.close(fd)
-        if not empty and self._marker(root, self.pipeline, self.visible) is None:
+        if names and self._marker(root, self.name, self.visible) is None:
             raise DestinationError(
                 f"destination {self.spec.name!r}: {self.visible} holds files conduit did not write (no {MARKER} marker), "
                 "and publishing would replace them; move them away or point the destination's path elsewhere. "
@@ -195,10 +286,10 @@ class LocalDestination:
     def _start_fresh(self, staging: int) -> Resumption:
         # Leftovers of runs that died before their first checkpoint, or of old swaps.
         with os.scandir(staging) as it:
-            stale = [e for e in it if e.name.startswith(f"{self.pipeline}.")]
+            stale = [e for e in it if e.name.startswith(self.stage_prefix)]  # this output's own, never another's
         for entry in stale:
             if entry.is_symlink():
-                raise LinkRefusedError(self.staging_root / entry.name)
+                raise LinkRefusedError(self.stage_dir / entry.name)
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.name, ignore_errors=True, dir_fd=staging)  # never follows a link inside
         self.generation = uuid.uuid4().hex
@@ -212,7 +303,7 @@ class LocalDestination:
     def _published_parts(self, root: int, committed: int) -> int:
         """How many of this generation's committed parts (0..committed-1) are in the accumulating output."""
         try:
-            fd = open_subdir(root, self.pipeline, self.visible)
+            fd = open_subdir(root, self.name, self.visible)
         except FileNotFoundError:
             return 0
         try:
@@ -235,10 +326,10 @@ class LocalDestination:
     def _resume(self, root: int, staging: int, state: dict[str, Any], committed: int) -> Resumption:
         generation = state.get("generation")
         if not isinstance(generation, str) or not generation.isalnum():
-            raise CheckpointError(f"pipeline {self.pipeline!r}: the checkpoint names no valid output generation")
+            raise CheckpointError(f"{self.what}: the checkpoint names no valid output generation")
         self.generation = generation
         staged = self._marker(staging, self._gen_name, self._gen_dir)
-        hint = f"conduit clear-checkpoints --pipeline-name {self.pipeline}"
+        hint = f"conduit clear-checkpoints --pipeline-name {self.unit}"
         if self.accumulate and staged != generation:
             # The generation folder goes (marker first) only when its parts have all been moved into the output.
             # A folder gone for another reason (deleted by hand) took its committed parts with it: resuming as if
@@ -252,21 +343,21 @@ class LocalDestination:
                     else f" delete the {present} parts {self.visible}/part-{generation[:12]}-* that did arrive, then"
                 )
                 raise CheckpointError(
-                    f"pipeline {self.pipeline!r}: the checkpoint's unfinished output {self._gen_dir} is missing (deleted "
+                    f"{self.what}: the checkpoint's unfinished output {self._gen_dir} is missing (deleted "
                     f"before it was published?) and only {present} of its {committed} committed parts are in "
                     f"{self.visible}, so it cannot be resumed and the incremental state was not advanced. To load those "
                     f"rows again from the stored incremental state,{also} run `{hint}`"
                 )
             shutil.rmtree(self._gen_name, ignore_errors=True, dir_fd=staging)  # finish the clean-up
             return Resumption(state, already_published=True)
-        if not self.accumulate and self._marker(root, self.pipeline, self.visible) == generation:
+        if not self.accumulate and self._marker(root, self.name, self.visible) == generation:
             # Crashed after publishing, before the checkpoint was deleted: finish the clean-up.
             if staged != generation and _lexists(staging, self._gen_name):
                 shutil.rmtree(self._gen_name, dir_fd=staging)
             return Resumption(state, already_published=True)
         if staged != generation:
             raise CheckpointError(
-                f"pipeline {self.pipeline!r}: the checkpoint's unfinished output {self._gen_dir} is missing, "
+                f"{self.what}: the checkpoint's unfinished output {self._gen_dir} is missing, "
                 f"so it cannot be resumed; start over with `{hint}`"
             )
         with ExitStack() as stack:
@@ -318,7 +409,7 @@ class LocalDestination:
         with ExitStack() as stack:
             gen = self._open_gen(stack, staging)
             entries = _entries(gen, self._gen_dir)
-            visible = open_subdir(root, self.pipeline, self.visible, create=True)
+            visible = open_subdir(root, self.name, self.visible, create=True)
             stack.callback(os.close, visible)
             if read_file_at(visible, MARKER, self.visible / MARKER) is None:
                 # a new output folder, or an empty one (all _check_visible_is_ours lets through without a marker)
@@ -351,19 +442,19 @@ class LocalDestination:
                 with ExitStack() as stack:
                     _entries(self._open_gen(stack, staging), self._gen_dir)  # a part swapped for a link is not published
                 try:
-                    os.rmdir(self.pipeline, dir_fd=root)  # an empty output folder: rmdir removes no other
+                    os.rmdir(self.name, dir_fd=root)  # an empty output folder: rmdir removes no other
                 except OSError as exc:
                     if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
                         raise
-                if not _lexists(root, self.pipeline):
-                    os.rename(self._gen_name, self.pipeline, src_dir_fd=staging, dst_dir_fd=root)
-                elif _exchange(staging, self._gen_name, root, self.pipeline):
+                if not _lexists(root, self.name):
+                    os.rename(self._gen_name, self.name, src_dir_fd=staging, dst_dir_fd=root)
+                elif _exchange(staging, self._gen_name, root, self.name):
                     shutil.rmtree(self._gen_name, dir_fd=staging)  # now holds the previous output
                 else:
-                    old = f"{self.pipeline}.old{self.generation}"
-                    refuse_link(staging, old, self.staging_root / old)
-                    os.rename(self.pipeline, old, src_dir_fd=root, dst_dir_fd=staging)
-                    os.rename(self._gen_name, self.pipeline, src_dir_fd=staging, dst_dir_fd=root)
+                    old = f"{self.stage_prefix}old{self.generation}"
+                    refuse_link(staging, old, self.stage_dir / old)
+                    os.rename(self.name, old, src_dir_fd=root, dst_dir_fd=staging)
+                    os.rename(self._gen_name, self.name, src_dir_fd=staging, dst_dir_fd=root)
                     shutil.rmtree(old, ignore_errors=True, dir_fd=staging)
                 os.fsync(root)
                 os.fsync(staging)
@@ -398,6 +489,25 @@ def _check(dest: LocalDestinationSpec) -> str:
     return f"{dest.path} ({dest.format})"
 
 
+def _leftover(destination_id: str, state: dict[str, Any], pipeline: str) -> list[str] | None:
+    """A partition's generation folder, when its checkpoint is cleared. ``pipeline`` is the checkpoint's name,
+    ``<pipeline>.<key>`` for a partition. The partition's next run removes the folder (as an unpartitioned pipeline's
+    next run removes its own, so that one is not reported); a partition may never run again (its key ranges
+    re-planned into fewer, its window past a new ``end``), and then nothing else would."""
+    if not destination_id.startswith("local:"):
+        return None
+    base, key = split_unit(pipeline)
+    generation = state.get("generation")
+    if key is None or not _PARTITION_KEY.match(key) or not isinstance(generation, str) or not generation.isalnum():
+        return None
+    path = Path(destination_id.removeprefix("local:").rpartition("?format=")[0])
+    staged = path / STAGING / base / f"{key}.{generation}"
+    return [
+        f"its unfinished output stays in {staged} until partition {key} runs again; if it will not, delete it with:",
+        f"rm -rf {shlex.quote(str(staged))}",
+    ]
+
+
 _KEYS = frozenset({"name", "type", "path", "format"})
 BACKEND = register_destination_backend(
     DestinationBackend(
@@ -410,5 +520,7 @@ BACKEND = register_destination_backend(
         kinds=lambda d: {FORMAT_KINDS[d.format]},
         check=_check,
         local_output=lambda d, pipeline: (d.path / pipeline, d.format),
+        leftover=_leftover,
+        partitioned=True,
     )
 )

@@ -18,6 +18,35 @@ then writes the manifest (the commit point: one PUT, conditional on the manifest
 that manifest replaced. A reader that lists the prefix during those seconds may see old and new parts
 together; a reader that follows the manifest (conduit's file source does) never does. A crash anywhere is
 finished by the resumed run.
+
+A partitioned pipeline has the same design one level down, one output prefix and manifest per partition::
+
+    s3://lake/raw/orders/2024-01-01/part-<gen>-000000.parquet ...   partition 2024-01-01's output
+    s3://lake/raw/orders/2024-01-01/_conduit_manifest.json          its parts (and its key, under "partition")
+    s3://lake/raw/_conduit_staging/orders.2024-01-01/<gen>/part-000000-<attempt>.parquet
+                                                                    a run of that partition in progress
+
+Publishing a partition commits its own manifest (the same conditional PUT) and deletes only what that manifest
+replaced: the other partitions' prefixes are never listed, written or deleted. Its staging is named by the
+partition's unit, ``<pipeline>.<key>`` (the name of its checkpoint and lock), so the clean-up after a partition's
+publish (only objects older than its manifest, under its own staging prefix, while its run still owns the unit)
+never reaches another partition's staging, which partitions running at the same time in other processes are
+writing, nor the unpartitioned layout's ``_conduit_staging/orders/`` (and that layout's clean-up never reaches
+``_conduit_staging/orders.<key>/``). A zero-row partition publishes a manifest naming no part: its earlier parts
+are deleted, ``count()`` is 0, and no schema file is invented (no batch came to take one from).
+
+The prefix is the partition key as is (``orders/2024-01-01/``, ``orders/r03/``), not hive-style
+``l_shipdate=2024-01-01/``: the rows already hold the partition column with its real values, and a hive-aware reader
+(DuckDB's ``hive_partitioning``, Spark, Athena) would add or overwrite that column with the prefix's text, the
+window's start rather than each row's value.
+
+Reading every partition: every part below ``s3://lake/raw/orders/``, e.g. DuckDB's
+``read_parquet('s3://lake/raw/orders/*/*.parquet')`` or ``pyarrow.dataset.dataset("lake/raw/orders",
+filesystem=S3FileSystem(...))`` (both skip nothing they need to: runs in progress are under ``_conduit_staging/``,
+outside that prefix); conduit's file source on ``s3://lake/raw/orders/**`` follows each partition's manifest, so it
+never sees a republished partition's old and new parts together, which a plain listing may during that publish. A
+pipeline's output is either one prefix or partitioned: a partitioned run refuses ``orders/`` while it holds an
+unpartitioned output, and an unpartitioned run refuses it while it holds partitions.
 """
 
 import datetime as dt
@@ -37,6 +66,7 @@ from conduit_dagster.engine.backends import DestinationBackend, register_destina
 from conduit_dagster.engine.destinations.base import Resumption
 from conduit_dagster.engine.destinations.formats import EXTENSIONS, count_rows, write_part
 from conduit_dagster.engine.errors import CheckpointError, DestinationError
+from conduit_dagster.engine.partitions import Partition, split_unit
 from conduit_dagster.engine.s3 import (
     CONDUIT_MANIFEST,
     RangeReader,
@@ -81,6 +111,8 @@ MANIFEST = CONDUIT_MANIFEST
 STAGING = "_conduit_staging"
 MULTIPART_BYTES = 16 * 1024 * 1024  # parts larger than this go up in 16 MiB pieces, 4 at a time
 _OUTPUT_PART_RE = re.compile(r"^part-[0-9a-f]{12}-\d{6}\.(parquet|csv|jsonl)$")
+# a partition key as a key segment: no '/', no '.', not hidden ('_', '.') from readers
+_PARTITION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:\-]*$")
 
 
 class S3Destination:
@@ -92,14 +124,35 @@ class S3Destination:
         accumulate: bool = False,
         client: Any = None,
         multipart_bytes: int = MULTIPART_BYTES,
+        partition: Partition | None = None,
     ) -> None:
         self.spec = spec
         self.pipeline = pipeline
         self.accumulate = accumulate
+        self.partition = partition
+        self.parent = join_key(spec.prefix, pipeline) + "/"  # the pipeline's output prefix
+        if partition is None:
+            self.unit = pipeline
+            self.what = f"pipeline {pipeline!r}"
+            self.output = self.parent
+        else:
+            if not _PARTITION_KEY.match(partition.key):
+                raise DestinationError(
+                    f"destination {spec.name!r}: partition key {partition.key!r} of pipeline {pipeline!r} cannot name a "
+                    "prefix (letters, digits, '_', ':' and '-' only, starting with a letter or digit)"
+                )
+            if accumulate:
+                raise DestinationError(
+                    f"destination {spec.name!r}: pipeline {pipeline!r} is partitioned, so each run replaces its partition; "
+                    "it cannot also add to it (an incremental load)"
+                )
+            self.unit = partition.unit
+            self.what = f"pipeline {pipeline!r} partition {partition.key!r}"
+            self.output = join_key(spec.prefix, pipeline, partition.key) + "/"
+        # every object this output's runs stage, under a prefix no other output's (nor partition's) begins with
+        self.staging = join_key(spec.prefix, STAGING, self.unit) + "/"
         self.client = client if client is not None else make_client(spec.s3)
         self.bucket = spec.bucket
-        self.output = join_key(spec.prefix, pipeline) + "/"
-        self.staging = join_key(spec.prefix, STAGING, pipeline) + "/"
         self.ext = EXTENSIONS[spec.format]
         self.generation: str | None = None
         self.attempt = uuid.uuid4().hex[:8]  # this run's attempt at the generation: its staged keys are its own
@@ -191,12 +244,44 @@ class S3Destination:
                 "the parts of the output. Restore it, or delete the output prefix for a full reload. Nothing was changed"
             ) from None
 
+    def _check_not_unpartitioned(self) -> None:
+        """A partition's output goes below ``<pipeline>/<key>/``: refuse while ``<pipeline>/`` holds an unpartitioned
+        run's output (its manifest, or the parts of its first publish), which a reader would see next to the
+        partitions'."""
+        if self.partition is None:
+            return
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.parent + MANIFEST)
+            found = f"its {MANIFEST}"
+        except Exception as exc:  # noqa: BLE001
+            if not is_missing(exc):
+                raise
+            parts = [k for k in self._keys(self.parent + "part-") if _OUTPUT_PART_RE.match(k[len(self.parent) :])]
+            if not parts:
+                return
+            found = f"part files such as {parts[0][len(self.parent) :]}"
+        raise DestinationError(
+            f"destination {self.spec.name!r}: s3://{self.bucket}/{self.parent} holds the output of an unpartitioned run of "
+            f"{self.pipeline!r} ({found}), and a partitioned pipeline writes each partition below "
+            f"s3://{self.bucket}/{self.parent}<partition key>/, where readers of that prefix would see both. Move that "
+            "output away (or delete it), or set another prefix. Nothing was changed"
+        )
+
     def _check_output_is_ours(self, manifest: dict[str, Any] | None) -> None:
+        self._check_not_unpartitioned()
         if manifest is not None:
             return
         # Without a manifest, the only objects conduit leaves here are the copies of a first publish that crashed
         # before its manifest (the resumed or next run publishes over them); anything else is not ours to replace.
         foreign = [k for k in self._keys(self.output) if not _OUTPUT_PART_RE.match(k[len(self.output) :])]
+        partitions = sorted({k[len(self.output) :].split("/")[0] for k in foreign if k.endswith("/" + MANIFEST)})
+        if partitions and self.partition is None:
+            raise DestinationError(
+                f"destination {self.spec.name!r}: s3://{self.bucket}/{self.output} holds the partitions of a partitioned "
+                f"run of {self.pipeline!r} ({', '.join(partitions[:3])}{' ...' if len(partitions) > 3 else ''}), which "
+                "publishing this unpartitioned output would replace; move them away (or delete them), or set another "
+                "prefix. Nothing was changed"
+            )
         if foreign:
             raise DestinationError(
                 f"destination {self.spec.name!r}: s3://{self.bucket}/{self.output} holds objects conduit did not write "
@@ -237,8 +322,8 @@ class S3Destination:
         )
         if not isinstance(generation, str) or not generation.isalnum() or not valid:
             raise CheckpointError(
-                f"pipeline {self.pipeline!r}: the checkpoint names no valid output generation and attempts (written by an "
-                f"older conduit, or edited); start over with `conduit clear-checkpoints --pipeline-name {self.pipeline}`"
+                f"{self.what}: the checkpoint names no valid output generation and attempts (written by an "
+                f"older conduit, or edited); start over with `conduit clear-checkpoints --pipeline-name {self.unit}`"
             )
         self.generation = generation
         assert isinstance(attempts, list)
@@ -257,9 +342,9 @@ class S3Destination:
         missing = sorted(int(k[len(self._gen_prefix) :][5:11]) for k in wanted - set(staged))
         if missing:
             raise CheckpointError(
-                f"pipeline {self.pipeline!r}: {len(missing)} committed part(s) of the unfinished output are missing from "
+                f"{self.what}: {len(missing)} committed part(s) of the unfinished output are missing from "
                 f"s3://{self.bucket}/{self._gen_prefix} (e.g. part {missing[0]}), so it cannot be resumed; start over with "
-                f"`conduit clear-checkpoints --pipeline-name {self.pipeline}`"
+                f"`conduit clear-checkpoints --pipeline-name {self.unit}`"
             )
         # Everything else staged for this generation (parts written after the last checkpoint, or by an attempt that
         # lost the pipeline) is never published: drop it.
@@ -315,7 +400,7 @@ class S3Destination:
                     f"destination {self.spec.name!r}: {len(missing)} committed part(s) of this run are missing from "
                     f"s3://{self.bucket}/{self._gen_prefix} (e.g. part {missing[0]}), so its output was not published; "
                     f"another process may have removed them. Start over with `conduit clear-checkpoints --pipeline-name "
-                    f"{self.pipeline}`"
+                    f"{self.unit}`"
                 )
             generations = list((manifest or {}).get("generations", []))
             if self.accumulate:
@@ -334,9 +419,10 @@ class S3Destination:
 
             with ThreadPoolExecutor(max_workers=8, thread_name_prefix="conduit-publish") as pool:
                 list(pool.map(copy, todo))
-            doc = {
+            doc: dict[str, Any] = {
                 "format_version": 1,
                 "pipeline": self.pipeline,
+                **({"partition": self.partition.key} if self.partition is not None else {}),
                 "format": self.spec.format,
                 "generation": self.generation,
                 "generations": generations[-1000:],
@@ -447,6 +533,27 @@ def _check(dest: S3DestinationSpec) -> str:
     return f"{dest.uri('<resource>')} ({dest.format})"
 
 
+def _leftover(destination_id: str, state: dict[str, Any], pipeline: str) -> list[str] | None:
+    """A partition's staged generation, when its checkpoint is cleared. ``pipeline`` is the checkpoint's name,
+    ``<pipeline>.<key>`` for a partition. The partition's next publish removes it (as an unpartitioned pipeline's
+    next publish removes its own, so that one is not reported); a partition may never run again (its key ranges
+    re-planned into fewer, its window past a new ``end``), and then nothing else would."""
+    if not destination_id.startswith("s3://"):
+        return None
+    base, key = split_unit(pipeline)
+    generation = state.get("generation")
+    if key is None or not _PARTITION_KEY.match(key) or not isinstance(generation, str) or not generation.isalnum():
+        return None
+    output = destination_id.partition("?format=")[0]  # s3://bucket/prefix/<pipeline>/
+    if not output.endswith(f"/{base}/"):
+        return None
+    staged = f"{output[: -len(base) - 1]}{STAGING}/{pipeline}/{generation}/"
+    return [
+        f"its unfinished output stays in {staged} until partition {key} runs again; if it will not, delete it with:",
+        f"aws s3 rm --recursive {staged}",
+    ]
+
+
 _KEYS = frozenset({"name", "type", "bucket", "prefix", "format"} | S3_KEYS)
 BACKEND = register_destination_backend(
     DestinationBackend(
@@ -459,5 +566,7 @@ BACKEND = register_destination_backend(
         kinds=lambda d: {FORMAT_KINDS[d.format], "s3"},
         check=_check,
         uses_s3=lambda d: True,
+        leftover=_leftover,
+        partitioned=True,
     )
 )
