@@ -364,6 +364,13 @@ class FileSource:
                     consider(_max(batch.column(0)))
         return best
 
+    def restrict(self, partition: Any) -> None:
+        """Files have no query to filter by a partition's bounds: refused (ingest.yml refuses it too)."""
+        raise SourceError(f"pipeline {partition.pipeline!r}: {self.where} {PARTITIONS_REFUSED}")
+
+    def scan_column(self, query: str, column: str) -> Iterator[pa.Array]:
+        raise SourceError(f"{self.where} {PARTITIONS_REFUSED}")
+
     def close(self) -> None:
         self._release(list(self._open))
         close = getattr(self.client, "close", None)  # the HTTP connection pool
@@ -890,6 +897,13 @@ def _resource_query(e: _Entry, source: FileSourceSpec, source_name: str) -> str:
     return ""
 
 
+PARTITIONS_REFUSED = (
+    "reads files, which cannot be split into partitions (there is no query to select one partition's rows by); "
+    "remove `partitions:`, or load the files into a database and partition a SQL source (postgresql, mysql, sqlite, "
+    "sqlalchemy)"
+)
+
+
 def _check_resource(e: _Entry, source: FileSourceSpec, incremental_column: str | None) -> None:
     if incremental_column is not None:
         raise e.fail(
@@ -897,6 +911,8 @@ def _check_resource(e: _Entry, source: FileSourceSpec, incremental_column: str |
             "file sources have no query to bind :last_value in; drop incremental_column (resume: true with a "
             "checkpoint_column resumes a crashed run)",
         )
+    if e.data.get("partitions") is not None:
+        raise e.fail("partitions", f"source {source.name!r} {PARTITIONS_REFUSED}")
 
 
 def _identity(s: FileSourceSpec) -> str:

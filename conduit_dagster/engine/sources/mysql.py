@@ -56,7 +56,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -66,8 +66,19 @@ import pymysql.cursors
 from conduit_dagster.engine import mysql
 from conduit_dagster.engine.backends import SourceBackend, register_source_backend
 from conduit_dagster.engine.errors import ConduitError, OrderingError, SourceError, SpecError
-from conduit_dagster.engine.sources.base import Chunk, key_index
+from conduit_dagster.engine.sources.base import (
+    Chunk,
+    key_index,
+    key_range_type_error,
+    partition_bounds,
+    partition_null_error,
+    partition_type_error,
+    scan_null_error,
+)
 from conduit_dagster.engine.spec import _Entry
+
+if TYPE_CHECKING:
+    from conduit_dagster.engine.partitions import Partition
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,8 @@ PAGE_BYTES = 256 << 20
 FIRST_PAGE_ROWS = 200_000
 MIN_PAGE_ROWS = 1024
 MAX_PAGE_ROWS = 10_000_000
+# A key-range scan's rows per fetch (one column: a few MiB)
+SCAN_ROWS = 100_000
 
 
 # --- MySQL's query text: strings with backslash escapes, # and "-- " comments -------------------------------------
@@ -194,6 +207,20 @@ _DECIMALS = frozenset({0, 246})
 _DATES = frozenset({10, 14})
 _TYPE_NAMES = {4: "FLOAT", 11: "TIME", 16: "BIT", 245: "JSON", 255: "GEOMETRY", 6: "NULL"}
 _UNIX_DAY = 719528  # TO_DAYS('1970-01-01')
+# Partition column kinds (base.PARTITION_KINDS) by type code: DATETIME holds wall-clock times, TIMESTAMP instants
+_PARTITION_KINDS = {
+    **dict.fromkeys(_INTS, "int"),
+    **dict.fromkeys(_DECIMALS, "decimal"),
+    **dict.fromkeys(_DATES, "date"),
+    12: "timestamp",
+    7: "timestamptz",
+}
+# How a partition bound is compared with a column of each kind: dates and times never rounded to the column's precision
+_PARTITION_BOUNDS = {
+    "date": "CAST({p} AS DATE)",
+    "timestamp": "CAST({p} AS DATETIME(6))",
+    "timestamptz": "CAST({p} AS DATETIME(6))",
+}
 
 
 @dataclass(frozen=True)
@@ -319,6 +346,12 @@ class _Key:
         return _param(value)
 
 
+def _type_name(col: _Col) -> str:
+    if col.type_code in _TEXTS:
+        return "binary string" if col.charset == _BINARY_CHARSET else "text"
+    return _TYPE_NAMES.get(col.type_code, {5: "DOUBLE"}.get(col.type_code, f"type code {col.type_code}"))
+
+
 def _param(value: Any) -> Any:
     """A value as PyMySQL binds it: an aware datetime as its UTC wall time (the session's zone); PyMySQL would drop the
     offset."""
@@ -336,6 +369,9 @@ class MySQLSource:
         self.spec = spec
         self.params: dict[str, Any] = {}
         self._collations: dict[int, str] | None = None
+        self._partition: Partition | None = None
+        # the query text (as _text makes it) -> the partition's condition on it and that condition's parameters
+        self._restrictions: dict[str, tuple[str, dict[str, Any]]] = {}
         self.conn = self._connect()
 
     # --- connections and statements -----------------------------------------------------------------------------
@@ -375,17 +411,17 @@ class MySQLSource:
         """The user's query for PyMySQL: trailing ';'/comments off, literal % doubled, :last_value a parameter (compared
         as ``key`` compares, if given)."""
         text = clean_query(query).replace("%", "%%")
-        if not uses_last_value(text):
-            return text
-        placeholder = "%(last_value)s"
-        if key is not None:
-            if key.kind == "text":
-                self._refuse_incremental_text(key)
-            else:
-                placeholder = key.bound(placeholder)
-        elif isinstance(self.params.get("last_value"), dt.datetime):
-            placeholder = "CAST(%(last_value)s AS DATETIME(6))"
-        return replace_last_value(text, placeholder)
+        if uses_last_value(text):
+            placeholder = "%(last_value)s"
+            if key is not None:
+                if key.kind == "text":
+                    self._refuse_incremental_text(key)
+                else:
+                    placeholder = key.bound(placeholder)
+            elif isinstance(self.params.get("last_value"), dt.datetime):
+                placeholder = "CAST(%(last_value)s AS DATETIME(6))"
+            text = replace_last_value(text, placeholder)
+        return self._restricted(text) if self._partition is not None else text
 
     def _refuse_incremental_text(self, key: _Key) -> None:
         """The query's own ``k >= :last_value`` compares with the column's collation: unless that is code point order
@@ -410,13 +446,95 @@ class MySQLSource:
         return self._collations.get(collation_id, f"#{collation_id}")
 
     def _params(self, **extra: Any) -> dict[str, Any]:
-        return {**{k: _param(v) for k, v in self.params.items()}, **extra}
+        params = {k: _param(v) for k, v in self.params.items()}
+        for _, bounds in self._restrictions.values():
+            params.update(bounds)
+        return {**params, **extra}
+
+    # --- partitions ---------------------------------------------------------------------------------------------
+
+    def restrict(self, partition: "Partition") -> None:
+        """Every later statement sees only the partition's rows: the query text is wrapped (in ``_text``, where every
+        statement gets it, ConnectorX's too) as ``SELECT * FROM (<query>) AS conduit_part WHERE col >= <lo> AND col <
+        <hi>``, the bounds bound by PyMySQL and compared as checkpoint values are (dates CAST to DATE, times to
+        DATETIME(6); a TIMESTAMP's bound as its UTC time, the session's zone). The column's type, and the check that
+        it holds no NULL, come with the first statement on a query."""
+        self._partition = partition
+        self._restrictions = {}
+
+    def _restricted(self, text: str) -> str:
+        found = self._restrictions.get(text)
+        if found is None:
+            found = self._restriction(text)
+            self._restrictions[text] = found
+        return f"SELECT * FROM (\n{text}\n) AS conduit_part\nWHERE {found[0]}"
+
+    def _partition_column(self, text: str, column: str) -> _Col:
+        cols = self._columns(text)
+        names = [c.name for c in cols]
+        if column not in names:
+            raise SourceError(
+                f"source {self.spec.name!r}: partition column {column!r} is not a column of the query's result "
+                f"(columns: {', '.join(names)}); fix `partitions: column` or select the column"
+            )
+        return cols[names.index(column)]
+
+    def _restriction(self, text: str) -> tuple[str, dict[str, Any]]:
+        """The partition's condition on the query ``text`` and its parameters; refuses a column of another type, and
+        a query whose partition column holds NULL (one EXISTS, an index lookup where the column has an index)."""
+        p = self._partition
+        assert p is not None
+        col = self._partition_column(text, p.column)
+        kind = _PARTITION_KINDS.get(col.type_code)
+        if kind is None:
+            raise partition_type_error(self.spec.name, p, _type_name(col))
+        lo, hi = partition_bounds(self.spec.name, p, kind)
+        ref = f"conduit_part.{quote_ident(p.column)}"
+        with self.conn.cursor() as cur:
+            cur.execute(f"SELECT EXISTS (SELECT 1 FROM (\n{text}\n) AS conduit_part WHERE {ref} IS NULL)", self._params())
+            has_null = bool(cur.fetchone()[0])
+        if has_null:
+            raise partition_null_error(self.spec.name, p)
+        n = len(self._restrictions)
+        params: dict[str, Any] = {}
+        conditions = []
+        for op, name, value in ((">=", f"conduit_lo_{n}", lo), ("<", f"conduit_hi_{n}", hi)):
+            if value is not None:
+                bound = _PARTITION_BOUNDS.get(kind, "{p}").format(p=f"%({name})s")
+                conditions.append(f"{ref} {op} {bound}")
+                params[name] = _param(value)
+        return " AND ".join(conditions) or f"{ref} IS NOT NULL", params
+
+    def scan_column(self, query: str, column: str) -> Iterator[pa.Array]:
+        """The column's values for key-range planning: one statement without ORDER BY through PyMySQL's unbuffered
+        cursor (ConnectorX's stream would hold whatever the caller has not taken yet), selected and converted as read()
+        does (zero dates refused)."""
+        try:
+            text = self._text(query)
+            col = self._partition_column(text, column)
+        except pymysql.MySQLError as exc:
+            raise self._fail("query failed", exc) from None
+        if _PARTITION_KINDS.get(col.type_code) is None:
+            raise key_range_type_error(self.spec.name, column, _type_name(col))
+        for chunk in _Reader(self, [col], None, text, SCAN_ROWS).unordered():
+            values = chunk.data.column(0)
+            if values.null_count:
+                raise scan_null_error(self.spec.name, column)
+            yield values
 
     # --- the probe ----------------------------------------------------------------------------------------------
 
     def _probe(self, query: str, column: str | None) -> tuple[list[_Col], _Key | None]:
         """The result's columns, and how its checkpoint column is ordered (refused if it cannot be exact)."""
-        sql = f"SELECT * FROM (\n{self._text(query)}\n) AS conduit_src LIMIT 0"
+        cols = self._columns(self._text(query))
+        if column is None:
+            return cols, None
+        col = cols[key_index([c.name for c in cols], column, f"source {self.spec.name!r}")]
+        return cols, self._key_plan(col)
+
+    def _columns(self, text: str) -> list[_Col]:
+        """The columns of the query ``text`` (as _text makes it)."""
+        sql = f"SELECT * FROM (\n{text}\n) AS conduit_src LIMIT 0"
         with self.conn.cursor() as cur:
             # without the conversion to utf8mb4, each text column reports its own collation
             cur.execute("SET SESSION character_set_results = NULL")
@@ -431,10 +549,7 @@ class MySQLSource:
                 cols.append(_column(f.name, f.type_code, f.flags, f.charsetnr, f.length, f.scale))
             except SourceError as exc:
                 raise SourceError(f"source {self.spec.name!r}: {exc}") from None
-        if column is None:
-            return cols, None
-        col = cols[key_index([c.name for c in cols], column, f"source {self.spec.name!r}")]
-        return cols, self._key_plan(col)
+        return cols
 
     def _key_plan(self, col: _Col) -> _Key:
         t = col.type_code

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg2
 import psycopg2.extensions
@@ -32,10 +32,23 @@ import pyarrow.csv as pacsv
 from conduit_dagster.engine.backends import SourceBackend, register_source_backend
 from conduit_dagster.engine.errors import ConduitError, OrderingError, SourceError
 from conduit_dagster.engine.pg import CONNECTION_KEYS, PostgresConnectionSpec, connect, describe, parse_connection, redact
-from conduit_dagster.engine.sources.base import Chunk, key_index, rows_to_batch
+from conduit_dagster.engine.sources.base import (
+    Chunk,
+    decimal_scan_array,
+    key_index,
+    key_range_type_error,
+    partition_bounds,
+    partition_null_error,
+    partition_type_error,
+    rows_to_batch,
+    scan_null_error,
+)
 from conduit_dagster.engine.sources.pgcopy import open_copy_producer
 from conduit_dagster.engine.spec import _Entry
 from conduit_dagster.engine.sql import clean_query, quote_ident, replace_last_value, uses_last_value, wrap_query
+
+if TYPE_CHECKING:
+    from conduit_dagster.engine.partitions import Partition
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,24 @@ _CODE_POINT_ORDERED = frozenset({"UTF8", "SQL_ASCII", "LATIN1"})
 # Key types that can hold a value sorting after every other one that is no resume point: NaN (equal to
 # nothing in Python), 'infinity' (no Arrow date or timestamp holds it).
 _SENTINEL_KEYS = {700: "NaN", 701: "NaN", _NUMERIC: "NaN", 1082: "infinity", 1114: "infinity", 1184: "infinity"}
+# Partition column types (by base type OID): what they hold (base.PARTITION_KINDS), and the type a bound is cast to.
+_PARTITION_TYPES: dict[int, tuple[str, str]] = {
+    20: ("int", "pg_catalog.int8"),
+    21: ("int", "pg_catalog.int2"),
+    23: ("int", "pg_catalog.int4"),
+    26: ("int", "pg_catalog.oid"),
+    _NUMERIC: ("decimal", "pg_catalog.numeric"),
+    1082: ("date", "pg_catalog.date"),
+    1114: ("timestamp", "pg_catalog.timestamp"),
+    1184: ("timestamptz", "pg_catalog.timestamptz"),
+}
+# The Arrow type a key-range scan parses each kind into (numeric: see scan_column).
+_SCAN_TYPES = {
+    "int": pa.int64(),
+    "date": pa.date32(),
+    "timestamp": pa.timestamp("us"),
+    "timestamptz": pa.timestamp("us", tz="UTC"),
+}
 # Why some common types cannot be checkpoint columns.
 _REFUSED_WHY = {
     1186: "'1 mon' = '30 days' in PostgreSQL, but not as values",
@@ -283,6 +314,9 @@ class PostgresSource:
         self.use_copy = use_copy
         self.use_psql = use_psql
         self._server_encoding: str | None = None
+        self._partition: Partition | None = None
+        # the query text (as _text makes it) -> the partition's condition on it and that condition's parameters
+        self._restrictions: dict[str, tuple[str, dict[str, Any]]] = {}
         self.conn = self._connect()
         psycopg2.extras.register_default_json(self.conn, loads=lambda s: s)
         psycopg2.extras.register_default_jsonb(self.conn, loads=lambda s: s)
@@ -343,10 +377,134 @@ class PostgresSource:
             placeholder = "CAST(%(last_value)s AS pg_catalog.numeric)"
         else:
             placeholder = "%(last_value)s"
-        return replace_last_value(clean_query(query).replace("%", "%%"), placeholder)
+        text = replace_last_value(clean_query(query).replace("%", "%%"), placeholder)
+        return self._restricted(text) if self._partition is not None else text
 
     def _params(self, **extra: Any) -> dict[str, Any]:
-        return {**{k: _bind_value(v) for k, v in self.params.items()}, **{k: _bind_value(v) for k, v in extra.items()}}
+        params = {k: _bind_value(v) for k, v in self.params.items()}
+        for _, bounds in self._restrictions.values():
+            params.update(bounds)
+        return {**params, **{k: _bind_value(v) for k, v in extra.items()}}
+
+    # --- partitions ---------------------------------------------------------------------------------------------
+
+    def restrict(self, partition: "Partition") -> None:
+        """Every later statement sees only the partition's rows: the query text is wrapped (in ``_text``, the one
+        place every statement gets it from) as ``SELECT * FROM (<query>) AS conduit_part WHERE col >= CAST(<lo> AS
+        <type>) AND col < CAST(<hi> AS <type>)``, the bounds bound as parameters and cast to the column's base type.
+        The column's type, and the check that it holds no NULL, come with the first statement on a query."""
+        self._partition = partition
+        self._restrictions = {}
+
+    def _restricted(self, text: str) -> str:
+        found = self._restrictions.get(text)
+        if found is None:
+            found = self._restriction(text)
+            self._restrictions[text] = found
+        return f"SELECT * FROM (\n{text}\n) AS conduit_part\nWHERE {found[0]}"
+
+    def _column_kind(self, cur: Any, text: str, column: str) -> tuple[Any, str | None, str, str]:
+        """(description, partition kind or None, the base type to cast a bound to, the type's name) of ``column`` in
+        the query ``text``."""
+        cur.execute(f"SELECT * FROM (\n{text}\n) AS conduit_src LIMIT 0", self._params())
+        names = [d.name for d in cur.description]
+        if column not in names:
+            raise SourceError(
+                f"source {self.spec.name!r}: partition column {column!r} is not a column of the query's result "
+                f"(columns: {', '.join(names)}); fix `partitions: column` or select the column"
+            )
+        desc = cur.description[names.index(column)]
+        sql = "SELECT t.typtype, t.typbasetype, format_type(t.oid, NULL) FROM pg_type t WHERE t.oid = %s"
+        oid = desc.type_code
+        cur.execute(sql, (oid,))
+        typtype, basetype, shown = cur.fetchone()
+        while typtype == "d":  # a domain compares as the type it is over
+            oid = basetype
+            cur.execute(sql, (oid,))
+            typtype, basetype, _ = cur.fetchone()
+        kind, cast = _PARTITION_TYPES.get(oid, (None, ""))
+        return desc, kind, cast, str(shown)
+
+    def _restriction(self, text: str) -> tuple[str, dict[str, Any]]:
+        """The partition's condition on the query ``text`` and its parameters; refuses a column of another type, and
+        a query whose partition column holds NULL (one EXISTS, an index lookup where the column has an index)."""
+        p = self._partition
+        assert p is not None
+        col = f"conduit_part.{quote_ident(p.column)}"
+        try:
+            with self.conn.cursor() as cur:
+                _, kind, cast, type_name = self._column_kind(cur, text, p.column)
+                if kind is None:
+                    raise partition_type_error(self.spec.name, p, type_name)
+                lo, hi = partition_bounds(self.spec.name, p, kind)
+                cur.execute(f"SELECT EXISTS (SELECT 1 FROM (\n{text}\n) AS conduit_part WHERE {col} IS NULL)", self._params())
+                has_null = bool(cur.fetchone()[0])
+        finally:
+            self.conn.rollback()
+        if has_null:
+            raise partition_null_error(self.spec.name, p)
+        n = len(self._restrictions)
+        params: dict[str, Any] = {}
+        conditions = []
+        for op, name, value in ((">=", f"conduit_lo_{n}", lo), ("<", f"conduit_hi_{n}", hi)):
+            if value is not None:
+                conditions.append(f"{col} {op} CAST(%({name})s AS {cast})")
+                params[name] = _bind_value(value)
+        return " AND ".join(conditions) or f"{col} IS NOT NULL", params
+
+    def scan_column(self, query: str, column: str) -> Iterator[pa.Array]:
+        """The column's values for key-range planning: ``COPY (SELECT col FROM (<query>)) TO STDOUT`` (no ORDER BY),
+        parsed by Arrow in blocks of a few MiB, as read() does."""
+        try:
+            text = self._text(query)
+            with self.conn.cursor() as cur:
+                desc, kind, _, type_name = self._column_kind(cur, text, column)
+                sql = f"SELECT conduit_src.{quote_ident(column)} FROM (\n{text}\n) AS conduit_src"
+                copy_sql = b"COPY (" + cur.mogrify(sql, self._params()) + b") TO STDOUT WITH (FORMAT csv)"
+            self.conn.rollback()
+        except psycopg2.Error as exc:
+            self.conn.rollback()
+            raise self._fail("query failed", exc) from None
+        if kind is None:
+            raise key_range_type_error(self.spec.name, column, type_name)
+        # numeric(p, s) with p <= 38 parses exactly; any other numeric arrives as its text and becomes DECIMAL_SCAN
+        parse_t = arrow_type(desc) if kind == "decimal" else _SCAN_TYPES[kind]
+        try:
+            producer = open_copy_producer(
+                self.spec, self.conn, copy_sql, lambda message: redact(message, self.spec), use_psql=self.use_psql
+            )
+        except SourceError as exc:
+            raise SourceError(f"source {self.spec.name!r}: {exc}") from None
+        finished = False
+        try:
+            try:
+                reader = _open_csv(producer.stream, [column], {column: parse_t}, 1 << 16)
+            except pa.ArrowInvalid as exc:
+                if "Empty CSV file" not in str(exc):
+                    raise
+                producer.finish()
+                finished = True
+                return
+            for batch in reader:
+                values = batch.column(0)
+                if values.null_count:
+                    raise scan_null_error(self.spec.name, column)
+                if pa.types.is_string(values.type):
+                    values = decimal_scan_array([Decimal(v) for v in values.to_pylist()], self.spec.name, column)
+                yield values
+            producer.finish()
+            finished = True
+        except psycopg2.Error as exc:
+            raise self._fail("read failed", exc) from None
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise SourceError(
+                f"source {self.spec.name!r}: partition column {column!r} holds a value that no key range can hold ({exc}); "
+                "values such as 'infinity' or NaN: filter them out in the query"
+            ) from None
+        finally:
+            if not finished:
+                producer.abort()
+            producer.close()
 
     def _probe(self, query: str, column: str | None) -> tuple[list[Any], _Key | None]:
         """The result's column descriptions, and how its checkpoint column is ordered (refused if it cannot be exact)."""

@@ -14,6 +14,11 @@ the trap: most collations are case- or accent-insensitive, or ignore trailing sp
 so text (and bytes) keys are taken only on dialects where conduit knows a byte-wise comparison of UTF-8 text
 (``_BYTEWISE``); on any other dialect they are refused, as are float keys (NaN, -0.0 = 0.0) and types with no
 exact checkpoint. Within every read the keys are also checked to arrive non-decreasing in Python's order.
+
+Partitions (``restrict``): every statement's subquery is itself ``SELECT * FROM (<query>) AS conduit_part WHERE
+<col> >= :lo AND <col> < :hi``, the bounds bound as parameters of the kind the column's first value shows (int,
+Decimal, date, naive or aware datetime; on MySQL a TIMESTAMP, which the driver returns naive in the UTC session, is
+compared as the instant; on SQLite, ISO text dates are compared as text, as ``type: sqlite`` does).
 """
 
 import datetime as dt
@@ -26,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 import pyarrow as pa
@@ -40,8 +45,22 @@ from conduit_dagster.engine import sql
 from conduit_dagster.engine.backends import SourceBackend, register_source_backend
 from conduit_dagster.engine.errors import ConduitError, OrderingError, SourceError, SpecError
 from conduit_dagster.engine.sources import mysql as mysql_source
-from conduit_dagster.engine.sources.base import Chunk, key_index
+from conduit_dagster.engine.sources.base import (
+    Chunk,
+    decimal_scan_array,
+    iso_text_bounds,
+    iso_text_form,
+    key_index,
+    key_range_type_error,
+    partition_bounds,
+    partition_null_error,
+    partition_type_error,
+    scan_null_error,
+)
 from conduit_dagster.engine.spec import Secret, _Entry
+
+if TYPE_CHECKING:
+    from conduit_dagster.engine.partitions import Partition
 
 
 @dataclass(frozen=True)
@@ -284,6 +303,9 @@ class SqlaSource:
         self.spec = spec
         self.params: dict[str, Any] = {}
         self._plans: dict[tuple[str, str], KeyPlan] = {}
+        self._partition: Partition | None = None
+        # the query -> the partition's condition on it (None: the query had no rows to tell the column's kind by)
+        self._restrictions: dict[str, Any] = {}
         url = make_url(spec.url.reveal())
         self.dialect_name = spec.dialect or url.get_backend_name()
         self.syntax = syntax(self.dialect_name)
@@ -364,9 +386,9 @@ class SqlaSource:
         self.params = dict(params)
         self._plans.clear()
 
-    def _col(self, column: str) -> str:
+    def _col(self, column: str, alias: str = "conduit_src") -> str:
         """``conduit_src.<column>``, quoted by the dialect, as text() takes it (a colon is not a parameter)."""
-        return f"conduit_src.{self.preparer.quote_identifier(column)}".replace(":", "\\:")
+        return f"{alias}.{self.preparer.quote_identifier(column)}".replace(":", "\\:")
 
     def _inner(self, query: str, plan: KeyPlan | None = None) -> sa.TextClause:
         """The user's query as text(): every colon literal but the ``:last_value`` placeholders, bound."""
@@ -387,8 +409,142 @@ class SqlaSource:
         return clause
 
     def _select(self, query: str, plan: KeyPlan | None, *columns: str) -> Any:
-        sub = self._inner(query, plan).columns().subquery("conduit_src")
+        if self._partition is None:
+            sub = self._inner(query, plan).columns().subquery("conduit_src")
+        else:
+            part = self._inner(query, plan).columns().subquery("conduit_part")
+            restricted: Any = sa.select(sa.literal_column("*")).select_from(part).where(self._restriction(query))
+            sub = restricted.subquery("conduit_src")
         return sa.select(*(sa.literal_column(c) for c in columns or ("*",))).select_from(sub)
+
+    # --- partitions ---------------------------------------------------------------------------------------------
+
+    def restrict(self, partition: "Partition") -> None:
+        """Every later statement sees only the partition's rows (``_select``, where every statement gets its subquery,
+        filters them); the column's kind, and the check that it holds no NULL, come with the first statement."""
+        self._partition = partition
+        self._restrictions = {}
+        self._plans.clear()
+
+    def _restriction(self, query: str) -> Any:
+        """The partition's condition on ``query`` (a text clause with its bound parameters)."""
+        found = self._restrictions.get(query)
+        if found is not None:
+            return found
+        p = self._partition
+        assert p is not None
+        part = self._inner(query).columns().subquery("conduit_part")
+        result = self._execute(sa.select(sa.literal_column("*")).select_from(part).limit(0))
+        try:
+            names = list(result.keys())
+        finally:
+            result.close()
+        if p.column not in names:
+            self._rollback()
+            raise SourceError(
+                f"source {self.spec.name!r}: partition column {p.column!r} is not a column of the query's result "
+                f"(columns: {', '.join(names)}); fix `partitions: column` or select the column"
+            )
+        col = self._col(p.column, "conduit_part")
+        result = self._execute(sa.select(sa.literal_column(col)).select_from(part).where(sa.text(f"{col} IS NOT NULL")).limit(1))
+        try:
+            row = result.fetchone()
+            code = result.cursor.description[0][1] if result.cursor is not None else None
+        finally:
+            result.close()
+        null = self._scalar_row(sa.select(sa.literal_column("1")).select_from(part).where(sa.text(f"{col} IS NULL")).limit(1))
+        if null is not None:
+            raise partition_null_error(self.spec.name, p)
+        if row is None:  # no rows to tell the column's kind by: none to select either (asked again next statement)
+            return sa.false()
+        value = row[0]
+        expr = col
+        if isinstance(value, str) and self.dialect_name == "sqlite" and iso_text_form(value) and p.timezone is not None:
+            # dates as ISO text: compared as text written in the same form (see the SQLite source)
+            form = iso_text_form(value)
+            assert form is not None
+            lo, hi = iso_text_bounds(self.spec.name, p, form)
+            expr = f"{col} COLLATE BINARY"
+        else:
+            kind = _partition_kind(value)
+            if kind is None:
+                raise partition_type_error(self.spec.name, p, _kind_name(_kind_of(value)))
+            if kind == "timestamp" and self.dialect_name in _MYSQL and code == 7 and p.timezone is not None:
+                # a TIMESTAMP holds instants, which the driver returns naive in the UTC session: a window compares as
+                # the instant (key ranges compare the naive UTC values a scan returned)
+                kind = "timestamptz"
+            lo, hi = partition_bounds(self.spec.name, p, kind)
+            if kind == "timestamptz" and self.dialect_name in _MYSQL:
+                lo, hi = (None if b is None else b.astimezone(dt.UTC).replace(tzinfo=None) for b in (lo, hi))
+        n = len(self._restrictions)
+        conditions, params = [], []
+        for op, name, bound in ((">=", f"conduit_lo_{n}", lo), ("<", f"conduit_hi_{n}", hi)):
+            if bound is not None:
+                conditions.append(f"{expr} {op} :{name}")
+                params.append(_param(name, bound))
+        clause = sa.text(" AND ".join(conditions) or f"{col} IS NOT NULL").bindparams(*params)
+        self._restrictions[query] = clause
+        return clause
+
+    def scan_column(self, query: str, column: str) -> Iterator[pa.Array]:
+        """The column's values for key-range planning: one streamed statement without ORDER BY, fetched in chunks."""
+        names = self.probe(query, None)
+        if column not in names:
+            raise SourceError(
+                f"source {self.spec.name!r}: partition column {column!r} is not a column of the query's result "
+                f"(columns: {', '.join(names)}); fix `partitions: column` or select the column"
+            )
+        stmt = self._select(query, None, self._col(column))
+        try:
+            result = self._connection().execution_options(stream_results=True).execute(stmt)
+        except (sa.exc.DBAPIError, sa.exc.StatementError) as exc:
+            self._rollback()
+            raise self._fail("query failed", exc) from None
+        ended = False
+        try:
+            desc = result.cursor.description[0] if result.cursor is not None else (column, None) + (None,) * 5
+            arrow_t: pa.DataType | None = None
+            while True:
+                rows = result.fetchmany(CHUNK_ROWS)
+                if not rows:
+                    break
+                values = [r[0] for r in rows]
+                if any(v is None for v in values):
+                    raise scan_null_error(self.spec.name, column)
+                if arrow_t is None:
+                    kind = _partition_kind(values[0])
+                    if kind is None:
+                        raise key_range_type_error(self.spec.name, column, _kind_name(_kind_of(values[0])))
+                    arrow_t = _arrow_type(values[0], desc)
+                    if kind == "int":
+                        arrow_t = pa.int64()
+                try:
+                    if pa.types.is_string(arrow_t):  # a decimal of no declared precision
+                        yield decimal_scan_array(values, self.spec.name, column)
+                    else:
+                        yield pa.array(values, type=arrow_t)
+                except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+                    raise SourceError(
+                        f"source {self.spec.name!r}: partition column {column!r} holds values of another type than its "
+                        f"first ({exc}); CAST it to one integer, decimal, date or timestamp type in the query"
+                    ) from None
+            ended = True
+        except (sa.exc.DBAPIError, sa.exc.StatementError) as exc:
+            raise self._fail("read failed", exc) from None
+        finally:
+            if ended or self.dialect_name == "sqlite":
+                try:
+                    result.close()
+                except Exception:  # noqa: BLE001, S110 - the scan's own error (if any) is the one to raise
+                    pass
+                self._rollback()
+            else:  # stopped early: drop the connection rather than read the rest (see read)
+                _abandon(result)
+                try:
+                    self.conn.invalidate()
+                    result.close()
+                except Exception:  # noqa: BLE001, S110 - the connection is gone either way
+                    pass
 
     def _execute(self, stmt: Any, what: str = "query failed") -> Any:
         try:
@@ -735,6 +891,20 @@ class SqlaSource:
             self.conn.close()
         finally:
             self.engine.dispose()
+
+
+def _partition_kind(value: Any) -> str | None:
+    """The partition kind (base.PARTITION_KINDS) of a value the driver returned, or None."""
+    kind = _kind_of(value)
+    if kind is int:
+        return "int"
+    if kind is Decimal:
+        return "decimal" if value.is_finite() else None
+    if kind is dt.datetime:
+        return "timestamptz" if value.tzinfo is not None else "timestamp"
+    if kind is dt.date:
+        return "date"
+    return None
 
 
 def _param(name: str, value: Any) -> Any:

@@ -4,21 +4,51 @@ SQLite is dynamically typed, so each column's Arrow type is fixed once per run: 
 non-NULL value, or, for a column that is all NULL in the rows read so far, from a probe of the
 whole query (``typeof`` of its first non-NULL value). Every part file then has one schema, and a
 resumed run derives the same one.
+
+Partitions (``restrict``): the query is wrapped as ``SELECT * FROM (<query>) AS conduit_part WHERE col >= :lo AND col
+< :hi``. SQLite has no date type, so the partition column's first non-NULL value tells how it is compared:
+
+- an integer: key ranges, bound as integers;
+- text written as an ISO date, ``YYYY-MM-DD``: time windows compare it with the window's dates as text (the windows
+  must start at midnight);
+- text written as an ISO date and time, ``YYYY-MM-DD HH:MM[:SS[.fff]]`` (or with ``T``): time windows compare it with
+  the window's wall-clock bounds in the partition's zone written ``YYYY-MM-DD HH:MM`` with the same separator, which
+  sorts byte-wise exactly where the time does (a window starts on a whole hour);
+- anything else (real numbers, text with a UTC offset or in another form, blobs) is refused.
+
+Every value must have that one form: the first statement checks it, with the absence of NULL, in one query (a pass
+over the query's rows, since a value written otherwise would fall outside every window, or into the wrong one).
 """
 
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from conduit_dagster.engine.backends import SourceBackend, register_source_backend
 from conduit_dagster.engine.errors import SourceError
-from conduit_dagster.engine.sources.base import Chunk, key_index, rows_to_batch
+from conduit_dagster.engine.sources.base import (
+    Chunk,
+    iso_text_bounds,
+    iso_text_form,
+    iso_text_glob,
+    key_index,
+    key_range_type_error,
+    partition_bounds,
+    partition_null_error,
+    partition_type_error,
+    partition_where,
+    rows_to_batch,
+    scan_null_error,
+)
 from conduit_dagster.engine.spec import _Entry, entry_path
 from conduit_dagster.engine.sql import clean_query, quote_ident, wrap_query
+
+if TYPE_CHECKING:
+    from conduit_dagster.engine.partitions import Partition
 
 
 @dataclass(frozen=True)
@@ -33,12 +63,16 @@ class SqliteSourceSpec:
 
 
 _TYPEOF = {"integer": pa.int64(), "real": pa.float64(), "text": pa.string(), "blob": pa.binary()}
+SCAN_ROWS = 100_000
 
 
 class SqliteSource:
     def __init__(self, spec: SqliteSourceSpec) -> None:
         self.spec = spec
         self.params: dict[str, Any] = {}
+        self._partition: Partition | None = None
+        # the query text -> the partition's condition on it and that condition's parameters
+        self._restrictions: dict[str, tuple[str, dict[str, Any]]] = {}
         if not spec.path.is_file():
             raise SourceError(f"source {spec.name!r}: SQLite file {spec.path} does not exist; fix `path` in ingest.yml")
         try:
@@ -56,17 +90,141 @@ class SqliteSource:
     def _fail(self, what: str, exc: Exception) -> SourceError:
         return SourceError(f"source {self.spec.name!r} ({self.spec.path}): {what}: {exc}")
 
+    def _text(self, query: str) -> str:
+        """The query every statement runs: trailing ';' and comments off, restricted to the partition's rows."""
+        text = clean_query(query)
+        if self._partition is None:
+            return text
+        found = self._restrictions.get(text)
+        if found is None:
+            try:
+                found = self._restriction(text)
+            except sqlite3.Error as exc:
+                raise self._fail("query failed", exc) from None
+            self._restrictions[text] = found
+        return f"SELECT * FROM (\n{text}\n) AS conduit_part\nWHERE {found[0]}"
+
+    def _params(self, **extra: Any) -> dict[str, Any]:
+        params = dict(self.params)
+        for _, bounds in self._restrictions.values():
+            params.update(bounds)
+        return {**params, **extra}
+
+    # --- partitions ---------------------------------------------------------------------------------------------
+
+    def restrict(self, partition: "Partition") -> None:
+        """Every later statement sees only the partition's rows (see the module's docstring for how they compare)."""
+        self._partition = partition
+        self._restrictions = {}
+
+    def _restriction(self, text: str) -> tuple[str, dict[str, Any]]:
+        p = self._partition
+        assert p is not None
+        names = [d[0] for d in self.conn.execute(f"SELECT * FROM (\n{text}\n) AS conduit_part LIMIT 0", self.params).description]
+        if p.column not in names:
+            raise SourceError(
+                f"source {self.spec.name!r}: partition column {p.column!r} is not a column of the query's result "
+                f"(columns: {', '.join(names)}); fix `partitions: column` or select the column"
+            )
+        col = f"conduit_part.{quote_ident(p.column)}"
+        first = self.conn.execute(
+            f"SELECT typeof({col}), {col} FROM (\n{text}\n) AS conduit_part WHERE {col} IS NOT NULL LIMIT 1", self.params
+        ).fetchone()
+        windows = p.timezone is not None
+        if first is None:  # no value to tell the form by: the one a window or key range of this kind would compare with
+            storage, form = ("text", "datetime ") if windows else ("integer", None)
+        else:
+            storage, form = first[0], iso_text_form(first[1]) if first[0] == "text" else None
+        lo: Any
+        hi: Any
+        if storage == "integer":
+            lo, hi = partition_bounds(self.spec.name, p, "int")
+            valid, expr = f"typeof({col}) = 'integer'", col
+        elif storage == "text" and form is not None and windows:
+            lo, hi = iso_text_bounds(self.spec.name, p, form)
+            pattern, _ = iso_text_glob(form)
+            valid = f"typeof({col}) = 'text' AND {col} GLOB '{pattern}'"
+            if form != "date":  # seconds and fractions may follow, a time zone may not
+                valid += f" AND substr({col}, 17) NOT GLOB '*[^0-9:.]*'"
+            expr = f"{col} COLLATE BINARY"
+        else:
+            shown = f"{storage} (such as {first[1]!r})" if first is not None and storage == "text" else storage
+            fix = None
+            if windows:
+                fix = (
+                    "on SQLite, dates written as ISO text ('YYYY-MM-DD', or 'YYYY-MM-DD HH:MM:SS' without a zone); select it "
+                    f"so in the query (e.g. strftime('%Y-%m-%d %H:%M:%S', {p.column}) AS {p.column}), or use key ranges"
+                )
+            raise partition_type_error(self.spec.name, p, shown, fix)
+        null, other = self.conn.execute(
+            f"SELECT EXISTS (SELECT 1 FROM (\n{text}\n) AS conduit_part WHERE {col} IS NULL), "
+            f"(SELECT quote({col}) FROM (\n{text}\n) AS conduit_part WHERE {col} IS NOT NULL AND NOT ({valid}) LIMIT 1)",
+            self.params,
+        ).fetchone()
+        if null:
+            raise partition_null_error(self.spec.name, p)
+        if other is not None:
+            c = p.column
+            if storage == "integer":
+                what, fix = "integers", f"CAST({c} AS INTEGER) AS {c}"
+            else:
+                what, fix = f"text such as {first[1] if first else ''!r}", f"strftime('%Y-%m-%d %H:%M:%S', {c}) AS {c}"
+            raise SourceError(
+                f"{partition_where(self.spec.name, p)}: partition column {c!r} holds {what}, but also {other}, which "
+                "does not compare with the partition's bounds as they do (SQLite keeps each value as it was written), so "
+                f"its row could land in no partition or the wrong one; nothing was read. Select the column in one form in "
+                f"the query (e.g. {fix})"
+            )
+        n = len(self._restrictions)
+        params: dict[str, Any] = {}
+        conditions = []
+        for op, name, value in ((">=", f"conduit_lo_{n}", lo), ("<", f"conduit_hi_{n}", hi)):
+            if value is not None:
+                conditions.append(f"{expr} {op} :{name}")
+                params[name] = value
+        return " AND ".join(conditions) or f"{col} IS NOT NULL", params
+
+    def scan_column(self, query: str, column: str) -> Iterator[pa.Array]:
+        """The column's values for key-range planning: one statement without ORDER BY, fetched in chunks."""
+        text = self._text(query)
+        sql = f"SELECT conduit_src.{quote_ident(column)} FROM (\n{text}\n) AS conduit_src"
+        try:
+            cur = self.conn.execute(f"SELECT * FROM (\n{text}\n) AS conduit_src LIMIT 0", self._params())
+            names = [d[0] for d in cur.description]
+            if column not in names:
+                raise SourceError(
+                    f"source {self.spec.name!r}: partition column {column!r} is not a column of the query's result "
+                    f"(columns: {', '.join(names)}); fix `partitions: column` or select the column"
+                )
+            cur = self.conn.execute(sql, self._params())
+            while True:
+                rows = cur.fetchmany(SCAN_ROWS)
+                if not rows:
+                    return
+                values = [r[0] for r in rows]
+                if not all(type(v) is int for v in values):
+                    if any(v is None for v in values):
+                        raise scan_null_error(self.spec.name, column)
+                    odd = next(v for v in values if type(v) is not int)
+                    shown = {float: "real", str: "text", bytes: "blob"}.get(type(odd), type(odd).__name__)
+                    raise key_range_type_error(self.spec.name, column, f"{shown} ({odd!r})")
+                yield pa.array(values, type=pa.int64())
+        except sqlite3.Error as exc:
+            raise self._fail("query failed", exc) from None
+        except OverflowError:
+            raise key_range_type_error(self.spec.name, column, "integer past 64 bits") from None
+
     def _probe_type(self, query: str, column: str) -> pa.DataType:
         sql = (
-            f"SELECT typeof(conduit_src.{quote_ident(column)}) FROM (\n{clean_query(query)}\n) AS conduit_src "
+            f"SELECT typeof(conduit_src.{quote_ident(column)}) FROM (\n{self._text(query)}\n) AS conduit_src "
             f"WHERE conduit_src.{quote_ident(column)} IS NOT NULL LIMIT 1"
         )
-        row = self.conn.execute(sql, self.params).fetchone()
+        row = self.conn.execute(sql, self._params()).fetchone()
         return _TYPEOF.get(row[0], pa.string()) if row else pa.string()
 
     def probe(self, query: str, column: str | None) -> list[str]:
         try:
-            cur = self.conn.execute(f"SELECT * FROM (\n{clean_query(query)}\n) AS conduit_src LIMIT 0", self.params)
+            cur = self.conn.execute(f"SELECT * FROM (\n{self._text(query)}\n) AS conduit_src LIMIT 0", self._params())
         except sqlite3.Error as exc:
             raise self._fail("query failed", exc) from None
         names = [d[0] for d in cur.description]
@@ -76,8 +234,8 @@ class SqliteSource:
 
     def count(self, query: str, upto: tuple[str, Any] | None = None) -> int:
         try:
-            sql = f"SELECT count(*) FROM (\n{clean_query(query)}\n) AS conduit_src"
-            params = dict(self.params)
+            sql = f"SELECT count(*) FROM (\n{self._text(query)}\n) AS conduit_src"
+            params = self._params()
             if upto is not None:  # the rows up to a value, in the order resume uses
                 sql += f" WHERE {quote_ident(upto[0])} COLLATE BINARY <= :conduit_upto"
                 params["conduit_upto"] = upto[1]
@@ -86,9 +244,9 @@ class SqliteSource:
             raise self._fail("count failed", exc) from None
 
     def max_value(self, query: str, column: str) -> Any:
-        sql = f"SELECT max({quote_ident(column)} COLLATE BINARY) FROM (\n{clean_query(query)}\n) AS conduit_src"
         try:
-            return self.conn.execute(sql, self.params).fetchone()[0]
+            sql = f"SELECT max({quote_ident(column)} COLLATE BINARY) FROM (\n{self._text(query)}\n) AS conduit_src"
+            return self.conn.execute(sql, self._params()).fetchone()[0]
         except sqlite3.Error as exc:
             raise self._fail("query failed", exc) from None
 
@@ -102,9 +260,9 @@ class SqliteSource:
     def read(self, query: str, column: str | None, after: Any, *, resume: bool, fetch_size: int) -> Iterator[Chunk]:
         # COLLATE BINARY: a column declared NOCASE (or any collation) would otherwise make ">" skip rows that
         # Python sees as different; BINARY on UTF-8 text is Python's str order. Numbers are unaffected.
-        sql = wrap_query(query, column, resume=resume, param=":v", collate="BINARY")
         try:
-            cur = self.conn.execute(sql, {**self.params, "v": after} if resume else self.params)
+            sql = wrap_query(self._text(query), column, resume=resume, param=":v", collate="BINARY")
+            cur = self.conn.execute(sql, self._params(v=after) if resume else self._params())
             names = [d[0] for d in cur.description]
             idx = key_index(names, column, f"source {self.spec.name!r}") if column else None
             types: list[pa.DataType | None] = [None] * len(names)
