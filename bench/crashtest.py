@@ -49,6 +49,27 @@ as it is (case and trailing spaces count), bytes as hex, NULL as None.
 it within 0.5 s: most kills land in the last batches, the final publish (staging swap, manifest) and the
 checkpoint's removal, which a uniform delay rarely hits.
 
+Partitioned mode (--partitioned). The pipeline gets a ``partitions:`` block: --partition-scheme windows (the
+default) cuts it into --partitions (default 4) daily windows of ts from 2025-01-01, and the source's ts values are
+spread over those days (still 40 rows a value; the step between values divides a day, so 40 rows sit exactly on each
+midnight, the lower bound of one window and the upper bound of another); --partition-scheme ranges cuts it into
+--partitions key ranges of id, planned by the first run that needs the plan (the runs start together, so they race
+for it). The checkpoint column is still the trial's column. Each trial starts every partition's run AT ONCE, each as
+its own process group (``python -m conduit_dagster.engine run --pipeline crash --partition KEY``), picks a random
+subset of them (at least one) and gives each its own kill instant: a delay drawn uniformly from [0, 1.2 x the wall
+time of a clean run of the whole set at once], or with --aim-end the moment its own log shows all but its last two
+batches committed, plus [0, 0.5] s. Runs that finished first, or that were killed after deleting their checkpoint
+(they had finished), are not run again; every other partition is re-run, all at once again and without kills, until
+each exits 0 (at most three rounds). Then the WHOLE output (every partition's: the Parquet files below
+``out/crash/``, the manifests below ``crash/`` in S3, the whole table in PostgreSQL or MySQL) is compared with the
+source as multisets, as above, so a row in two partitions, a partition published twice or a partition lost all
+show. A partition run that fails without being killed (e.g. refused because another run holds a lock it needs) is
+re-run like a killed one, and listed with its error under the summary.
+
+    .venv/bin/python bench/crashtest.py --partitioned --trials 40 --destinations parquet,postgresql-replace,s3
+    .venv/bin/python bench/crashtest.py --partitioned --partition-scheme ranges --partitions 6 --late-inserts
+    .venv/bin/python bench/crashtest.py --partitioned --source mysql --destinations parquet,mysql-replace --aim-end
+
 It prints a line per trial and a summary, and exits 1 if any row was lost or duplicated.
 """
 
@@ -136,7 +157,7 @@ SELECT %(id)s, s.ts, s.code, s.amount, 'late ' || %(id)s, s.num, s.ch, s.ci FROM
 RETURNING {columns}
 """
 
-    def setup(self, rows: int) -> Counter[str]:
+    def setup(self, rows: int, ts_step: int = 1) -> Counter[str]:
         conn = psycopg2.connect(DSN)
         conn.autocommit = True
         with conn.cursor() as cur:
@@ -148,7 +169,7 @@ RETURNING {columns}
                 f"""
                 CREATE TABLE {SCHEMA}.src AS
                 SELECT (g * 10)::bigint AS id,
-                       timestamptz '2025-01-01 00:00:00+00' + (g / 40) * interval '1 second' AS ts,
+                       timestamptz '2025-01-01 00:00:00+00' + (g / 40) * interval '{ts_step} second' AS ts,
                        'k' || lpad(((g * 7919) % ({rows} / 25 + 1))::text, 8, '0') AS code,
                        round((g * 1.7)::numeric, 2)::numeric(12, 2) AS amount,
                        CASE WHEN g % 9 = 0 THEN NULL ELSE 'note, "' || g || E'"\\nend' END AS note,
@@ -206,7 +227,7 @@ class MySQLSource:
     columns = MYSQL_COLUMNS
     where = f"{MYSQL_DB}.src"
 
-    def setup(self, rows: int) -> Counter[str]:
+    def setup(self, rows: int, ts_step: int = 1) -> Counter[str]:
         conn = mysql_connect(None)
         # ci: about 100 rows a word, in 24 variants (case and accent, two characters outside the BMP, trailing spaces)
         words = rows // 100 + 1
@@ -239,7 +260,7 @@ class MySQLSource:
                 f"""
                 INSERT INTO src
                 SELECT g * 10,
-                       TIMESTAMP('2025-01-01 00:00:00') + INTERVAL (g DIV 40) SECOND,
+                       TIMESTAMP('2025-01-01 00:00:00') + INTERVAL (g DIV 40) * {ts_step} SECOND,
                        CONCAT('k', LPAD((g * 7919) % ({rows} DIV 25 + 1), 8, '0')),
                        ROUND(g * 1.7, 2),
                        IF(g % 9 = 0, NULL, CONCAT('note, "', g, '"', CHAR(10), 'end', IF(g % 3 = 0, ' é😀 ', ''))),
@@ -375,7 +396,8 @@ def out_table(work: Path) -> str:
     return f"t_{work.name.replace('-', '_')}"
 
 
-def ingest_yml(work: Path, destination: str, column: str, source: PostgresSource | MySQLSource) -> Path:
+def ingest_yml(work: Path, destination: str, column: str, source: PostgresSource | MySQLSource, partitions: str = "") -> Path:
+    """The trial's ingest.yml; ``partitions`` is the resource's ``partitions:`` block (partitioned mode)."""
     head = ""
     if destination == "parquet":
         dest = f"  - name: out\n    type: local\n    path: {work / 'out'}\n"
@@ -407,7 +429,7 @@ def ingest_yml(work: Path, destination: str, column: str, source: PostgresSource
     destination: out
     batch_size: {BATCH}
     query: SELECT {source.columns} FROM src
-"""
+{partitions}"""
     )
     return path
 
@@ -429,14 +451,20 @@ def destination_rows(work: Path, destination: str, columns: str) -> Counter[str]
         import pyarrow.parquet as pq
 
         client = s3_client()
-        try:
-            body = client.get_object(Bucket=BUCKET, Key=f"{work.name}/crash/_conduit_manifest.json")["Body"].read()
-        except client.exceptions.NoSuchKey:
-            return Counter()
+        # the visible output: the parts its manifest lists (one manifest for the pipeline, or one per partition in
+        # <prefix>/crash/<key>/); parts of runs in progress or left by killed runs are listed by none
+        manifests = [
+            obj["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{work.name}/crash/")
+            for obj in page.get("Contents", [])
+            if obj["Key"].endswith("/_conduit_manifest.json")
+        ]
         rows: list[tuple[Any, ...]] = []
-        for part in json.loads(body)["parts"]:
-            data = client.get_object(Bucket=BUCKET, Key=f"{work.name}/crash/{part}")["Body"].read()
-            rows.extend(tuple(r.values()) for r in pq.read_table(io.BytesIO(data), columns=names).to_pylist())
+        for manifest in manifests:
+            folder = manifest.rsplit("/", 1)[0]
+            for part in json.loads(client.get_object(Bucket=BUCKET, Key=manifest)["Body"].read())["parts"]:
+                data = client.get_object(Bucket=BUCKET, Key=f"{folder}/{part}")["Body"].read()
+                rows.extend(tuple(r.values()) for r in pq.read_table(io.BytesIO(data), columns=names).to_pylist())
         return row_hashes(rows, columns)
     if destination.startswith("mysql-"):
         conn = mysql_connect(MYSQL_DB + "_out")
@@ -456,33 +484,39 @@ def destination_rows(work: Path, destination: str, columns: str) -> Counter[str]
         conn.close()
 
 
+RUN_LINE = re.compile(r"^crash\S*: ")  # a line of the engine CLI about the pipeline (or one partition of it: crash[.key])
+
+
 def kill_phase(log: str) -> str:
     """Where the killed run was, from its own output: start-up, the batch loop (after which batch), or the end."""
-    lines = [line for line in log.splitlines() if line.startswith("crash: ")]
+    lines = [line for line in log.splitlines() if RUN_LINE.match(line)]
     if any(" done, " in line for line in lines):
         return "end (after the last batch: publishing, cleaning up, exiting)"
     committed = [line for line in lines if " committed, " in line]
     if not committed:
         return "start-up (connecting, first batch, no batch committed yet)"
-    return f"loop (last committed: {committed[-1].removeprefix('crash: ').split(' committed')[0]})"
+    return f"loop (last committed: {RUN_LINE.sub('', committed[-1]).split(' committed')[0]})"
 
 
-def aim_at_end(proc: subprocess.Popen, log: Path, rows: int, rng: random.Random) -> float:
+def aim_at_end(proc: subprocess.Popen, log: Path, rows: int, rng: random.Random, offset: int = 0) -> float:
     """Wait until the run's log shows all but the last two batches' rows committed (or the run is done), then a
     random [0, 0.5] s more: the kill lands in the last batches, the final publish (staging swap, manifest), the
     checkpoint's removal or the exit. The time since the start."""
     t0 = time.monotonic()
     while proc.poll() is None:
-        totals = [int(m) for m in re.findall(r"^crash: batch \d+ committed, \d+ rows, (\d+) in total", log.read_text(), re.M)]
-        if (totals and totals[-1] >= rows - 2 * BATCH) or "\ncrash: done, " in log.read_text():
+        text = log.read_text()[offset:]
+        totals = [int(m) for m in re.findall(r"^crash\S*: batch \d+ committed, \d+ rows, (\d+) in total", text, re.M)]
+        if (totals and totals[-1] >= rows - 2 * BATCH) or re.search(r"^crash\S*: done, ", text, re.M):
             time.sleep(rng.uniform(0.0, 0.5))
             break
         time.sleep(0.005)
     return time.monotonic() - t0
 
 
-def start(ingest: Path, log: Path) -> subprocess.Popen:
+def start(ingest: Path, log: Path, partition: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "conduit_dagster.engine", "run", "--file", str(ingest)]
+    if partition is not None:
+        cmd += ["--pipeline", "crash", "--partition", partition]
     return subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -509,7 +543,21 @@ def main() -> int:
         action="store_true",
         help="insert rows between existing keys while each trial runs, in transactions that commit late",
     )
+    parser.add_argument(
+        "--partitioned",
+        action="store_true",
+        help="a partitioned pipeline: each trial runs its partitions at once and kills a random subset of them",
+    )
+    parser.add_argument(
+        "--partition-scheme",
+        choices=("windows", "ranges"),
+        default="windows",
+        help="windows: one partition a day of ts; ranges: key ranges of id planned by the first run (default windows)",
+    )
+    parser.add_argument("--partitions", type=int, default=4, help="partitions of the pipeline (default 4)")
     args = parser.parse_args()
+    if args.partitions < 1:
+        parser.error("--partitions must be at least 1")
     source = SOURCES[args.source]
     destinations = (args.destinations or DEFAULT_DESTINATIONS[args.source]).split(",")
     known = {"parquet", "s3"} | {f"{db}-{mode}" for db in ("postgresql", "mysql") for mode in ("replace", "append", "merge")}
@@ -523,12 +571,15 @@ def main() -> int:
     moto = None
     root = Path(tempfile.mkdtemp(prefix="conduit-crash-"))
     try:
-        source_rows = source.setup(args.rows)
+        # partitioned by day of ts: its values spread over the --partitions days (still 40 rows a value)
+        source_rows = source.setup(args.rows, ts_step(args.rows, args.partitions) if args.partitioned else 1)
         if uses_mysql_out:
             conn = mysql_connect(None)
             conn.cursor().execute(f"CREATE DATABASE IF NOT EXISTS `{MYSQL_DB}_out` CHARACTER SET utf8mb4")
             conn.close()
         moto = start_s3() if "s3" in destinations else None
+        if args.partitioned:
+            return partitioned_trials(args, source, source_rows, destinations, rng, root)
         return trials(args, source, source_rows, destinations, rng, root)
     finally:
         if not args.keep:
@@ -631,6 +682,204 @@ def trials(
     print(
         f"summary: {args.trials} trials, {kills} kills, {total:,} source rows, rows lost {lost_total}, "
         f"rows duplicated {dup_total}" + (f", failing trials {failed_trials}" if failed_trials else "")
+    )
+    return 1 if lost_total or dup_total else 0
+
+
+# --- partitioned mode ----------------------------------------------------------------------------------------------
+
+DAY = 86_400
+FIRST_DAY = dt.date(2025, 1, 1)  # the source's first ts
+
+
+def ts_step(rows: int, days: int) -> int:
+    """Seconds between neighbouring ts values (40 rows each) so that all rows fall in the first ``days`` days: the
+    largest divisor of a day that fits, so rows land exactly on every midnight (a window's lower bound, inclusive)."""
+    fit = max(1, (days * DAY * 40 - 1) // rows)
+    return max(d for d in range(1, min(fit, DAY) + 1) if DAY % d == 0)
+
+
+def partition_keys(scheme: str, n: int) -> list[str]:
+    """The partition keys conduit gives the pipeline: Dagster's daily keys, or r00 .. r<n-1> for key ranges."""
+    if scheme == "windows":
+        return [(FIRST_DAY + dt.timedelta(days=i)).isoformat() for i in range(n)]
+    width = max(2, len(str(n - 1)))
+    return [f"r{i:0{width}d}" for i in range(n)]
+
+
+def partitions_yml(scheme: str, n: int) -> str:
+    if scheme == "windows":
+        end = FIRST_DAY + dt.timedelta(days=n)
+        return f'    partitions:\n      column: ts\n      every: day\n      start: "{FIRST_DAY}"\n      end: "{end}"\n'
+    return f"    partitions:\n      column: id\n      ranges: {n}\n"
+
+
+def checkpoint_exists(work: Path, destination: str, unit: str) -> bool:
+    if destination == "s3":
+        return bool(s3_client().list_objects_v2(Bucket=BUCKET, Prefix=f"{work.name}/checkpoints/{unit}.json").get("KeyCount"))
+    return (work / ".checkpoints" / f"{unit}.json").exists()
+
+
+def start_set(ingest: Path, work: Path, keys: list[str]) -> dict[str, tuple[subprocess.Popen, int]]:
+    """Every partition's run at once, each its own process group; per key (process, where its log's text starts)."""
+    procs = {}
+    for key in keys:
+        log = work / f"run-{key}.log"
+        offset = len(log.read_text()) if log.exists() else 0
+        procs[key] = (start(ingest, log, key), offset)
+    return procs
+
+
+def kill_one(
+    run: tuple[subprocess.Popen, int],
+    log: Path,
+    when: tuple[float, random.Random],
+    aim_rows: int | None,
+    t0: float,
+    killed_at: dict[str, float],
+    key: str,
+) -> None:
+    """SIGKILL one partition's run (its whole process group) at its instant: ``when``'s delay after ``t0``, or with
+    ``aim_rows`` (--aim-end) once its log shows all but its last two batches of ``aim_rows`` rows committed."""
+    proc, offset = run
+    delay, rng = when
+    if aim_rows is not None:
+        aim_at_end(proc, log, aim_rows, rng, offset)
+    else:
+        time.sleep(max(0.0, delay - (time.monotonic() - t0)))
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        killed_at[key] = time.monotonic() - t0
+
+
+def first_error(text: str) -> str:
+    errors = [line for line in text.splitlines() if line.startswith(("error: ", "Traceback"))]
+    return (errors[-1] if errors else text.strip().splitlines()[-1] if text.strip() else "no output")[:300]
+
+
+def partitioned_trials(
+    args: argparse.Namespace,
+    source: PostgresSource | MySQLSource,
+    source_rows: Counter[str],
+    destinations: list[str],
+    rng: random.Random,
+    root: Path,
+) -> int:
+    """Each trial starts every partition's run at once, SIGKILLs a random subset of them at random instants, re-runs
+    the unfinished partitions (at once again, without kills) until each exits 0, and compares the whole output."""
+    total = sum(source_rows.values())
+    keys = partition_keys(args.partition_scheme, args.partitions)
+    block = partitions_yml(args.partition_scheme, args.partitions)
+    what = f"{len(keys)} daily windows of ts" if args.partition_scheme == "windows" else f"{len(keys)} key ranges of id"
+    print(f"partitioned: {what} ({', '.join(keys)}), all started at once in each trial", flush=True)
+    pairs = [(d, c) for d in destinations for c in args.columns.split(",")]
+    clean: dict[tuple[str, str], tuple[float, dict[str, int]]] = {}  # the set's wall time, rows per partition
+    kills = runs = lost_total = dup_total = 0
+    phases: dict[str, int] = {}
+    failed_trials: list[int] = []
+    unkilled_failures: list[str] = []
+    for trial in range(1, args.trials + 1):
+        destination, column = pairs[(trial - 1) % len(pairs)]
+        if (destination, column) not in clean:  # calibrate once per pair: every partition at once, no kills
+            probe = root / f"probe-{destination}-{column}"
+            probe.mkdir()
+            ingest = ingest_yml(probe, destination, column, source, block)
+            t0 = time.monotonic()
+            procs = start_set(ingest, probe, keys)
+            codes = {key: proc.wait() for key, (proc, _) in procs.items()}
+            wall = time.monotonic() - t0
+            if any(codes.values()):
+                bad = [key for key, code in codes.items() if code]
+                print(f"the clean run of partitions {bad} failed:\n{(probe / f'run-{bad[0]}.log').read_text()[-3000:]}")
+                return 2
+            sizes = {}
+            for key in keys:
+                done = re.findall(r"^crash\S*: done, (\d+) rows this run", (probe / f"run-{key}.log").read_text(), re.M)
+                sizes[key] = int(done[-1]) if done else 0
+            clean[(destination, column)] = (wall, sizes)
+            print(
+                f"clean run {destination} {column}: {wall:.2f} s for the set; rows a partition "
+                + ", ".join(f"{k} {v:,}" for k, v in sizes.items()),
+                flush=True,
+            )
+        wall, sizes = clean[(destination, column)]
+        work = root / f"trial-{trial}"
+        work.mkdir()
+        ingest = ingest_yml(work, destination, column, source, block)
+        # a random subset of the partitions (at least one) is killed, each at its own instant
+        victims = rng.sample(keys, rng.randint(1, len(keys)))
+        plan = {key: (rng.uniform(0, 1.2 * wall), random.Random(rng.random())) for key in victims}
+        late = LateInserts(source, args.rows, rng) if args.late_inserts else None
+        procs = start_set(ingest, work, keys)
+        t0 = time.monotonic()
+        killed_at: dict[str, float] = {}
+        threads = [
+            threading.Thread(
+                target=kill_one,
+                args=(procs[key], work / f"run-{key}.log", plan[key], sizes[key] if args.aim_end else None, t0, killed_at, key),
+            )
+            for key in victims
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        codes = {key: proc.wait() for key, (proc, _) in procs.items()}
+        runs += len(keys)
+        finished: dict[str, bool] = {}
+        notes = []
+        for key in keys:
+            text = (work / f"run-{key}.log").read_text()[procs[key][1] :]
+            if key in killed_at:
+                kills += 1
+                phase = kill_phase(text)
+                phases[phase.split(" ")[0]] = phases.get(phase.split(" ")[0], 0) + 1
+                notes.append(f"{key}@{killed_at[key]:.2f}s {phase.split(' ')[0]}")
+            elif codes[key] != 0:
+                unkilled_failures.append(f"trial {trial} {key}: exit {codes[key]}: {first_error(text)}")
+            # A partition whose run got as far as deleting its checkpoint had finished: running it "again" would be a
+            # new run (in append mode, a second copy of its rows, by design). Otherwise it is resumed until it succeeds.
+            gone = not checkpoint_exists(work, destination, f"crash.{key}")
+            finished[key] = codes[key] == 0 or (key in killed_at and gone and " committed, " in text)
+        rounds = 0
+        while not all(finished.values()):
+            rounds += 1
+            if rounds > 3:
+                bad = [key for key, ok in finished.items() if not ok]
+                print(f"trial {trial}: the reruns of {bad} keep failing:\n{(work / f'run-{bad[0]}.log').read_text()[-3000:]}")
+                if late:
+                    late.finish()
+                return 2
+            again = start_set(ingest, work, [key for key, ok in finished.items() if not ok])
+            for key, (proc, _) in again.items():
+                finished[key] = proc.wait() == 0
+                runs += 1
+        got = destination_rows(work, destination, source.columns)
+        late_rows: Counter[str] = late.finish() if late else Counter()
+        lost = sum((source_rows - got).values())
+        dup = sum((got - (source_rows + late_rows)).values())  # a late row may or may not be loaded, never twice
+        late_loaded = sum((got & late_rows).values())
+        lost_total += lost
+        dup_total += dup
+        if lost or dup:
+            failed_trials.append(trial)
+        state = f"killed {len(killed_at)}/{len(keys)}: " + (", ".join(notes) if notes else "all done first")
+        print(
+            f"trial {trial:3d} {destination:18s} {column:4s} {state:60s} rerun rounds {rounds}  rows {sum(got.values()):,}  "
+            f"lost {lost}  duplicated {dup}" + (f"  late rows {sum(late_rows.values())} (loaded {late_loaded})" if late else ""),
+            flush=True,
+        )
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\nwhere the kills landed: {', '.join(f'{k} {v}' for k, v in sorted(phases.items()))}")
+    if unkilled_failures:
+        print(f"partition runs that failed without a kill ({len(unkilled_failures)}), then resumed:")
+        for line in unkilled_failures:
+            print(f"  {line}")
+    print(
+        f"summary: {args.trials} trials, {kills} kills, {total:,} source rows, rows lost {lost_total}, "
+        f"rows duplicated {dup_total}, {runs} partition runs ({what}), {len(unkilled_failures)} failed without a kill"
+        + (f", failing trials {failed_trials}" if failed_trials else "")
     )
     return 1 if lost_total or dup_total else 0
 

@@ -130,3 +130,43 @@ def test_crash_harness_postgresql_source_into_mysql_loses_and_duplicates_nothing
     for destination in ("mysql-append", "mysql-replace", "mysql-merge"):
         for column in ("ts", "ci"):
             assert re.search(rf"^trial +\d+ {destination} +{column} ", out.stdout, flags=re.M), (destination, column)
+
+
+def test_crash_harness_partitioned_runs_killed_at_once_lose_and_duplicate_nothing(postgres_dsn):
+    """A pipeline in 4 daily windows of ts whose partition runs start at once; a random subset is SIGKILLed at random
+    instants and re-run: the whole output (every partition's Parquet files, or the one PostgreSQL replace table all
+    partitions publish into) holds every source row once, rows on a window's lower bound included."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "crashtest.py"),
+            "--partitioned",
+            "--partitions",
+            "4",
+            "--trials",
+            "6",
+            "--rows",
+            "100000",
+            "--columns",
+            "id,ts",
+            "--destinations",
+            "parquet,postgresql-replace",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
+    summary = re.search(
+        r"summary: 6 trials, (\d+) kills, 100,000 source rows, rows lost 0, rows duplicated 0, (\d+) partition runs "
+        r"\(4 daily windows of ts\)",
+        out.stdout,
+    )
+    assert summary, out.stdout[-3000:]
+    assert int(summary.group(1)) > 0, out.stdout[-3000:]
+    assert int(summary.group(2)) > 24, out.stdout[-3000:]  # the killed partitions were run again
+    assert len(re.findall(r"^trial ", out.stdout, flags=re.M)) == 6
+    for destination in ("parquet", "postgresql-replace"):
+        for column in ("id", "ts"):
+            line = rf"^trial +\d+ {destination} +{column} +killed [0-4]/4"
+            assert re.search(line, out.stdout, flags=re.M), (destination, column)
