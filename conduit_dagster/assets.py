@@ -25,6 +25,7 @@ from dagster import (
     AssetKey,
     AssetMaterialization,
     AssetObservation,
+    AssetRecordsFilter,
     AssetsDefinition,
     AssetSelection,
     BackfillPolicy,
@@ -186,12 +187,13 @@ def _held_files(resource: ResourceSpec, partition: str | None) -> str:
     return " / ".join(files)
 
 
-def previous_store(context: AssetExecutionContext, key: AssetKey) -> str | None:
-    """Where the latest run of this asset that recorded it kept its checkpoints (any partition of it: a partitioned
-    pipeline keeps its plan and every partition's checkpoint in one store)."""
+def previous_store(context: AssetExecutionContext, key: AssetKey, partition: str | None = None) -> str | None:
+    """Where the latest run of this asset (of its partition ``partition``, when given) that recorded it kept its
+    checkpoints."""
+    target: AssetKey | AssetRecordsFilter = key if partition is None else AssetRecordsFilter(key, asset_partitions=[partition])
     latest: tuple[int, str] | None = None
     for fetch in (context.instance.fetch_observations, context.instance.fetch_materializations):
-        for record in fetch(key, limit=1).records:
+        for record in fetch(target, limit=1).records:
             event = record.asset_observation or record.asset_materialization
             value = event.metadata.get(STORE_KEY) if event is not None else None
             if value is not None and (latest is None or record.storage_id > latest[0]):
@@ -213,35 +215,41 @@ def check_store_switch(
     The launchpad's ``location``, $CONDUIT_CHECKPOINTS or ingest.yml may point a run at another store than the run
     before it. Without this, a run after a failed one would not resume but start over (an ``append`` destination
     gets the rows twice), an incremental load would start again from initial_value (every row twice), and key
-    ranges would be planned again with other boundaries than the partitions already loaded."""
+    ranges would be planned again with other boundaries than the partitions already loaded. A partition is compared
+    with where its own previous run kept its checkpoint and with where the pipeline's latest run (of any partition)
+    kept its checkpoints and plan."""
     name = resource.name
     label = name if partition is None else f"{name} partition {partition}"
-    previous = previous_store(context, AssetKey(name))
-    if previous is None or previous == store.location or _holds(store, resource, partition):
+    key = AssetKey(name)
+    candidates = [previous_store(context, key, partition)] if partition is not None else []
+    candidates.append(previous_store(context, key))
+    previous_ones = list(dict.fromkeys(p for p in candidates if p is not None and p != store.location))
+    if not previous_ones or _holds(store, resource, partition):
         return
-    if context.run.tags.get(MOVED_TAG) == previous:
-        context.log.warning(f"{label}: starting without what {previous} holds for it (run tag {MOVED_TAG})")
-        return
-    way_out = (
-        f"Run it with the checkpoints location {previous!r} (the `checkpoints` resource's `location` in the launchpad, "
-        f"or $CONDUIT_CHECKPOINTS), or copy that store's {_held_files(resource, partition)} here; to start over here "
-        f"on purpose, launch with the run tag {MOVED_TAG}={previous}"
-    )
-    try:
-        elsewhere = _holds(checkpoints.store_at(spec, previous), resource, partition)
-    except ConduitError as exc:
-        raise Failure(
-            description=f"{label}: the previous run kept its checkpoints in {previous}, which cannot be read now ({exc}), "
-            f"and this run's store {store.location} holds none for it; starting here could load rows twice. "
-            f"Nothing was read or written. {way_out}"
-        ) from None
-    if elsewhere:
-        raise Failure(
-            description=f"{label}: {elsewhere} is in {previous}, where its previous run kept it, but this run's "
-            f"checkpoint store is {store.location}, which holds none: starting over here would load rows twice "
-            f"(or start an incremental load from initial_value, or plan the key ranges again). Nothing was read or "
-            f"written. {way_out}"
+    for previous in previous_ones:
+        if context.run.tags.get(MOVED_TAG) == previous:
+            context.log.warning(f"{label}: starting without what {previous} holds for it (run tag {MOVED_TAG})")
+            continue
+        way_out = (
+            f"Run it with the checkpoints location {previous!r} (the `checkpoints` resource's `location` in the "
+            f"launchpad, or $CONDUIT_CHECKPOINTS), or copy that store's {_held_files(resource, partition)} here; to "
+            f"start over here on purpose, launch with the run tag {MOVED_TAG}={previous}"
         )
+        try:
+            elsewhere = _holds(checkpoints.store_at(spec, previous), resource, partition)
+        except ConduitError as exc:
+            raise Failure(
+                description=f"{label}: the previous run kept its checkpoints in {previous}, which cannot be read now "
+                f"({exc}), and this run's store {store.location} holds none for it; starting here could load rows "
+                f"twice. Nothing was read or written. {way_out}"
+            ) from None
+        if elsewhere:
+            raise Failure(
+                description=f"{label}: {elsewhere} is in {previous}, where its previous run kept it, but this run's "
+                f"checkpoint store is {store.location}, which holds none: starting over here would load rows twice "
+                f"(or start an incremental load from initial_value, or plan the key ranges again). Nothing was read "
+                f"or written. {way_out}"
+            )
 
 
 def output_row_count(resource: ResourceSpec, s3: S3Resource | None, partition: Partition | None = None) -> int | None:

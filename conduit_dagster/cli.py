@@ -401,11 +401,15 @@ def _runs(resource: ResourceSpec, keys: list[str], every_key: list[str]) -> list
     return runs
 
 
-def _report(result: Any) -> None:
-    """What one Dagster run did: a line per materialization (per partition), a line per failure."""
+def _report(result: Any, instance: Any) -> None:
+    """What one Dagster run did: a line per materialization (per partition), a line per failure. Read from the
+    instance: a failed step's result leaves out the partitions it loaded before failing."""
     from dagster import DagsterEventType
 
-    for event in result.all_events:
+    for entry in instance.all_logs(result.run_id):
+        event = entry.dagster_event
+        if event is None:
+            continue
         if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
             mat = event.step_materialization_data.materialization
             meta = {k: v.value for k, v in mat.metadata.items()}
@@ -469,7 +473,7 @@ def run_through_dagster(args: argparse.Namespace, spec: IngestSpec, path: Path, 
                 result = defs.resolve_job_def("ingest_all").execute_in_process(
                     asset_selection=[AssetKey(n) for n in plain], instance=instance, raise_on_error=False, run_config=quiet
                 )
-            _report(result)
+            _report(result, instance)
             print(f"run {result.run_id}: {'success' if result.success else 'failure'}")
             ok = ok and result.success
         for name, keys in selected.items():
@@ -489,7 +493,7 @@ def run_through_dagster(args: argparse.Namespace, spec: IngestSpec, path: Path, 
                     }
                 with _Progress(store, [unit_name(name, k) for k in run_keys], sys.stdout):
                     result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=quiet, **how)
-                _report(result)
+                _report(result, instance)
                 what = run_keys[0] if len(run_keys) == 1 else f"{run_keys[0]} .. {run_keys[-1]}"
                 print(f"run {result.run_id} ({name} {what}): {'success' if result.success else 'failure'}")
                 ok = ok and result.success
