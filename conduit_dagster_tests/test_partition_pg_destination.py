@@ -96,8 +96,8 @@ def insert(pg: Any, schema: str, values: list[tuple[Any, ...]]) -> None:
         cur.executemany(f"INSERT INTO {schema}.things (id, at, v) VALUES (%s, %s, %s)", values)
 
 
-def utc(*args: int) -> dt.datetime:
-    return dt.datetime(*args, tzinfo=UTC)
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0, us: int = 0) -> dt.datetime:
+    return dt.datetime(year, month, day, hour, minute, second, us, tzinfo=UTC)
 
 
 # Per column type: rows of three daily windows in Berlin (one with the spring DST change: 23 hours), each at its
@@ -494,3 +494,196 @@ def test_unpartitioned_runs_are_unchanged(pg, pg_schema):
         d.close()
     assert tables(pg_schema) == ["_conduit_batches", "things"]
     assert Counter(r[2] for r in rows(pg_schema)) == {"x": 1, "y": 1}
+
+
+# --- end to end: run_pipeline from a PostgreSQL source ---------------------------------------------------------------
+
+WINDOW_SQL = {  # each window as the SQL a reader would write for that column type, independent of conduit's code
+    "d": "d >= DATE '{lo}' AND d < DATE '{hi}'",
+    "ts": "ts >= TIMESTAMP '{lo}' AND ts < TIMESTAMP '{hi}'",
+    "tz": f"tz >= TIMESTAMPTZ '{{lo}} {ZONE}' AND tz < TIMESTAMPTZ '{{hi}} {ZONE}'",
+}
+NEXT_DAY = {"2024-03-29": "2024-03-30", "2024-03-30": "2024-03-31", "2024-03-31": "2024-04-01", "2024-04-01": "2024-04-02"}
+
+
+@pytest.fixture
+def events(pg, pg_schema):
+    """``events`` in the source schema: a row every 37 minutes from March 29th to April 2nd (Berlin; the clocks go
+    forward on March 31st), one exactly at each Berlin midnight and one a microsecond before, each with the Berlin
+    date (d), wall-clock time (ts) and instant (tz); plus a wall-clock time the DST change skips."""
+    with pg.cursor() as cur:
+        cur.execute(f"CREATE TABLE {pg_schema}.events (id bigint PRIMARY KEY, d date, ts timestamp, tz timestamptz, v text)")
+        cur.execute(
+            f"INSERT INTO {pg_schema}.events SELECT g, (t AT TIME ZONE '{ZONE}')::date, t AT TIME ZONE '{ZONE}', t, 'v' || g "
+            "FROM generate_series(TIMESTAMPTZ '2024-03-29 00:00+01', TIMESTAMPTZ '2024-04-02 23:00+02', interval '37 minutes') "
+            "WITH ORDINALITY AS s(t, g)"
+        )
+        cur.execute(
+            f"INSERT INTO {pg_schema}.events SELECT 10000 + g, (t AT TIME ZONE '{ZONE}')::date, t AT TIME ZONE '{ZONE}', t, "
+            f"'edge' FROM unnest(ARRAY(SELECT (day::date::timestamp AT TIME ZONE '{ZONE}') + shift FROM "
+            "generate_series(DATE '2024-03-30', DATE '2024-04-02', interval '1 day') day, "
+            "unnest(ARRAY[interval '0', interval '-1 microsecond']) shift)) WITH ORDINALITY AS s(t, g)"
+        )
+        cur.execute(
+            f"INSERT INTO {pg_schema}.events VALUES "
+            "(20000, '2024-03-31', '2024-03-31 02:30', '2024-03-31 00:59:59.999999+00', 'gap')"
+        )
+    yield f"{pg_schema}.events"
+    with pg.cursor() as cur:
+        cur.execute(f"DROP SCHEMA IF EXISTS {pg_schema}_out CASCADE")
+
+
+def pipeline(schema: str, column: str, mode: str = "replace", batch: int = 10, partitions: Any = None) -> Any:
+    from conduit_dagster.engine.partitions import PartitionsSpec
+    from conduit_dagster.engine.spec import PostgresSourceSpec, ResourceSpec
+
+    if partitions is None:
+        partitions = TimeWindows(column, "day", dt.datetime(2024, 3, 1, tzinfo=ZoneInfo(ZONE)), None, ZONE)
+    return ResourceSpec(
+        name="things",
+        source=PostgresSourceSpec(name="pg", database="test", user="postgres", schema=schema),
+        destination=spec(f"{schema}_out", mode),
+        query="SELECT id, d, ts, tz, v FROM events",
+        batch_size=batch,
+        resume=True,
+        checkpoint_column="id",
+        partitions=PartitionsSpec(partitions),
+    )
+
+
+def source_window(schema: str, column: str, key: str) -> list[tuple[Any, ...]]:
+    where = WINDOW_SQL[column].format(lo=key, hi=NEXT_DAY[key])
+    return pg_rows(DSN, f"SELECT id, d, ts, tz, v FROM {schema}.events WHERE {where}")
+
+
+def out(schema: str) -> list[tuple[Any, ...]]:
+    return pg_rows(DSN, f"SELECT id, d, ts, tz, v FROM {schema}_out.things")
+
+
+def run_all(res: Any, store: Any, partitions: list[Partition], at_once: bool = True) -> None:
+    """Run the partitions, each in a thread of its own at the same time (or one after the other)."""
+    from conduit_dagster.engine.runner import RunFinished, run_pipeline
+
+    errors: list[BaseException] = []
+
+    def run(p: Partition) -> None:
+        try:
+            events = list(run_pipeline(res, store, run_id=p.key, partition=p))
+            assert isinstance(events[-1], RunFinished)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    if not at_once:
+        for p in partitions:
+            run(p)
+    else:
+        threads = [threading.Thread(target=run, args=(p,)) for p in partitions]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("column", ["d", "ts", "tz"])
+def test_partitions_end_to_end_replace_only_their_window(pg, pg_schema, events, column):
+    from conduit_dagster.engine.checkpoint import MemoryCheckpointStore
+
+    res = pipeline(pg_schema, column)
+    store = MemoryCheckpointStore()
+    keys = ["2024-03-30", "2024-03-31", "2024-04-01"]
+    run_all(res, store, [day(k, column) for k in keys])
+    published = {k: source_window(pg_schema, column, k) for k in keys}
+    assert all(len(v) > 30 for v in published.values())
+    assert_same_rows([r for k in keys for r in published[k]], out(pg_schema))
+
+    # the source changes in every window; only March 31st is loaded again
+    with pg.cursor() as cur:
+        cur.execute(f"UPDATE {events} SET v = 'changed' WHERE id % 5 = 0")
+        cur.execute(f"DELETE FROM {events} WHERE id % 7 = 0")
+        cur.execute(f"INSERT INTO {events} SELECT 30000 + id, d, ts, tz, 'copy' FROM {events} WHERE id % 11 = 0 OR v = 'edge'")
+    run_all(res, store, [day("2024-03-31", column)])
+    published["2024-03-31"] = source_window(pg_schema, column, "2024-03-31")
+    assert_same_rows([r for k in keys for r in published[k]], out(pg_schema))
+    for k in keys:
+        assert count(res.destination, day(k, column)) == len(published[k])
+    assert store.docs == {}
+    assert tables(f"{pg_schema}_out") == ["_conduit_batches", PUBLISHED, "things"]
+
+
+@pytest.mark.parametrize("mode", ["replace", "append", "merge"])
+def test_a_partition_crashed_at_every_step_resumes_exactly(pg, pg_schema, events, mode):
+    from conduit_dagster.engine.checkpoint import MemoryCheckpointStore
+    from conduit_dagster.engine.runner import RunFinished, run_pipeline
+    from conduit_dagster_tests.test_runner import Crash, Tripwire, Wrapped
+
+    res = pipeline(pg_schema, "tz", mode, batch=12)
+    p, other = day("2024-03-31", "tz"), day("2024-03-30", "tz")
+    expected = source_window(pg_schema, "tz", "2024-03-30") + source_window(pg_schema, "tz", "2024-03-31")
+    run_all(res, MemoryCheckpointStore(), [other])
+    step = 1
+    while True:
+        # replace and merge load the partition again over its earlier output; append would add it again: its rows go
+        if mode == "append":
+            with pg.cursor() as cur:
+                cur.execute(f"DELETE FROM {pg_schema}_out.things WHERE {WINDOW_SQL['tz'].format(lo=p.key, hi=NEXT_DAY[p.key])}")
+        store = MemoryCheckpointStore()
+        trip = Tripwire(step)
+        dest = Wrapped(open_destination(res.destination, "things", partition=p), trip, {"write", "publish"})
+        try:
+            list(run_pipeline(res, Wrapped(store, trip, {"save", "delete"}), run_id="a", destination=dest, partition=p))
+        except Crash as crash:
+            dest._inner.close()
+            if "delete (after)" not in str(crash):  # the run had not finished: the next run resumes it
+                events_ = list(run_pipeline(res, store, run_id="b", partition=p))
+                assert isinstance(events_[-1], RunFinished)
+            assert_same_rows(expected, out(pg_schema))
+            assert store.docs == {}
+            assert pg_rows(DSN, f"SELECT count(*) FROM {pg_schema}_out._conduit_batches") == [(0,)]
+            assert [t for t in tables(f"{pg_schema}_out") if t.startswith(STAGING_PREFIX)] == []
+            step += 1
+            continue
+        dest._inner.close()
+        assert step > 2 * (len(source_window(pg_schema, "tz", "2024-03-31")) // 12)
+        break
+
+
+def test_key_ranges_end_to_end_with_rows_past_the_last_boundary(pg, pg_schema, events):
+    from conduit_dagster.engine.checkpoint import MemoryCheckpointStore
+    from conduit_dagster.engine.partitions import KeyRanges, resolve_partition
+    from conduit_dagster.engine.sources import open_source
+
+    res = pipeline(pg_schema, "id", partitions=KeyRanges("id", 3))
+    store = MemoryCheckpointStore()
+    parts = [resolve_partition(res, k, store, lambda: open_source(res.source)) for k in ("r00", "r01", "r02")]
+    run_all(res, store, parts)
+    everything = pg_rows(DSN, f"SELECT id, d, ts, tz, v FROM {events}")
+    assert_same_rows(everything, out(pg_schema))
+    lo, hi = parts[1].lo, parts[1].hi
+    before = {k: count(res.destination, p) for k, p in zip(("r00", "r01", "r02"), parts, strict=True)}
+    assert sum(before.values()) == len(everything) and min(before.values()) > 20
+
+    with pg.cursor() as cur:  # changes at both ends of the middle range (not loaded again) and of the last; new rows past it
+        cur.execute(f"UPDATE {events} SET v = 'changed' WHERE id IN (%s, %s, %s)", (lo, hi - 1, hi))
+        cur.execute(f"INSERT INTO {events} (id, v) VALUES (%s, 'far'), (%s, 'farther')", (hi + 10**9, 10**15))
+    run_all(res, store, [parts[2]])
+    middle = [r for r in everything if lo <= r[0] < hi]
+    rest = pg_rows(DSN, f"SELECT id, d, ts, tz, v FROM {events} WHERE id < {lo} OR id >= {hi}")
+    assert_same_rows(middle + rest, out(pg_schema))
+    assert count(res.destination, parts[2]) == before["r02"] + 2
+
+
+def test_an_empty_partition_end_to_end(pg, pg_schema, events):
+    from conduit_dagster.engine.checkpoint import MemoryCheckpointStore
+
+    res = pipeline(pg_schema, "d")
+    store = MemoryCheckpointStore()
+    run_all(res, store, [day("2024-05-01", "d")])  # no row ever: nothing to create, a zero count
+    assert count(res.destination, day("2024-05-01", "d")) == 0
+    run_all(res, store, [day("2024-03-30", "d"), day("2024-03-31", "d")])
+    kept = source_window(pg_schema, "d", "2024-03-31")
+    with pg.cursor() as cur:
+        cur.execute(f"DELETE FROM {events} WHERE d = '2024-03-30'")
+    run_all(res, store, [day("2024-03-30", "d")])
+    assert count(res.destination, day("2024-03-30", "d")) == 0
+    assert_same_rows(kept, out(pg_schema))

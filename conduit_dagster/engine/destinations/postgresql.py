@@ -602,7 +602,8 @@ class PostgresDestination:
         if partition.hi is not None:
             where.append(f"{ident} < %s{cast}")
             params.append(partition_bound(partition, partition.hi, kind))
-        return (" AND ".join(where) or "TRUE"), tuple(params)
+        # unbounded on both sides (a single key range): every row but NULL's, which no partition holds (as the sources)
+        return (" AND ".join(where) or f"{ident} IS NOT NULL"), tuple(params)
 
     # A table's oid as of the statement, read from the catalog tables: not through the name cache (to_regclass,
     # ::regclass), which keeps missing a table another transaction created while this one waited for a lock (two
