@@ -320,6 +320,28 @@ def test_key_ranges_split_the_rows_exactly_and_evenly(db: Db) -> None:
             assert all(abs(s - N / 3) <= N / 5 for s in sizes), sizes
 
 
+def test_an_empty_partition_reads_nothing(db: Db) -> None:
+    """A window the rows do not reach, and a query with no rows: nothing read, counted or found, no error."""
+    db.load(make_rows())
+    year_before = Partition(
+        "events", "2023-03-30", "ts", dt.datetime(2023, 3, 30, tzinfo=BERLIN), dt.datetime(2023, 3, 31, tzinfo=BERLIN), ZONE
+    )
+    for p, query in (
+        (year_before, "SELECT * FROM events"),
+        (window_partitions("ts")[0], "SELECT * FROM events WHERE id < 0"),
+        (Partition("events", "r00", "id", None, 1), "SELECT * FROM events"),
+    ):
+        src = db.open()
+        try:
+            src.restrict(p)
+            assert ids_of(src, query) == []
+            assert src.count(query) == 0 and src.count(query, upto=("id", 10)) == 0
+            assert src.max_value(query, "id") is None
+            assert ids_of(src, query, after=5) == []
+        finally:
+            src.close()
+
+
 # --- refusals ----------------------------------------------------------------------------------------------------------
 
 

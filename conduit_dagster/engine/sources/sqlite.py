@@ -64,6 +64,7 @@ class SqliteSourceSpec:
 
 _TYPEOF = {"integer": pa.int64(), "real": pa.float64(), "text": pa.string(), "blob": pa.binary()}
 SCAN_ROWS = 100_000
+_NO_ROWS = "0"  # the condition of a partition whose query returned no rows yet
 
 
 class SqliteSource:
@@ -101,7 +102,8 @@ class SqliteSource:
                 found = self._restriction(text)
             except sqlite3.Error as exc:
                 raise self._fail("query failed", exc) from None
-            self._restrictions[text] = found
+            if found[0] != _NO_ROWS:  # asked again: rows that come later tell how the column is written
+                self._restrictions[text] = found
         return f"SELECT * FROM (\n{text}\n) AS conduit_part\nWHERE {found[0]}"
 
     def _params(self, **extra: Any) -> dict[str, Any]:
@@ -131,10 +133,14 @@ class SqliteSource:
             f"SELECT typeof({col}), {col} FROM (\n{text}\n) AS conduit_part WHERE {col} IS NOT NULL LIMIT 1", self.params
         ).fetchone()
         windows = p.timezone is not None
-        if first is None:  # no value to tell the form by: the one a window or key range of this kind would compare with
-            storage, form = ("text", "datetime ") if windows else ("integer", None)
-        else:
-            storage, form = first[0], iso_text_form(first[1]) if first[0] == "text" else None
+        if first is None:  # no value to tell the column's form by: no row to select either (unless NULLs)
+            null = self.conn.execute(
+                f"SELECT EXISTS (SELECT 1 FROM (\n{text}\n) AS conduit_part WHERE {col} IS NULL)", self.params
+            ).fetchone()[0]
+            if null:
+                raise partition_null_error(self.spec.name, p)
+            return _NO_ROWS, {}
+        storage, form = first[0], iso_text_form(first[1]) if first[0] == "text" else None
         lo: Any
         hi: Any
         if storage == "integer":
