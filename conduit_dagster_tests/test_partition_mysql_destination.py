@@ -3,8 +3,11 @@ publish at the same time; a publish replaces exactly its window (boundary rows i
 columns, key ranges) in one transaction; an empty partition empties its window; a crash before or after the publish
 resumes exactly; append and merge keep their bookkeeping per partition."""
 
+import dataclasses
 import datetime as dt
 import decimal
+import random
+import sqlite3
 import threading
 import uuid
 from collections import Counter
@@ -14,6 +17,7 @@ from zoneinfo import ZoneInfo
 import pyarrow as pa
 import pytest
 
+from conduit_dagster.engine.checkpoint import MemoryCheckpointStore
 from conduit_dagster.engine.destinations import open_destination
 from conduit_dagster.engine.destinations.mysql import (
     BACKEND,
@@ -23,9 +27,13 @@ from conduit_dagster.engine.destinations.mysql import (
     staging_name,
 )
 from conduit_dagster.engine.errors import DestinationError
-from conduit_dagster.engine.partitions import Partition, TimeWindows, time_window
-from conduit_dagster.engine.spec import Secret
+from conduit_dagster.engine.partitions import Partition, PartitionsSpec, TimeWindows, time_window
+from conduit_dagster.engine.runner import RunFinished, run_pipeline
+from conduit_dagster.engine.sources.mysql import MySQLSourceSpec
+from conduit_dagster.engine.sources.sqlite import SqliteSourceSpec
+from conduit_dagster.engine.spec import PostgresSourceSpec, ResourceSpec, Secret
 from conduit_dagster_tests.conftest import MYSQL, mysql_connect
+from conduit_dagster_tests.test_runner import Crash, Tripwire, Wrapped
 
 BERLIN = "Europe/Berlin"
 UTC = dt.UTC
@@ -142,8 +150,8 @@ def test_partitions_load_at_the_same_time_and_a_republish_replaces_exactly_its_w
             d.start(None)
         # batches of the two partitions interleave: neither waits for the other
         for i, (ta, tb) in enumerate(zip(batches(rows_a, NAIVE, 2), batches(rows_b, NAIVE, 2), strict=True)):
-            both[0].write(i, ta, "id", ta.column("id")[-1].as_py(), batch_state={})  # type: ignore[call-arg]
-            both[1].write(i, tb, "id", tb.column("id")[-1].as_py(), batch_state={})  # type: ignore[call-arg]
+            both[0].write(i, ta, "id", ta.column("id")[-1].as_py(), batch_state={})
+            both[1].write(i, tb, "id", tb.column("id")[-1].as_py(), batch_state={})
         units = Counter(r[0] for r in rows_of(mysql_db, "SELECT pipeline FROM _conduit_batches"))
         assert units == {"things.2024-03-30": 2, "things.2024-03-31": 2}, "batch records are per partition"
         stagings = [t for t in tables_of(mysql_db) if t.startswith("_conduit_stage_")]
@@ -312,7 +320,7 @@ def test_a_crash_between_write_and_publish_resumes_exactly(mysql_db):
     try:
         state = d.start(None).state
         for i in (0, 1):
-            d.write(i, parts[i], "id", parts[i].column("id")[-1].as_py(), batch_state={})  # type: ignore[call-arg]
+            d.write(i, parts[i], "id", parts[i].column("id")[-1].as_py(), batch_state={})
     finally:
         d.close()  # the run dies; its checkpoint says 1 batch
     assert content(mysql_db) == as_tuples(old_a + rows_b), "nothing of the run is visible before its publish"
@@ -320,7 +328,7 @@ def test_a_crash_between_write_and_publish_resumes_exactly(mysql_db):
     try:
         resumed = d.start(state, 1)
         assert [(c.index, c.rows, c.last_key) for c in resumed.committed] == [(1, 3, parts[1].column("id")[-1].as_py())]
-        d.write(2, parts[2], "id", parts[2].column("id")[-1].as_py(), batch_state={})  # type: ignore[call-arg]
+        d.write(2, parts[2], "id", parts[2].column("id")[-1].as_py(), batch_state={})
         d.publish(3)
         assert d.count() == 8
     finally:
@@ -338,7 +346,7 @@ def test_a_crash_after_the_publish_committed_resumes_as_published(mysql_db):
     d = open_destination(spec, "things", partition=a)
     try:
         state = d.start(None).state
-        d.write(0, pa.Table.from_pylist(rows, NAIVE), "id", 4, batch_state={})  # type: ignore[call-arg]
+        d.write(0, pa.Table.from_pylist(rows, NAIVE), "id", 4, batch_state={})
         d.publish(1)
     finally:
         d.close()
@@ -362,9 +370,9 @@ def test_a_run_without_a_checkpoint_drops_its_staging_table_when_it_fails(mysql_
     spec = dest(mysql_db)
     d = open_destination(spec, "things", partition=window("2024-03-30"))
     try:
-        d.set_resumable(False)  # type: ignore[attr-defined]
+        d.set_resumable(False)
         d.start(None)
-        d.write(0, pa.Table.from_pylist(naive_day_rows(dt.date(2024, 3, 30), 1), NAIVE), "id", 4, batch_state={})  # type: ignore[call-arg]
+        d.write(0, pa.Table.from_pylist(naive_day_rows(dt.date(2024, 3, 30), 1), NAIVE), "id", 4, batch_state={})
         assert len([t for t in tables_of(mysql_db) if t.startswith("_conduit_stage_")]) == 1
     finally:
         d.close()
@@ -443,7 +451,7 @@ def test_a_publish_waits_for_the_table_lock_instead_of_failing(mysql_db):
     d = open_destination(spec, "things", partition=a)
     try:
         d.start(None)
-        d.write(0, pa.Table.from_pylist(naive_day_rows(dt.date(2024, 3, 30), 1), NAIVE), "id", 4, batch_state={})  # type: ignore[call-arg]
+        d.write(0, pa.Table.from_pylist(naive_day_rows(dt.date(2024, 3, 30), 1), NAIVE), "id", 4, batch_state={})
         with holder.cursor() as cur:
             cur.execute("SELECT GET_LOCK(%s, 0)", (lock_name(mysql_db, "things"),))
             assert cur.fetchone() == (1,)
@@ -505,7 +513,7 @@ def test_a_target_column_changed_since_the_staging_table_was_made_is_refused(mys
     d = open_destination(spec, "things", partition=a)
     try:
         d.start(None)
-        d.write(0, pa.Table.from_pylist(naive_day_rows(dt.date(2024, 3, 30), 1), NAIVE), "id", 4, batch_state={})  # type: ignore[call-arg]
+        d.write(0, pa.Table.from_pylist(naive_day_rows(dt.date(2024, 3, 30), 1), NAIVE), "id", 4, batch_state={})
         execute(mysql_db, "ALTER TABLE things MODIFY ts DATETIME(0)")  # would round the microseconds silently
         with pytest.raises(DestinationError, match=r"column 'ts' of table .*things is now datetime, but was datetime\(6\)"):
             d.publish(1)
@@ -553,7 +561,7 @@ def test_append_and_merge_partitions_write_at_the_same_time_with_their_own_recor
     try:
         state = d.start(None).state
         for i in (0, 1):
-            d.write(i, parts[i], "id", parts[i].column("id")[-1].as_py(), batch_state={})  # type: ignore[call-arg]
+            d.write(i, parts[i], "id", parts[i].column("id")[-1].as_py(), batch_state={})
     finally:
         d.close()
     assert rows_of(mysql_db, "SELECT DISTINCT pipeline FROM _conduit_batches") == [("things.r1",)]
@@ -562,7 +570,7 @@ def test_append_and_merge_partitions_write_at_the_same_time_with_their_own_recor
         resumed = d.start(state, 1)
         assert [c.index for c in resumed.committed] == [1]
         for i in range(2, len(parts)):
-            d.write(i, parts[i], "id", parts[i].column("id")[-1].as_py(), batch_state={})  # type: ignore[call-arg]
+            d.write(i, parts[i], "id", parts[i].column("id")[-1].as_py(), batch_state={})
         d.publish(len(parts))
         assert d.count() == len(rows["r1"]) + len(more)
     finally:
@@ -599,7 +607,7 @@ def test_clearing_a_partitions_checkpoint_names_its_staging_table(mysql_db):
     d = open_destination(spec, "things", partition=a)
     try:
         state = d.start(None).state
-        d.write(0, pa.Table.from_pylist(naive_day_rows(dt.date(2024, 3, 30), 1), NAIVE), "id", 4, batch_state={})  # type: ignore[call-arg]
+        d.write(0, pa.Table.from_pylist(naive_day_rows(dt.date(2024, 3, 30), 1), NAIVE), "id", 4, batch_state={})
     finally:
         d.close()
     (staging,) = [t for t in tables_of(mysql_db) if t.startswith("_conduit_stage_")]
@@ -675,3 +683,305 @@ def test_an_hour_window_cannot_split_a_date_column(mysql_db):
     schema = pa.schema([("id", pa.int64()), ("ts", pa.date32())])
     with pytest.raises(DestinationError, match=r"not at midnight, and the DATE column 'ts' cannot be split there"):
         publish(dest(mysql_db), window("2024-03-10-13:00", every="hour"), [{"id": 1, "ts": dt.date(2024, 3, 10)}], schema)
+
+
+# --- end to end: sources restricted to a partition, through engine.run_pipeline ----------------------------------
+
+DAYS = ("2024-03-30", "2024-03-31", "2024-04-01")  # 2024-03-31 has 23 hours in Berlin
+
+
+def day_windows(column: str) -> TimeWindows:
+    return TimeWindows(column, "day", dt.datetime(2024, 3, 30, tzinfo=ZoneInfo(BERLIN)), None, BERLIN)
+
+
+def event_rows(seed: int, n: int = 90, first_id: int = 1) -> list[dict[str, Any]]:
+    """Rows around the three Berlin days: every window edge, and a microsecond before it, as wall-clock time (at),
+    instant (tz) and date (d); the others at random from the evening before to the morning after."""
+    rng = random.Random(seed)
+    edges = [dt.datetime(2024, 3, 30), dt.datetime(2024, 3, 31), dt.datetime(2024, 4, 1), dt.datetime(2024, 4, 2)]
+    walls = edges + [e - dt.timedelta(microseconds=1) for e in edges]
+    start, span = dt.datetime(2024, 3, 29, 20), 3 * 86400 + 10 * 3600
+    walls += [start + dt.timedelta(seconds=rng.uniform(0, span)) for _ in range(n - len(walls))]
+    rng.shuffle(walls)
+    rows = []
+    for i, wall in enumerate(walls):
+        wall = wall.replace(microsecond=wall.microsecond)
+        tz = wall.replace(tzinfo=ZoneInfo(BERLIN)).astimezone(UTC)
+        rows.append({"id": first_id + i, "at": wall, "tz": tz, "d": wall.date(), "note": f"v{seed}-{first_id + i}"})
+    return rows
+
+
+def in_partition(row: dict[str, Any], p: Partition, column: str) -> bool:
+    """Which rows a partition holds, computed here in Python."""
+    lo, hi = p.lo, p.hi
+    if column == "at":
+        return lo.replace(tzinfo=None) <= row["at"] < hi.replace(tzinfo=None)
+    if column == "tz":
+        return lo <= row["tz"] < hi
+    return lo.date() <= row["d"] < hi.date()
+
+
+def pg_load(pg: Any, schema: str, rows: list[dict[str, Any]]) -> None:
+    with pg.cursor() as cur:
+        cur.execute(
+            f"CREATE TABLE IF NOT EXISTS {schema}.events (id int PRIMARY KEY, at timestamp, tz timestamptz, d date, note text)"
+        )
+        cur.executemany(
+            f"INSERT INTO {schema}.events VALUES (%(id)s, %(at)s, %(tz)s, %(d)s, %(note)s)",
+            rows,
+        )
+
+
+def pg_partitioned(schema: str, db: str, column: str, *, mode: str = "replace", batch: int = 7) -> ResourceSpec:
+    return ResourceSpec(
+        name="events",
+        source=PostgresSourceSpec(name="pg", database="test", user="postgres", schema=schema),
+        destination=dest(db, mode, table="events"),
+        query="SELECT id, at, tz, d, note FROM events",
+        batch_size=batch,
+        resume=True,
+        checkpoint_column="id",
+        partitions=PartitionsSpec(day_windows(column)),
+    )
+
+
+def partition_of(res: ResourceSpec, key: str) -> Partition:
+    assert res.partitions is not None and isinstance(res.partitions.scheme, TimeWindows)
+    tw = res.partitions.scheme
+    return Partition(res.name, key, tw.column, *time_window(tw, key), tw.timezone)
+
+
+def run_partitions(res: ResourceSpec, store: Any, keys: list[str]) -> None:
+    """Runs of the partitions, each in a thread of its own, all at once."""
+    errors: list[BaseException] = []
+
+    def go(key: str) -> None:
+        try:
+            events = list(run_pipeline(res, store, run_id=f"run-{key}", partition=partition_of(res, key)))
+            assert isinstance(events[-1], RunFinished)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go, args=(k,)) for k in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def target_rows(db: str, table: str = "events") -> Counter[tuple[Any, ...]]:
+    return Counter(rows_of(db, f"SELECT id, note FROM {table}"))
+
+
+def want(rows_by_key: dict[str, list[dict[str, Any]]]) -> Counter[tuple[Any, ...]]:
+    return Counter((r["id"], r["note"]) for rs in rows_by_key.values() for r in rs)
+
+
+def change_source(pg: Any, schema: str, rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """Update, delete and insert rows across every day (edges too); returns the source's rows now."""
+    rng = random.Random(seed)
+    now = []
+    with pg.cursor() as cur:
+        for r in rows:
+            fate = rng.random()
+            if fate < 0.2:
+                cur.execute(f"DELETE FROM {schema}.events WHERE id = %s", (r["id"],))
+            elif fate < 0.5:
+                cur.execute(f"UPDATE {schema}.events SET note = %s WHERE id = %s", (f"changed-{seed}", r["id"]))
+                now.append({**r, "note": f"changed-{seed}"})
+            else:
+                now.append(r)
+    new = event_rows(seed, n=30, first_id=10_000 * seed)
+    pg_load(pg, schema, new)
+    return now + new
+
+
+@pytest.mark.parametrize("column", ["at", "tz", "d"])
+def test_partitions_from_postgresql_load_at_once_and_a_republish_changes_exactly_its_window(pg, pg_schema, mysql_db, column):
+    """Three Berlin days on a timestamp (wall clock), a zoned timestamp (instants) or a date, each a run of its own,
+    all at the same time. The source then changes on every day; rematerializing the middle day makes exactly its
+    window match the source, edges included, while the other days keep what they loaded."""
+    rows = event_rows(1)
+    pg_load(pg, pg_schema, rows)
+    res = pg_partitioned(pg_schema, mysql_db, column)
+    parts = {k: partition_of(res, k) for k in DAYS}
+    store = MemoryCheckpointStore()
+    run_partitions(res, store, list(DAYS))
+    loaded = {k: [r for r in rows if in_partition(r, p, column)] for k, p in parts.items()}
+    assert target_rows(mysql_db) == want(loaded)
+    assert sum(map(len, loaded.values())) < len(rows), "some rows are in no partition (the evenings around)"
+    for k, p in parts.items():
+        d = open_destination(res.destination, "events", partition=p)
+        try:
+            assert d.count() == len(loaded[k]), k
+        finally:
+            d.close()
+
+    now = change_source(pg, pg_schema, rows, 2)
+    run_partitions(res, store, ["2024-03-31"])
+    loaded["2024-03-31"] = [r for r in now if in_partition(r, parts["2024-03-31"], column)]
+    assert target_rows(mysql_db) == want(loaded)
+    assert store.docs == {}, "no checkpoint left"
+    assert tables_of(mysql_db) == ["_conduit_batches", "events"]
+    kinds = {"at": "datetime(6)", "tz": "datetime(6) DEFAULT NULL COMMENT 'UTC'", "d": "date"}
+    assert f"`{column}` {kinds[column]}" in rows_of(mysql_db, "SHOW CREATE TABLE events")[0][1]
+
+
+def test_a_partition_crashed_at_any_step_then_rerun_holds_exactly_its_rows(pg, pg_schema, mysql_db):
+    """Crash one partition's run before and after every checkpoint save, batch write, publish and checkpoint delete;
+    readers see the window's old rows or its new ones, never a mix, and the rerun publishes exactly the source's
+    rows of the window. The other days are never touched."""
+    rows = event_rows(1, n=60)
+    pg_load(pg, pg_schema, rows)
+    res = pg_partitioned(pg_schema, mysql_db, "at", batch=4)
+    store = MemoryCheckpointStore()
+    run_partitions(res, store, list(DAYS))
+    key = "2024-03-31"
+    p = partition_of(res, key)
+    old = {k: [r for r in rows if in_partition(r, partition_of(res, k), "at")] for k in DAYS}
+    now = change_source(pg, pg_schema, rows, 3)
+    new = {**old, key: [r for r in now if in_partition(r, p, "at")]}
+    step = 1
+    while True:
+        trip = Tripwire(step)
+        inner = open_destination(res.destination, res.name, partition=p)
+        try:
+            list(
+                run_pipeline(
+                    res,
+                    Wrapped(store, trip, {"save", "delete"}),
+                    run_id=f"crash-{step}",
+                    destination=Wrapped(inner, trip, {"write", "publish"}),
+                    partition=p,
+                )
+            )
+        except Crash as crash:
+            inner.close()
+            assert target_rows(mysql_db) in (want(old), want(new)), f"old or new window, never a mix ({crash})"
+            events = list(run_pipeline(res, store, run_id=f"rerun-{step}", partition=p))
+            assert isinstance(events[-1], RunFinished)
+            assert target_rows(mysql_db) == want(new), f"{crash}"
+            assert store.docs == {}
+            step += 1
+            continue
+        inner.close()
+        break
+    assert step > 10, "every step was crashed once"
+    assert not [t for t in tables_of(mysql_db) if t.startswith("_conduit_stage_")]
+    assert rows_of(mysql_db, "SELECT COUNT(*) FROM _conduit_batches WHERE batch_index >= 0") == [(0,)]
+
+
+@pytest.mark.parametrize("mode", ["append", "merge"])
+def test_append_and_merge_partitions_from_postgresql(pg, pg_schema, mysql_db, mode):
+    """Append: each partition's run adds its rows once, two at the same time. Merge: a rerun of a day upserts its
+    changed rows (deleted source rows stay, as merge keeps them)."""
+    rows = event_rows(1)
+    pg_load(pg, pg_schema, rows)
+    res = pg_partitioned(pg_schema, mysql_db, "tz", mode=mode)
+    if mode == "merge":
+        res = dataclasses.replace(res, destination=dest(mysql_db, "merge", table="events", keys=("id",)))
+    store = MemoryCheckpointStore()
+    run_partitions(res, store, list(DAYS))
+    parts = {k: partition_of(res, k) for k in DAYS}
+    loaded = {k: [r for r in rows if in_partition(r, p, "tz")] for k, p in parts.items()}
+    assert target_rows(mysql_db) == want(loaded)
+    if mode == "merge":
+        now = change_source(pg, pg_schema, rows, 4)
+        run_partitions(res, store, ["2024-03-31"])
+        fresh = {r["id"]: r for r in now if in_partition(r, parts["2024-03-31"], "tz")}
+        merged = {r["id"]: r for r in loaded["2024-03-31"]} | fresh
+        loaded["2024-03-31"] = list(merged.values())
+        assert target_rows(mysql_db) == want(loaded)
+    d = open_destination(res.destination, "events", partition=parts["2024-03-31"])
+    try:
+        assert d.count() == len(loaded["2024-03-31"])
+    finally:
+        d.close()
+    assert rows_of(mysql_db, "SELECT COUNT(*) FROM _conduit_batches") == [(0,)]
+
+
+def test_sqlite_text_dates_through_the_engine(tmp_path, mysql_db):
+    """SQLite's dates are ISO text: the MySQL table holds them as text in a binary collation and a republished day
+    replaces exactly the values its source read, in any of the forms it reads."""
+    path = tmp_path / "src.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE events (id INTEGER, at TEXT, note TEXT)")
+    stamps = [
+        "2024-03-29 23:59:59.999999",
+        "2024-03-30 00:00:00",
+        "2024-03-30 12:00",
+        "2024-03-30 23:59:59.999999",
+        "2024-03-31 00:00:00",
+        "2024-03-31 22:00:00",
+        "2024-04-01 00:00",
+    ]
+    conn.executemany("INSERT INTO events VALUES (?, ?, ?)", [(i, s, "v1") for i, s in enumerate(stamps)])
+    conn.commit()
+    res = ResourceSpec(
+        name="events",
+        source=SqliteSourceSpec(name="lite", path=path),
+        destination=dest(mysql_db, table="events"),
+        query="SELECT id, at, note FROM events",
+        batch_size=2,
+        resume=True,
+        checkpoint_column="id",
+        partitions=PartitionsSpec(day_windows("at")),
+    )
+    store = MemoryCheckpointStore()
+    run_partitions(res, store, ["2024-03-30", "2024-03-31"])
+    assert sorted(r[0] for r in rows_of(mysql_db, "SELECT id FROM events")) == [1, 2, 3, 4, 5]
+    conn.execute("UPDATE events SET note = 'v2'")
+    conn.execute("DELETE FROM events WHERE id = 2")
+    conn.execute("INSERT INTO events VALUES (9, '2024-03-30 05:00:00', 'v2')")
+    conn.commit()
+    conn.close()
+    run_partitions(res, store, ["2024-03-30"])
+    assert sorted(rows_of(mysql_db, "SELECT id, note FROM events")) == [(1, "v2"), (3, "v2"), (4, "v1"), (5, "v1"), (9, "v2")]
+
+
+def test_mysql_timestamps_through_the_engine(mysql_db):
+    """From a MariaDB source, day windows on a TIMESTAMP (instants) and on a DATETIME (wall clock in Berlin):
+    each lands with its meaning (DATETIME(6) COMMENT 'UTC' for the instants) and a republish replaces its day."""
+    execute(
+        mysql_db,
+        "CREATE TABLE src (id INT PRIMARY KEY, ts TIMESTAMP(6) NULL, wall DATETIME(6), note TEXT)",
+    )
+    berlin_midnight_utc = dt.datetime(2024, 3, 30, 23)  # 2024-03-31 00:00 Berlin (UTC+1), as UTC wall time
+    rows = [
+        (1, berlin_midnight_utc - dt.timedelta(microseconds=1), dt.datetime(2024, 3, 30, 23, 59, 59, 999999)),
+        (2, berlin_midnight_utc, dt.datetime(2024, 3, 31)),
+        (3, dt.datetime(2024, 3, 31, 21, 59, 59, 999999), dt.datetime(2024, 3, 31, 23, 59, 59, 999999)),  # 23:59:59.999999 +02
+        (4, dt.datetime(2024, 3, 31, 22), dt.datetime(2024, 4, 1)),
+    ]
+    conn = mysql_connect(mysql_db)
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO src VALUES (%s, %s, %s, 'v1')", rows)
+    conn.close()
+    source = MySQLSourceSpec(
+        name="maria",
+        host=str(MYSQL["host"]),
+        port=int(MYSQL["port"]),
+        database=mysql_db,
+        user=str(MYSQL["user"]),
+        password=Secret(str(MYSQL["password"])) if MYSQL["password"] else None,
+    )
+    for column, table in (("ts", "by_instant"), ("wall", "by_wall")):
+        res = ResourceSpec(
+            name=table,
+            source=source,
+            destination=dest(mysql_db, table=table),
+            query="SELECT id, ts, wall, note FROM src",
+            batch_size=1,
+            resume=True,
+            checkpoint_column="id",
+            partitions=PartitionsSpec(day_windows(column)),
+        )
+        store = MemoryCheckpointStore()
+        run_partitions(res, store, ["2024-03-30", "2024-03-31", "2024-04-01"])
+        assert sorted(r[0] for r in rows_of(mysql_db, f"SELECT id FROM {table}")) == [1, 2, 3, 4]
+        execute(mysql_db, "UPDATE src SET note = 'v2'")
+        run_partitions(res, store, ["2024-03-31"])
+        assert sorted(rows_of(mysql_db, f"SELECT id, note FROM {table}")) == [(1, "v1"), (2, "v2"), (3, "v2"), (4, "v1")]
+        execute(mysql_db, "UPDATE src SET note = 'v1'")
+    assert "`ts` datetime(6) DEFAULT NULL COMMENT 'UTC'" in rows_of(mysql_db, "SHOW CREATE TABLE by_instant")[0][1]
