@@ -27,8 +27,17 @@ from conduit_dagster.engine.destinations.mysql import (
     staging_name,
 )
 from conduit_dagster.engine.errors import DestinationError
-from conduit_dagster.engine.partitions import Partition, PartitionsSpec, TimeWindows, time_window
+from conduit_dagster.engine.partitions import (
+    KeyRanges,
+    Partition,
+    PartitionsSpec,
+    TimeWindows,
+    range_keys,
+    resolve_partition,
+    time_window,
+)
 from conduit_dagster.engine.runner import RunFinished, run_pipeline
+from conduit_dagster.engine.sources import open_source
 from conduit_dagster.engine.sources.mysql import MySQLSourceSpec
 from conduit_dagster.engine.sources.sqlite import SqliteSourceSpec
 from conduit_dagster.engine.spec import PostgresSourceSpec, ResourceSpec, Secret
@@ -985,3 +994,45 @@ def test_mysql_timestamps_through_the_engine(mysql_db):
         assert sorted(rows_of(mysql_db, f"SELECT id, note FROM {table}")) == [(1, "v1"), (2, "v2"), (3, "v2"), (4, "v1")]
         execute(mysql_db, "UPDATE src SET note = 'v1'")
     assert "`ts` datetime(6) DEFAULT NULL COMMENT 'UTC'" in rows_of(mysql_db, "SHOW CREATE TABLE by_instant")[0][1]
+
+
+def test_key_ranges_planned_from_postgresql_through_the_engine(pg, pg_schema, mysql_db):
+    """Four key ranges on the id, planned once from the source and stored; all four load at once, then the source
+    changes everywhere, ids far past the last boundary arrive, and rematerializing the last range (open above) and
+    the first (open below) brings exactly their ranges up to date."""
+    rows = event_rows(1, n=120)
+    pg_load(pg, pg_schema, rows)
+    res = dataclasses.replace(pg_partitioned(pg_schema, mysql_db, "at"), partitions=PartitionsSpec(KeyRanges("id", 4)))
+    store = MemoryCheckpointStore()
+    keys = range_keys(4)
+    parts = {k: resolve_partition(res, k, store, lambda: open_source(res.source)) for k in keys}
+    assert parts[keys[0]].lo is None and parts[keys[-1]].hi is None
+
+    def member(row: dict[str, Any], p: Partition) -> bool:
+        return (p.lo is None or p.lo <= row["id"]) and (p.hi is None or row["id"] < p.hi)
+
+    def go(selected: list[str]) -> None:
+        errors: list[BaseException] = []
+
+        def one(k: str) -> None:
+            try:
+                assert isinstance(list(run_pipeline(res, store, run_id=k, partition=parts[k]))[-1], RunFinished)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(k,)) for k in selected]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+
+    go(keys)
+    loaded = {k: [r for r in rows if member(r, p)] for k, p in parts.items()}
+    assert target_rows(mysql_db) == want(loaded) == Counter((r["id"], r["note"]) for r in rows)
+    now = change_source(pg, pg_schema, rows, 5)  # new ids 50000.. are past every boundary
+    go([keys[0], keys[-1]])
+    for k in (keys[0], keys[-1]):
+        loaded[k] = [r for r in now if member(r, parts[k])]
+    assert target_rows(mysql_db) == want(loaded)
+    assert any(r["id"] >= 50_000 for r in loaded[keys[-1]])
