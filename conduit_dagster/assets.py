@@ -50,8 +50,8 @@ from conduit_dagster.engine.backends import destination_backend, source_backend
 from conduit_dagster.engine.checkpoint import CheckpointStore, encode_value
 from conduit_dagster.engine.destinations import open_destination
 from conduit_dagster.engine.errors import ConduitError
-from conduit_dagster.engine.partition_runs import describe_scheme, existing_partition, resolve
-from conduit_dagster.engine.partitions import KeyRanges, Partition, TimeWindows, range_keys, unit_name
+from conduit_dagster.engine.partition_runs import describe_keys, describe_scheme, existing_partition, resolve
+from conduit_dagster.engine.partitions import KeyRanges, Partition, TimeWindows, partition_keys, range_keys, unit_name
 from conduit_dagster.engine.runner import (
     BatchCommitted,
     Event,
@@ -362,6 +362,20 @@ def partition_metadata(
     return metadata
 
 
+def run_partition_keys(context: Any, resource: ResourceSpec) -> list[str]:
+    """The partition keys of this run; a run of a partitioned pipeline without one fails naming how to give one."""
+    if not context.has_partition_key and not context.has_partition_key_range:
+        keys = partition_keys(resource)
+        example = keys[-1] if keys else "KEY"
+        raise Failure(
+            description=f"{resource.name} is partitioned ({describe_scheme(resource)}: {describe_keys(keys)}): launch it "
+            f"for one or more partitions (in the UI, Materialize and pick them; `dagster job execute -j "
+            f'{job_name(resource)} --tags \'{{"dagster/partition": "{example}"}}\'`; or `conduit run --pipeline '
+            f"{resource.name} --partition {example}`)"
+        )
+    return list(context.partition_keys)
+
+
 def _logger(context: AssetExecutionContext, label: str) -> Callable[[str], None]:
     return lambda message: context.log.info(f"{label}: {message}")
 
@@ -374,7 +388,7 @@ def _materialize_partitions(
     A failed partition does not stop the others; the step fails at the end naming every failed partition, and the
     partitions that finished are recorded as materialized (a backfill's "failed and missing" re-run skips them)."""
     name = resource.name
-    keys = list(context.partition_keys)
+    keys = run_partition_keys(context, resource)
     try:
         store = checkpoints.open_store(spec)
     except ConduitError as exc:
@@ -559,7 +573,7 @@ def build_row_count_check(spec: IngestSpec, resource: ResourceSpec) -> AssetChec
     def evaluate_partitions(
         context: AssetCheckExecutionContext, checkpoints: CheckpointStoreResource, s3: S3Resource | None
     ) -> AssetCheckResult | None:
-        keys = list(context.partition_keys)
+        keys = run_partition_keys(context, resource)
         results: list[tuple[str, bool, dict[str, Any], str]] = []
         try:
             store = checkpoints.open_store(spec)

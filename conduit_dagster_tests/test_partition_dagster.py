@@ -527,3 +527,15 @@ def test_sensor_of_key_ranges_launches_missing_ranges(shop):
         assert job.execute_in_process(tags=range_tags("r01", "r02"), instance=instance).success
         due = sensor(build_sensor_context(instance=instance, resources=defs.resources))
         assert [r.partition_key for r in due] == ["r00", "r03"]
+
+
+def test_a_partitioned_job_run_without_a_partition_says_how_to_give_one(shop, tmp_path):
+    defs = build_definitions(shop)
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("ingest_daily").execute_in_process(instance=instance, raise_on_error=False)
+    assert not result.success
+    text = failure_text(result)
+    assert "daily is partitioned (daily windows on created" in text and "5 partitions, 2024-01-01 .. 2024-01-05" in text
+    assert """dagster job execute -j ingest_daily --tags '{"dagster/partition": "2024-01-05"}'""" in text
+    assert "conduit run --pipeline daily --partition 2024-01-05" in text
+    assert not (tmp_path / "lake").exists()
