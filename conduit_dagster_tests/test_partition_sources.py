@@ -32,6 +32,7 @@ from conduit_dagster.engine.partitions import (
     TimeWindows,
     compute_plan,
     range_keys,
+    time_partition_keys,
     time_window,
 )
 from conduit_dagster.engine.runner import RunFinished, run_pipeline
@@ -283,6 +284,37 @@ def test_time_windows_split_the_rows_exactly(db: Db, column: str) -> None:
         for p in parts:
             assert expected_ids(rows, p), p.describe()
     check_partitions(db, rows, parts)
+
+
+def test_hourly_windows_on_wall_clock_times_across_both_dst_changes(db: Db) -> None:
+    """Hourly windows in New York over the nights clocks go forward and back, on a timestamp without time zone: the
+    repeated hour's wall-clock times land in one of its two windows, the skipped hour's window is its neighbour's, and
+    every row is read once."""
+    ny = ZoneInfo("America/New_York")
+    rows = []
+    for n, day in enumerate((dt.datetime(2024, 3, 10), dt.datetime(2024, 11, 3))):
+        for minute in range(0, 4 * 60, 5):
+            ts = day + dt.timedelta(minutes=minute)  # wall-clock times, 02:xx on 2024-03-10 included
+            rows.append(
+                {"id": n * 1000 + minute + 1, "ts": ts, "d": ts.date(), "tz": ts.replace(tzinfo=dt.UTC), "amt": Decimal(0)}
+            )
+    db.load(rows)
+    seen: Counter[int] = Counter()
+    for start in (dt.datetime(2024, 3, 10, tzinfo=ny), dt.datetime(2024, 11, 3, tzinfo=ny)):
+        tw = TimeWindows("ts", "hour", start, start + dt.timedelta(hours=5), "America/New_York")
+        keys = time_partition_keys(tw)
+        for key in keys:
+            p = Partition("events", key, "ts", *time_window(tw, key), "America/New_York")
+            src = db.open()
+            try:
+                src.restrict(p)
+                got = ids_of(src, "SELECT * FROM events")
+            finally:
+                src.close()
+            lo, hi = (b.replace(tzinfo=None) for b in (p.lo, p.hi))
+            assert sorted(got) == sorted(r["id"] for r in rows if lo <= r["ts"] < hi), p.describe()
+            seen.update(got)
+    assert sorted(seen.elements()) == sorted(r["id"] for r in rows)
 
 
 def test_key_ranges_split_the_rows_exactly_and_evenly(db: Db) -> None:

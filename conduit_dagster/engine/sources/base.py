@@ -156,7 +156,7 @@ def _window_bound(source: str, partition: "Partition", value: Any, kind: str) ->
         raise SourceError(f"{partition_where(source, partition)}: a time window's bound {value!r} is not an aware datetime")
     if kind == "timestamptz":
         return value  # the instant
-    local = _in_zone(value, ZoneInfo(partition.timezone)).replace(tzinfo=None)
+    local = _in_zone(value, ZoneInfo(partition.timezone)).replace(tzinfo=None, fold=0)
     if kind == "timestamp":
         return local  # wall-clock time in the partition's zone, as a timestamp without time zone holds it
     if kind == "date":
@@ -200,7 +200,11 @@ def partition_bounds(source: str, partition: "Partition", kind: str) -> tuple[An
 
     Time windows (aware datetimes) become dates on a date column (the window must start at midnight), wall-clock
     times in the partition's zone on a timestamp without time zone, and stay instants on a zoned timestamp. Key
-    ranges' values are checked to be of the column's kind."""
+    ranges' values are checked to be of the column's kind.
+
+    Wall-clock bounds never go backwards, so adjacent windows still split the rows exactly across a DST change: when
+    clocks go back, the first of the two hours sharing a wall-clock time is empty ([01:00, 01:00)) and the second
+    holds that hour's rows; when they go forward, the window over the gap covers it ([01:00, 03:00))."""
     if kind not in PARTITION_KINDS:
         raise partition_type_error(source, partition, kind)
     convert = _window_bound if partition.timezone is not None else _range_bound
