@@ -9,6 +9,7 @@ import decimal
 import random
 import sqlite3
 import threading
+import time
 import uuid
 from collections import Counter
 from typing import Any
@@ -1036,3 +1037,52 @@ def test_key_ranges_planned_from_postgresql_through_the_engine(pg, pg_schema, my
         loaded[k] = [r for r in now if member(r, parts[k])]
     assert target_rows(mysql_db) == want(loaded)
     assert any(r["id"] >= 50_000 for r in loaded[keys[-1]])
+
+
+def test_a_batch_rolled_back_by_a_deadlock_with_another_writer_is_written_again(mysql_db):
+    """Another transaction, heavier (so InnoDB rolls back the batch, not it), holds the gap the batch inserts into
+    and then waits for the batch's record: a deadlock. The batch's transaction is rolled back whole and written
+    again once the other commits: its rows land once, with one record."""
+    spec = dest(mysql_db, "append")
+    schema = pa.schema([("id", pa.int64()), ("note", pa.string())])
+    below, above = key_range("r0", None, 0), key_range("r1", 0, None)
+    assert publish(spec, below, [{"id": -5, "note": "below"}], schema) == 1
+    assert "KEY `_conduit_partition` (`id`)" in rows_of(mysql_db, "SHOW CREATE TABLE things")[0][1]
+    execute(mysql_db, "CREATE TABLE heavy (n INT)")
+    other = mysql_connect(mysql_db)
+    other.autocommit(False)
+    holding = threading.Event()
+    outcome: list[Any] = []
+
+    def hold() -> None:
+        try:
+            with other.cursor() as cur:
+                cur.executemany("INSERT INTO heavy VALUES (%s)", [(i,) for i in range(2000)])
+                cur.execute("SELECT id FROM things WHERE id >= 0 FOR UPDATE")  # the gap above 0: inserts wait
+                holding.set()
+                time.sleep(1.0)  # the batch has inserted its record and waits in LOAD DATA by now
+                cur.execute("SELECT * FROM _conduit_batches WHERE pipeline = 'things.r1' FOR UPDATE")
+                outcome.append("waited its turn")
+                time.sleep(0.5)
+            other.commit()
+        except Exception as exc:  # noqa: BLE001 - the test asserts which side lost
+            outcome.append(exc)
+            other.rollback()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert holding.wait(10)
+    d = open_destination(spec, "things", partition=above)
+    try:
+        d.start(None)
+        batch = pa.Table.from_pylist([{"id": i, "note": "above"} for i in range(10)], schema)
+        d.write(0, batch, "id", 9, batch_state={})  # type: ignore[call-arg]
+        thread.join()
+        assert outcome == ["waited its turn"], "the other transaction was not the one rolled back"
+        d.publish(1)
+        assert d.count() == 10
+    finally:
+        d.close()
+        other.close()
+    assert Counter(r[0] for r in rows_of(mysql_db, "SELECT id FROM things")) == Counter([-5, *range(10)])
+    assert rows_of(mysql_db, "SELECT COUNT(*) FROM _conduit_batches") == [(0,)]
