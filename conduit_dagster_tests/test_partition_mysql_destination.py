@@ -1076,7 +1076,7 @@ def test_a_batch_rolled_back_by_a_deadlock_with_another_writer_is_written_again(
     try:
         d.start(None)
         batch = pa.Table.from_pylist([{"id": i, "note": "above"} for i in range(10)], schema)
-        d.write(0, batch, "id", 9, batch_state={})  # type: ignore[call-arg]
+        d.write(0, batch, "id", 9, batch_state={})
         thread.join()
         assert outcome == ["waited its turn"], "the other transaction was not the one rolled back"
         d.publish(1)
