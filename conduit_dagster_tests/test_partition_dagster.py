@@ -32,8 +32,8 @@ from conduit_dagster.engine.partitions import TimeWindows, resolve_partition, ti
 from conduit_dagster.engine.runner import BatchCommitted, run_pipeline
 from conduit_dagster.engine.sources import open_source
 from conduit_dagster.engine.spec import load_spec, load_spec_text
-from conduit_dagster_tests.conftest import write_ingest
-from conduit_dagster_tests.helpers import assert_same_rows
+from conduit_dagster_tests.conftest import s3_keys, write_ingest
+from conduit_dagster_tests.helpers import assert_same_rows, s3_output_rows
 
 BERLIN = ZoneInfo("Europe/Berlin")
 DAYS = ["2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04", "2024-01-05"]
@@ -539,3 +539,29 @@ def test_a_partitioned_job_run_without_a_partition_says_how_to_give_one(shop, tm
     assert """dagster job execute -j ingest_daily --tags '{"dagster/partition": "2024-01-05"}'""" in text
     assert "conduit run --pipeline daily --partition 2024-01-05" in text
     assert not (tmp_path / "lake").exists()
+
+
+def test_partitions_into_s3_with_checkpoints_in_s3(tmp_path, s3, s3_endpoint, bucket):
+    """The S3 variant of the asset and of its check (they also take the `s3` resource): key ranges planned and
+    kept in the S3 checkpoint store, each partition's output under <prefix>/<resource>/<key>/."""
+    text = INGEST.replace(
+        "  - name: lake\n    type: local\n    path: lake\n",
+        f"  - name: lake\n    type: s3\n    bucket: {bucket}\n    prefix: raw\n    endpoint_url: {s3_endpoint}\n",
+    )
+    text = f"checkpoints:\n  type: s3\n  bucket: {bucket}\n  prefix: cps\n  endpoint_url: {s3_endpoint}\n" + text
+    defs = build_definitions(make_shop(tmp_path, text))
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("ingest_ranged").execute_in_process(tags=range_tags("r00", "r03"), instance=instance)
+        assert result.success
+        counts = {k: m["dagster/partition_row_count"] for k, m in materializations(result).items()}
+        assert set(counts) == {"r00", "r01", "r02", "r03"} and sum(counts.values()) == 240
+        assert all(materializations(result)[k]["conduit/checkpoint_store"] == f"s3://{bucket}/cps/" for k in counts)
+        evaluations = check_evaluations(result)
+        assert set(evaluations) == set(counts) and all(e.passed for e in evaluations.values())
+        day = defs.resolve_job_def("ingest_daily").execute_in_process(partition_key="2024-01-05", instance=instance)
+        assert day.success
+    assert "cps/ranged.plan.json" in s3_keys(s3, bucket, "cps/")
+    rows = [row for key in counts for row in s3_output_rows(s3, bucket, f"raw/ranged/{key}/")]
+    assert_same_rows(source_rows(tmp_path), rows)
+    assert_same_rows(day_rows(tmp_path, "2024-01-05"), s3_output_rows(s3, bucket, "raw/daily/2024-01-05/"))
+    assert not [k for k in s3_keys(s3, bucket, "cps/") if k.endswith(".json") and not k.endswith(".plan.json")]
