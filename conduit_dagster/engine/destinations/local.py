@@ -194,6 +194,7 @@ class LocalDestination:
                 return
             out = open_subdir(root, self.pipeline, self.out_dir, create=True)
             own.callback(os.close, out)
+            self._check_not_unpartitioned(out)
             stage = open_subdir(staging, self.pipeline, self.stage_dir, create=True)
             own.callback(os.close, stage)
             yield out, stage
@@ -240,7 +241,6 @@ class LocalDestination:
 
     def _check_visible_is_ours(self, root: int) -> None:
         """Refuse to replace anything at the output path that conduit did not publish."""
-        self._check_not_unpartitioned(root)
         try:
             st = os.stat(self.name, dir_fd=root, follow_symlinks=False)
         except FileNotFoundError:
