@@ -687,3 +687,44 @@ def test_an_empty_partition_end_to_end(pg, pg_schema, events):
     run_all(res, store, [day("2024-03-30", "d")])
     assert count(res.destination, day("2024-03-30", "d")) == 0
     assert_same_rows(kept, out(pg_schema))
+
+
+@pytest.mark.parametrize("column", ["ts", "tz"])
+def test_hourly_windows_across_both_dst_changes_hold_every_row_once(pg, pg_schema, events, column):
+    """New York, 2024: on March 10th the wall clock skips 02:00-03:00, on November 3rd it shows 01:00-02:00 twice.
+    Every hourly window of those nights, published at once, holds every row exactly once (on a timestamp without
+    time zone, the first of the two 01:00 hours is empty and the second holds that wall-clock hour)."""
+    from conduit_dagster.engine.checkpoint import MemoryCheckpointStore
+    from conduit_dagster.engine.partitions import time_partition_keys
+
+    ny = "America/New_York"
+    with pg.cursor() as cur:
+        cur.execute(
+            f"INSERT INTO {events} SELECT 50000 + row_number() OVER (), (t AT TIME ZONE '{ny}')::date, t AT TIME ZONE '{ny}', "
+            "t, 'dst' FROM (SELECT generate_series(TIMESTAMPTZ '2024-03-10 04:00+00', TIMESTAMPTZ '2024-03-10 10:00+00', "
+            "interval '10 minutes') UNION ALL SELECT generate_series(TIMESTAMPTZ '2024-11-03 03:00+00', "
+            "TIMESTAMPTZ '2024-11-03 10:00+00', interval '10 minutes')) AS s(t)"
+        )
+        # a wall-clock time the change skips: only a timestamp without time zone holds it
+        cur.execute(f"INSERT INTO {events} VALUES (59999, '2024-03-10', '2024-03-10 02:30', '2024-03-10 07:30+00', 'gap')")
+    store = MemoryCheckpointStore()
+    expected: list[tuple[Any, ...]] = []
+    counts = {}
+    for night in ("2024-03-10", "2024-11-03"):
+        start, end = (dt.datetime.fromisoformat(f"{night} {h}").replace(tzinfo=ZoneInfo(ny)) for h in ("00:00", "05:00"))
+        windows = TimeWindows(column, "hour", start, end, ny)
+        parts = [Partition("things", k, column, *time_window(windows, k), ny) for k in time_partition_keys(windows)]
+        run_all(pipeline(pg_schema, column, batch=7, partitions=windows), store, parts)
+        counts.update({p.key: count(spec(f"{pg_schema}_out"), p) for p in parts})
+        if column == "ts":
+            where = f"ts >= TIMESTAMP '{night} 00:00' AND ts < TIMESTAMP '{night} 05:00'"
+        else:
+            where = f"tz >= TIMESTAMPTZ '{night} 00:00 {ny}' AND tz < TIMESTAMPTZ '{night} 05:00 {ny}'"
+        expected += pg_rows(DSN, f"SELECT id, d, ts, tz, v FROM {events} WHERE {where}")
+    assert_same_rows(expected, out(pg_schema))
+    assert sum(counts.values()) == len(expected)
+    if column == "ts":
+        assert counts["2024-11-03-01:00"] == 0 and counts["2024-11-03-01:00-0500"] == 12  # two 01:00 hours, 6 rows each
+        assert counts["2024-03-10-01:00"] == 7  # 01:00 to 03:00 on the wall clock: six rows and the skipped 02:30
+    else:
+        assert counts["2024-11-03-01:00"] == counts["2024-11-03-01:00-0500"] == 6

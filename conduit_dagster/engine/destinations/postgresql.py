@@ -30,6 +30,22 @@ table that disappears during a run (or before a resume with committed batches) i
 never silently created again; a run that cannot be resumed (``resume: false``) drops its own staging
 table when it fails. Bookkeeping lives in ``<schema>._conduit_batches``. Tables conduit creates carry
 the comment ``conduit-dagster pipeline <name>`` (exactly); replace never drops a table without it.
+
+Partitions (a partitioned pipeline: ``partition=`` a ``partitions.Partition``). The partitions of a pipeline share
+its table and run at the same time, so everything a run keeps is the partition's own, named by its unit
+(``<pipeline>.<key>``): its batch records, its staging table (a digest of the unit: two partitions never share one)
+and its advisory lock; the table's lock is held shared by every partition's run (an unpartitioned run of the table
+takes it alone). In mode replace, publishing a partition is one transaction: the target is created if missing (from
+the staged columns, under a transaction lock of its creation: partitions publishing together find it made once), its
+rows ``lo <= column < hi`` are deleted (bounds bound as parameters; a time window's compared with a date column as
+dates, with a timestamp as wall-clock times in the partition's zone, with a timestamptz as instants, as the sources
+compare them), the staged rows inserted (each checked to be inside that window, and the columns to be the table's
+with the same types, or nothing is published), the staging table dropped, and the publish recorded in
+``<schema>._conduit_published``, where a resume after a crash past the commit finds it. No lock is taken on the whole
+table, and no other partition's row is touched: partitions publish at the same moment. An empty partition publishes
+by deleting its rows. Append and merge write the target as without partitions, their batch records per unit.
+``count()`` counts the partition's rows. A key range on a text column is refused: the source orders text by its own
+collation, which the table's need not share, and a partition could then delete another's rows.
 """
 
 import array

@@ -72,8 +72,8 @@ def partition_bound(partition: Any, value: Any, kind: str) -> Any:
     local = value if getattr(value.tzinfo, "key", None) == zone.key else value.astimezone(zone)
     if kind == "date":
         return local.date()
-    if kind == "timestamp":
-        return local.replace(tzinfo=None)
+    if kind == "timestamp":  # the repeated hour's second 01:00 is the wall-clock 01:00 (as the sources bind it)
+        return local.replace(tzinfo=None, fold=0)
     if kind == "timestamptz":
         return local
     raise ValueError(f"no time-window comparison for a column of kind {kind!r}")
