@@ -728,3 +728,31 @@ def test_hourly_windows_across_both_dst_changes_hold_every_row_once(pg, pg_schem
         assert counts["2024-03-10-01:00"] == 7  # 01:00 to 03:00 on the wall clock: six rows and the skipped 02:30
     else:
         assert counts["2024-11-03-01:00"] == counts["2024-11-03-01:00-0500"] == 6
+
+
+def _run_partition(res: Any, directory: str, key: str, column: str, gate: Any) -> None:
+    """A partition's run in a process of its own (spawned: the test's module is imported there)."""
+    from pathlib import Path
+
+    from conduit_dagster.engine.checkpoint import LocalCheckpointStore
+    from conduit_dagster.engine.runner import run_pipeline
+
+    gate.wait(60)
+    list(run_pipeline(res, LocalCheckpointStore(Path(directory)), run_id=f"process {key}", partition=day(key, column)))
+
+
+def test_partitions_run_at_once_in_processes_of_their_own(pg, pg_schema, events, tmp_path):
+    import multiprocessing
+
+    res = pipeline(pg_schema, "tz", batch=5)
+    keys = ["2024-03-30", "2024-03-31", "2024-04-01"]
+    ctx = multiprocessing.get_context("spawn")
+    gate = ctx.Barrier(len(keys))
+    runs = [ctx.Process(target=_run_partition, args=(res, str(tmp_path), k, "tz", gate)) for k in keys]
+    for r in runs:
+        r.start()
+    for r in runs:
+        r.join(180)
+    assert [r.exitcode for r in runs] == [0] * len(keys)
+    assert_same_rows([r for k in keys for r in source_window(pg_schema, "tz", k)], out(pg_schema))
+    assert not list(tmp_path.glob("*.json")), "every partition's checkpoint deleted after its publish"
