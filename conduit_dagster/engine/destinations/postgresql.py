@@ -458,9 +458,9 @@ class PostgresDestination:
         )
         # columns added by later versions; ALTER TABLE only when missing, as it would wait for every batch in progress
         cur.execute(
-            "SELECT count(*) FROM pg_attribute WHERE attrelid = %s::regclass AND attname IN ('last_key', 'batch_state') "
+            f"SELECT count(*) FROM pg_attribute WHERE attrelid = {self._OID} AND attname IN ('last_key', 'batch_state') "
             "AND NOT attisdropped",
-            (self._q(BATCHES),),
+            (self.schema, BATCHES),
         )
         if cur.fetchone()[0] < 2:
             cur.execute(f"ALTER TABLE {self._q(BATCHES)} ADD COLUMN IF NOT EXISTS last_key text")
