@@ -42,9 +42,10 @@ window's start rather than each row's value.
 
 Reading every partition: every part below ``s3://lake/raw/orders/``, e.g. DuckDB's
 ``read_parquet('s3://lake/raw/orders/*/*.parquet')`` or ``pyarrow.dataset.dataset("lake/raw/orders",
-filesystem=S3FileSystem(...))`` (both skip nothing they need to: runs in progress are under ``_conduit_staging/``,
-outside that prefix); conduit's file source on ``s3://lake/raw/orders/**`` follows each partition's manifest, so it
-never sees a republished partition's old and new parts together, which a plain listing may during that publish. A
+filesystem=S3FileSystem(...))`` (which skips the ``_`` manifests); runs in progress are under ``_conduit_staging/``,
+outside that prefix, so neither sees them. Conduit's file source on ``s3://lake/raw/orders/`` follows each
+partition's manifest, so it never sees a republished partition's old and new parts together, which a plain listing
+may during the seconds of that publish. A
 pipeline's output is either one prefix or partitioned: a partitioned run refuses ``orders/`` while it holds an
 unpartitioned output, and an unpartitioned run refuses it while it holds partitions.
 """
