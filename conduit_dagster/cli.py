@@ -510,7 +510,7 @@ def _boundaries(plan: RangePlan | None) -> list[str]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Plan a key-range pipeline's boundaries again from the source (refused while a partition holds a checkpoint)."""
-    from conduit_dagster.engine.partitions import replan
+    from conduit_dagster.engine.partitions import range_keys, replan
     from conduit_dagster.engine.sources import open_source
 
     spec = load_spec(_ingest_file(args.file))
@@ -534,6 +534,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"{left.ljust(width)}  {right}".rstrip())
     seen = f"from {old.rows_seen:,} rows, {old.planned_at}" if old is not None else "none before"
     print(f"rows seen: {new.rows_seen:,} now ({seen}); saved to {store.describe(resource.name).removesuffix('.json')}.plan.json")
+    if old is not None and old.ranges > new.ranges:
+        gone = ", ".join(range_keys(old.ranges)[new.ranges :])
+        print(
+            f"warning: partitions {gone} no longer exist, but what they published stays at the destination: delete it "
+            "there (their folders or prefixes, or their rows in the table), or readers of the whole output see those rows"
+        )
     if old is not None and old.boundaries != new.boundaries:
         print(
             f"warning: the boundaries moved: the partitions already loaded hold the rows of the old ranges; load every "

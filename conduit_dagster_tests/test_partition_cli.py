@@ -189,6 +189,12 @@ def test_plan_replans_key_ranges_and_is_refused_while_a_partition_holds_a_checkp
     listed = conduit("checkpoints", cwd=tmp_path)
     assert "plan ranged: 4 key ranges on id" in listed.stdout and "from 480 rows" in listed.stdout
 
+    # fewer ranges: what the dropped partitions published stays, and the command says so
+    shop.write_text(shop.read_text().replace("ranges: 4", "ranges: 2"))
+    fewer = conduit("plan", "--pipeline", "ranged", cwd=tmp_path)
+    assert fewer.returncode == 0, fewer.stderr
+    assert "warning: partitions r02, r03 no longer exist" in fewer.stdout
+
 
 def test_validate_describes_partitioned_pipelines(shop, tmp_path):
     interrupt(shop, "daily", "2024-01-04")

@@ -237,3 +237,30 @@ def test_plan_of_an_empty_source_is_refused_and_few_values_give_empty_ranges(tmp
 def test_plan_json_is_checked(tmp_path):
     with pytest.raises(CheckpointError, match="not readable"):
         RangePlan.from_json("{}", where="x.plan.json")
+
+
+def test_replan_waits_for_no_partition_run_and_a_run_of_a_replaced_plan_stops(tmp_path):
+    from conduit_dagster.engine.errors import PipelineBusyError
+    from conduit_dagster.engine.partitions import check_plan
+
+    r = spec(tmp_path, "column: id\nranges: 2\n")
+    store = MemoryCheckpointStore()
+    ensure_plan(r, store, lambda: _Scan(list(range(10))))
+    resolved = resolve_partition(r, "r01", store, lambda: _Scan([]))
+    with store.lock("p.r01", "run-1"), pytest.raises(PipelineBusyError):  # a run of r01 is going
+        replan(r, store, lambda: _Scan(list(range(100))))
+    check_plan(r, store, resolved)  # the plan is unchanged: the run may go on
+    replan(r, store, lambda: _Scan(list(range(100))))
+    with pytest.raises(CheckpointError, match="re-planned while this run of partition r01 was starting"):
+        check_plan(r, store, resolved)
+
+
+def test_replan_into_fewer_ranges_names_the_partitions_left_behind(tmp_path, capsys):
+    from conduit_dagster.engine.partitions import replan as do_replan
+
+    r4 = spec(tmp_path, "column: id\nranges: 4\n")
+    r2 = spec(tmp_path, "column: id\nranges: 2\n")
+    store = MemoryCheckpointStore()
+    ensure_plan(r4, store, lambda: _Scan(list(range(100))))
+    old, new = do_replan(r2, store, lambda: _Scan(list(range(100))))
+    assert old is not None and (old.ranges, new.ranges) == (4, 2)

@@ -24,6 +24,7 @@ import json
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -482,8 +483,19 @@ def ensure_plan(resource: ResourceSpec, store: CheckpointStore, open_src: Callab
 
 
 def replan(resource: ResourceSpec, store: CheckpointStore, open_src: Callable[[], Source]) -> tuple[RangePlan | None, RangePlan]:
-    """Compute and store a new plan; refused while a partition holds a checkpoint. Returns (old, new)."""
-    with store.lock(resource.name, None):
+    """Compute and store a new plan. Returns (old, new).
+
+    Refused while a partition holds a checkpoint or is being run: it holds the pipeline's lock and every partition's
+    lock while it plans, and a partition run checks under its own lock that the plan it resolved is still the stored
+    one (``check_plan``), so no run loads a range of a plan that was replaced meanwhile."""
+    keys = (
+        range_keys(resource.partitions.scheme.ranges)
+        if resource.partitions and isinstance(resource.partitions.scheme, KeyRanges)
+        else []
+    )
+    with store.lock(resource.name, None), ExitStack() as held:
+        for key in keys:
+            held.enter_context(store.lock(unit_name(resource.name, key), None))
         busy = [n for n in store.list() if split_unit(n)[0] == resource.name and split_unit(n)[1] is not None]
         if busy:
             raise CheckpointError(
@@ -491,8 +503,9 @@ def replan(resource: ResourceSpec, store: CheckpointStore, open_src: Callable[[]
                 "of unfinished runs, planned with the current boundaries; finish them (or clear them with `conduit "
                 "checkpoints clear`) before re-planning"
             )
-        try:
-            old = load_plan(resource, store)
+        text = store.load_plan(resource.name)
+        try:  # as stored, whatever it was planned for (another number of ranges, another query)
+            old = RangePlan.from_json(text, where=resource.name) if text is not None else None
         except CheckpointError:
             old = None
         src = open_src()
@@ -502,6 +515,20 @@ def replan(resource: ResourceSpec, store: CheckpointStore, open_src: Callable[[]
             src.close()
         store.save_plan(resource.name, plan.to_json())
         return old, plan
+
+
+def check_plan(resource: ResourceSpec, store: CheckpointStore, partition: Partition) -> None:
+    """Under the partition's lock: a key range must still be the stored plan's (``conduit plan`` may have replaced the
+    plan between the run resolving its key and taking its lock)."""
+    if resource.partitions is None or not isinstance(resource.partitions.scheme, KeyRanges):
+        return
+    plan = load_plan(resource, store)
+    current = plan.partition(partition.key) if plan is not None else None
+    if current is None or (current.lo, current.hi) != (partition.lo, partition.hi):
+        raise CheckpointError(
+            f"pipeline {resource.name!r}: the key ranges were re-planned while this run of partition {partition.key} "
+            "was starting, so its bounds are no longer the plan's; nothing was read or written. Run the partition again"
+        )
 
 
 def partition_keys(resource: ResourceSpec, now: dt.datetime | None = None) -> list[str]:

@@ -38,7 +38,7 @@ from conduit_dagster.engine.checkpoint import (
 from conduit_dagster.engine.destinations import Destination, open_destination
 from conduit_dagster.engine.errors import CheckpointError, SourceError, SpecError
 from conduit_dagster.engine.keys import KeyBuffer, check_keys
-from conduit_dagster.engine.partitions import Partition
+from conduit_dagster.engine.partitions import Partition, check_plan
 from conduit_dagster.engine.sources import Chunk, Source, open_source
 from conduit_dagster.engine.spec import ResourceSpec
 
@@ -346,6 +346,8 @@ def run_pipeline(
         )
     unit = partition.unit if partition is not None else resource.name
     with store.lock(unit, run_id):
+        if partition is not None:
+            check_plan(resource, store, partition)
         dest = destination or open_destination(
             resource.destination, resource.name, accumulate=resource.incremental_column is not None, partition=partition
         )
