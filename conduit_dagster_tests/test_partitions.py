@@ -264,3 +264,18 @@ def test_replan_into_fewer_ranges_names_the_partitions_left_behind(tmp_path, cap
     ensure_plan(r4, store, lambda: _Scan(list(range(100))))
     old, new = do_replan(r2, store, lambda: _Scan(list(range(100))))
     assert old is not None and (old.ranges, new.ranges) == (4, 2)
+
+
+def test_the_repeated_hour_east_of_utc_is_a_valid_key_with_its_own_window(tmp_path):
+    """Berlin's clocks go back on 2024-10-27: Dagster keys the second 02:00 hour `2024-10-27-02:00+0100`."""
+    from conduit_dagster.engine.partitions import time_partition_keys
+
+    r = spec(tmp_path, 'column: ts\nevery: hour\nstart: "2024-10-27 01:00"\nend: "2024-10-27 04:00"\ntimezone: Europe/Berlin\n')
+    assert r.partitions is not None and isinstance(r.partitions.scheme, TimeWindows)
+    keys = time_partition_keys(r.partitions.scheme)
+    assert keys == ["2024-10-27-01:00", "2024-10-27-02:00", "2024-10-27-02:00+0100", "2024-10-27-03:00"]
+    windows = [resolve_partition(r, k, MemoryCheckpointStore(), lambda: _Scan([])) for k in keys]
+    utc = [(w.lo.astimezone(dt.UTC), w.hi.astimezone(dt.UTC)) for w in windows]
+    assert [hi - lo for lo, hi in utc] == [dt.timedelta(hours=1)] * 4
+    assert all(a[1] == b[0] for a, b in zip(utc, utc[1:], strict=False))  # adjacent, no gap, no overlap
+    assert windows[2].unit == "p.2024-10-27-02:00+0100"

@@ -45,7 +45,7 @@ BACKFILL = ("multi_run", "single_run")
 MAX_RANGES = 1000
 PLAN_SAMPLE = 1_000_000  # values kept (uniformly) from the partition column to place the boundaries
 PARTITION_KEYS = {"column", "every", "start", "end", "timezone", "ranges", "backfill", "max_partitions_per_run"}
-_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:\-]*$")
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:+\-]*$")
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ _EXT = EXTENSIONS
 _RENAME_EXCHANGE = 2
 _PART = re.compile(r"part-(\d{6,})\.")
 # a partition key as a folder name: no '/', no '.', not hidden ('_', '.') from readers
-_PARTITION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:\-]*$")
+_PARTITION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:+\-]*$")
 
 
 def _exchange(a_dir: int, a: str, b_dir: int, b: str) -> bool:

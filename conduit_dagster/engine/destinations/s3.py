@@ -113,7 +113,7 @@ STAGING = "_conduit_staging"
 MULTIPART_BYTES = 16 * 1024 * 1024  # parts larger than this go up in 16 MiB pieces, 4 at a time
 _OUTPUT_PART_RE = re.compile(r"^part-[0-9a-f]{12}-\d{6}\.(parquet|csv|jsonl)$")
 # a partition key as a key segment: no '/', no '.', not hidden ('_', '.') from readers
-_PARTITION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:\-]*$")
+_PARTITION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:+\-]*$")
 
 
 class S3Destination:
