@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import yaml
+from psycopg2.extensions import parse_dsn
 
 from conduit_dagster_tests.conftest import write_ingest
 from conduit_dagster_tests.helpers import assert_same_rows, output_rows, pg_rows
@@ -88,9 +89,10 @@ def children(pid: int) -> list[int]:
 
 
 class Deployment:
-    """dagster-webserver and dagster-daemon on one DAGSTER_HOME whose storage is the database ``db``."""
+    """dagster-webserver and dagster-daemon on one DAGSTER_HOME whose storage is the database ``db`` of the PostgreSQL
+    ``server`` (libpq keywords: host, port, user, password)."""
 
-    def __init__(self, tmp: Path, db: str, env: dict[str, str]) -> None:
+    def __init__(self, tmp: Path, server: dict[str, str], db: str, env: dict[str, str]) -> None:
         self.tmp = tmp
         self.home = tmp / "dagster_home"
         self.home.mkdir()
@@ -100,10 +102,10 @@ class Deployment:
         self.env = dict(
             os.environ,
             DAGSTER_HOME=str(self.home),
-            DAGSTER_PG_HOST="127.0.0.1",
-            DAGSTER_PG_PORT="5432",
-            DAGSTER_PG_USERNAME="postgres",
-            DAGSTER_PG_PASSWORD="",
+            DAGSTER_PG_HOST=server.get("host", "127.0.0.1"),
+            DAGSTER_PG_PORT=server.get("port", "5432"),
+            DAGSTER_PG_USERNAME=server.get("user", "postgres"),
+            DAGSTER_PG_PASSWORD=server.get("password", ""),
             DAGSTER_PG_DB=db,
             # a run worker answers its code server once it has loaded the definitions: on a busy 2-core machine with
             # 4 runs starting at once that can take longer than Dagster's default 60 s
@@ -117,8 +119,13 @@ class Deployment:
         self.phases: list[str] = []  # what happened when, printed when the test fails
         # create the instance's tables once, alone, before three processes would race to
         subprocess.run([str(BIN / "dagster"), "instance", "migrate"], env=self.env, cwd=tmp, check=True, capture_output=True)
-        self._start("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(self.port), "-w", str(workspace)])
-        self._start("daemon", [sys.executable, "-c", DAEMON, "run", "-w", str(workspace)])
+        webserver = [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(self.port), "-w", str(workspace)]
+        try:
+            self._start("webserver", webserver)
+            self._start("daemon", [sys.executable, "-c", DAEMON, "run", "-w", str(workspace)])
+        except BaseException:
+            self.stop()
+            raise
         self.mark("instance migrated, webserver and daemon started")
 
     def mark(self, what: str) -> None:
@@ -319,10 +326,11 @@ INGEST = """
 sources:
   - name: pg
     type: postgresql
-    host: 127.0.0.1
-    port: 5432
-    database: test
-    user: postgres
+    host: {host}
+    port: {port}
+    database: {dbname}
+    user: {user}
+    password: "{password}"
     schema: {schema}
     resume: true
 destinations:
@@ -357,10 +365,11 @@ def source_rows(dsn: str, schema: str, day: str) -> list[tuple[Any, ...]]:
 def test_backfill_on_the_production_deployment(tmp_path, pg, pg_schema, postgres_dsn, instance_db):
     with pg.cursor() as cur:
         cur.execute(CREATE.format(schema=pg_schema, rows=ROWS_PER_DAY * len(DAYS)))
-    ingest = write_ingest(tmp_path, INGEST.format(schema=pg_schema, batch=BATCH))
+    server = {"host": "127.0.0.1", "port": "5432", "user": "postgres", "password": "", **parse_dsn(postgres_dsn)}
+    ingest = write_ingest(tmp_path, INGEST.format(schema=pg_schema, batch=BATCH, **server))
     checkpoints = tmp_path / ".checkpoints"  # the default: .checkpoints/ beside ingest.yml, on this machine
     output = tmp_path / "out" / ASSET
-    deployment = Deployment(tmp_path, instance_db, {"CONDUIT_INGEST_FILE": str(ingest)})
+    deployment = Deployment(tmp_path, server, instance_db, {"CONDUIT_INGEST_FILE": str(ingest)})
     try:
         deployment.wait_for_location()
         deployment.mark("code location loaded")
@@ -372,7 +381,10 @@ def test_backfill_on_the_production_deployment(tmp_path, pg, pg_schema, postgres
         most_started = 0
         deadline = time.monotonic() + 240
         while len(killed) < 2 and time.monotonic() < deadline:
-            started = [r for r in deployment.backfill_runs(backfill) if r["status"] == "STARTED"]
+            runs = deployment.backfill_runs(backfill)
+            if len(runs) == len(DAYS) and all(r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in runs):
+                break  # every partition run ended before two were caught mid-load
+            started = [r for r in runs if r["status"] == "STARTED"]
             most_started = max(most_started, len(started))
             for run in started:
                 key = run["partition"]
@@ -388,8 +400,8 @@ def test_backfill_on_the_production_deployment(tmp_path, pg, pg_schema, postgres
                     saved = json.loads(checkpoint.read_text())
                 except (OSError, ValueError):
                     continue  # no checkpoint yet (or being replaced right now)
-                if saved["batches_committed"] < 1:
-                    continue
+                if not 1 <= saved["batches_committed"] <= ROWS_PER_DAY // BATCH // 2:
+                    continue  # kill mid-load: after a committed batch, well before the partition's last one
                 kill_tree(pids[run["runId"]])
                 if checkpoint.exists():
                     killed[key] = {"run_id": run["runId"], "checkpoint": saved}
