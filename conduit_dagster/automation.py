@@ -183,7 +183,8 @@ def build_ingest_sensor(spec: IngestSpec, resource: ResourceSpec, job: Any) -> S
 
 def due_partitions(context: SensorEvaluationContext, resource: ResourceSpec, pdef: PartitionsDefinition) -> list[RunRequest]:
     """Run requests for the partitions that are due: never materialized, or whose last run failed and will not be
-    retried automatically. Time windows: only complete ones (the partitions definition lists no other)."""
+    retried automatically (relaunched once: a relaunch that fails again is left to a person). Time windows: only
+    complete ones (the partitions definition lists no other)."""
     instance = context.instance
     key = AssetKey(resource.name)
     keys = pdef.get_partition_keys(current_time=dt.datetime.now(dt.UTC), dynamic_partitions_store=instance)
@@ -201,6 +202,10 @@ def due_partitions(context: SensorEvaluationContext, resource: ResourceSpec, pde
             run = instance.get_run_by_id(info.run_id) if info is not None else None
             if run is not None and run.is_complete_and_waiting_to_retry:
                 continue  # run retries will start it again
+            if run is not None and run.tags.get("conduit/reason", "").startswith("failed"):
+                # this sensor's own relaunch of a failure failed too: relaunching at every tick would only fail again
+                # (a partition that fails the same way each time); a person or run retries take it from here
+                continue
             reason = f"failed in run {run.run_id}" if run is not None else "failed"
         else:
             continue  # materialized, or being materialized
@@ -225,7 +230,10 @@ def build_partition_sensor(spec: IngestSpec, resource: ResourceSpec, job: Any) -
         requests = due_partitions(context, resource, pdef)
         if not requests:
             keys = pdef.get_partition_keys(current_time=dt.datetime.now(dt.UTC), dynamic_partitions_store=context.instance)
-            return SkipReason(f"every partition of {resource.name} ({describe_keys(keys)}) is materialized or running")
+            return SkipReason(
+                f"no partition of {resource.name} ({describe_keys(keys)}) is due: each is materialized, running, or "
+                "failed again after this sensor relaunched it"
+            )
         context.log.info(f"{resource.name}: launching {', '.join(str(r.partition_key) for r in requests)}")
         return requests
 

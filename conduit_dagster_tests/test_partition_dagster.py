@@ -517,6 +517,29 @@ def test_schedule_of_key_ranges_runs_every_range_once_per_tick(shop):
         assert not {r.run_key for r in runs} & {r.run_key for r in next_runs.run_requests}
 
 
+def test_the_sensor_relaunches_a_failed_partition_once_not_at_every_tick(shop, tmp_path):
+    defs = build_definitions(shop)
+    store = LocalCheckpointStore(tmp_path / ".checkpoints")
+    sensor = next(s for s in defs.sensors if s.name == "daily_sensor")
+    job = defs.resolve_job_def("ingest_daily")
+    with DagsterInstance.ephemeral() as instance:
+        for key in DAYS:
+            if key != "2024-01-03":
+                assert job.execute_in_process(partition_key=key, instance=instance).success
+        with store.lock("daily.2024-01-03", "someone else"):
+            first = job.execute_in_process(partition_key="2024-01-03", instance=instance, raise_on_error=False)
+            due = sensor(build_sensor_context(instance=instance, resources=defs.resources))
+            assert [r.partition_key for r in due] == ["2024-01-03"]
+            relaunch = due[0]
+            assert relaunch.run_key == f"daily:2024-01-03:failed in run {first.run_id}"
+            again = job.execute_in_process(
+                partition_key="2024-01-03", instance=instance, raise_on_error=False, tags=relaunch.tags
+            )
+            assert not again.success
+            quiet = sensor(build_sensor_context(instance=instance, resources=defs.resources))
+            assert isinstance(quiet, SkipReason)  # its relaunch failed too: not launched again at every tick
+
+
 def test_sensor_of_key_ranges_launches_missing_ranges(shop):
     defs = build_definitions(shop)
     sensor = next(s for s in defs.sensors if s.name == "ranged_sensor")
