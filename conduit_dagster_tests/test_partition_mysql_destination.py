@@ -431,6 +431,58 @@ def test_a_republish_is_atomic_for_readers(mysql_db):
     assert seen[(300, 40)] and seen[(500, 40)]
 
 
+def publish_unpartitioned(spec: MySQLDestinationSpec, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
+    """One whole run of the pipeline without partitions."""
+    d = open_destination(spec, "things")
+    try:
+        d.start(None)
+        parts = batches(rows, schema, 3)
+        for i, t in enumerate(parts):
+            d.write(i, t, "id", t.column("id")[-1].as_py(), batch_state={})  # type: ignore[call-arg]
+        d.publish(len(parts))
+    finally:
+        d.close()
+
+
+def test_a_partition_refuses_a_table_an_unpartitioned_replace_published(mysql_db):
+    """A partition replaces only its window's rows: the unpartitioned run's others would stay for good, unseen by the
+    partitions' counts. Refused at start, before a row is read, and the table is left as it was."""
+    spec = dest(mysql_db)
+    before = naive_day_rows(dt.date(2024, 3, 29), 1, "outside") + naive_day_rows(dt.date(2024, 3, 30), 10, "inside")
+    publish_unpartitioned(spec, before, NAIVE)
+    d = open_destination(spec, "things", partition=window("2024-03-30"))
+    try:
+        with pytest.raises(DestinationError) as refused:
+            d.start(None)
+    finally:
+        d.close()
+    text = str(refused.value)
+    assert f"table {mysql_db}.things holds the output of an unpartitioned run of pipeline 'things'" in text
+    assert "partition '2024-03-30' of pipeline 'things'" in text
+    assert f"Drop the table (DROP TABLE `{mysql_db}`.`things`)" in text and "load the pipeline unpartitioned" in text
+    assert content(mysql_db) == as_tuples(before)
+    assert tables_of(mysql_db) == ["_conduit_batches", "things"]
+
+
+def test_an_unpartitioned_replace_refuses_a_table_of_partitions(mysql_db):
+    """The other way round: the partitions' table is not swapped away by a run without partitions."""
+    spec = dest(mysql_db)
+    rows_a = naive_day_rows(dt.date(2024, 3, 30), 100, "a")
+    rows_b = naive_day_rows(dt.date(2024, 3, 31), 200, "b")
+    publish(spec, window("2024-03-30"), rows_a, NAIVE)
+    publish(spec, window("2024-03-31"), rows_b, NAIVE)
+    with pytest.raises(DestinationError) as refused:
+        publish_unpartitioned(spec, naive_day_rows(dt.date(2025, 1, 1), 900, "z"), NAIVE)
+    text = str(refused.value)
+    assert f"table {mysql_db}.things holds the partitions of pipeline 'things'" in text
+    assert f"Drop the table (DROP TABLE `{mysql_db}`.`things`) and load it unpartitioned" in text
+    assert content(mysql_db) == as_tuples(rows_a + rows_b)
+    assert tables_of(mysql_db) == ["_conduit_batches", "things"]
+    # a partition's run keeps loading it
+    assert publish(spec, window("2024-03-31"), rows_b[:2], NAIVE) == 2
+    assert content(mysql_db) == as_tuples(rows_a + rows_b[:2])
+
+
 def test_a_partition_run_is_refused_while_another_run_holds_that_partition(mysql_db):
     spec = dest(mysql_db)
     a = window("2024-03-30")

@@ -496,6 +496,55 @@ def test_unpartitioned_runs_are_unchanged(pg, pg_schema):
     assert Counter(r[2] for r in rows(pg_schema)) == {"x": 1, "y": 1}
 
 
+def load_unpartitioned(dest_spec: PostgresDestinationSpec, batches: list[pa.Table]) -> None:
+    """One run of the pipeline without partitions: start, every batch, publish."""
+    d = open_destination(dest_spec, "things")
+    try:
+        d.start(None)
+        write_all(d, batches)
+        d.publish(len(batches))
+    finally:
+        d.close()
+
+
+def test_a_partition_refuses_a_table_an_unpartitioned_replace_published(pg, pg_schema):
+    """A partition replaces only its window's rows: the unpartitioned run's others would stay for good, unseen by the
+    partitions' counts. Refused at start, before a row is read, and the table is left as it was."""
+    dest = spec(pg_schema)
+    before = [(1, dt.datetime(2024, 2, 1), "outside every partition"), (2, dt.datetime(2024, 3, 1, 1), "in 03-01")]
+    load_unpartitioned(dest, batches_of(before, pa.timestamp("us")))
+    d = open_destination(dest, "things", partition=day("2024-03-01"))
+    try:
+        with pytest.raises(DestinationError) as refused:
+            d.start(None)
+    finally:
+        d.close()
+    text = str(refused.value)
+    assert f"table {pg_schema}.things holds the output of an unpartitioned run of pipeline 'things'" in text
+    assert "partition '2024-03-01'" in text
+    assert f'Drop the table (DROP TABLE "{pg_schema}"."things")' in text and "load the pipeline unpartitioned" in text
+    assert sorted(rows(pg_schema)) == before
+    assert not [t for t in tables(pg_schema) if t.startswith(STAGING_PREFIX)]
+
+
+def test_an_unpartitioned_replace_refuses_a_table_of_partitions(pg, pg_schema):
+    """The other way round: the partitions' table is not swapped away by a run without partitions."""
+    dest = spec(pg_schema)
+    before = [(1, dt.datetime(2024, 3, 1, 1), "a"), (2, dt.datetime(2024, 3, 2, 1), "b")]
+    load(dest, day("2024-03-01"), batches_of(before[:1], pa.timestamp("us")))
+    load(dest, day("2024-03-02"), batches_of(before[1:], pa.timestamp("us")))
+    with pytest.raises(DestinationError) as refused:
+        load_unpartitioned(dest, batches_of([(9, dt.datetime(2025, 1, 1), "z")], pa.timestamp("us")))
+    text = str(refused.value)
+    assert f"table {pg_schema}.things holds the partitions of pipeline 'things'" in text
+    assert f'Drop the table (DROP TABLE "{pg_schema}"."things") and load it unpartitioned' in text
+    assert sorted(rows(pg_schema)) == before
+    assert not [t for t in tables(pg_schema) if t.startswith(STAGING_PREFIX)]
+    # a partition's run keeps loading it
+    load(dest, day("2024-03-02"), batches_of([(3, dt.datetime(2024, 3, 2, 2), "c")], pa.timestamp("us")))
+    assert sorted(rows(pg_schema)) == [before[0], (3, dt.datetime(2024, 3, 2, 2), "c")]
+
+
 # --- end to end: run_pipeline from a PostgreSQL source ---------------------------------------------------------------
 
 WINDOW_SQL = {  # each window as the SQL a reader would write for that column type, independent of conduit's code

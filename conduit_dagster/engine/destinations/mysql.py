@@ -38,7 +38,10 @@ Exactness of the load:
 - Tables conduit creates are InnoDB, text in ``utf8mb4`` with a binary NO PAD collation (``utf8mb4_nopad_bin`` on
   MariaDB, ``utf8mb4_0900_bin`` on MySQL 8: keys and later reads compare byte by byte, as the source's order did, and
   ``'a'`` and ``'a '`` stay two keys, which ``utf8mb4_bin``, PAD SPACE, would merge), and carry the comment
-  ``conduit-dagster pipeline <name>``; replace never drops a table without it.
+  ``conduit-dagster pipeline <name>``; replace never drops a table without it. Partitioned and unpartitioned runs of
+  replace never share a table (a partition replaces only its window's rows, so an unpartitioned run's others would
+  stay for good): a table a partition's replace created says ``... partitions``, which an unpartitioned replace
+  refuses, and a partition's run refuses one an unpartitioned replace published (``... generation <id>``).
 
 Staging tables are named from the pipeline, the database, the table and the generation (``_conduit_stage_...``),
 and the checkpoint records the name; bookkeeping lives in ``<database>._conduit_batches``.
@@ -711,6 +714,8 @@ class MySQLDestination:
         self.generation: str | None = None
         self.staging: str | None = None
         self.comment = f"conduit-dagster pipeline {pipeline}"
+        # the comment of a table a partition's replace created: it holds partitions, which an unpartitioned run refuses
+        self.partitions_comment = f"{self.comment} partitions"
         self._target_expected = False
         self._created_staging = False
         self._published = False
@@ -806,6 +811,8 @@ class MySQLDestination:
                     "PRIMARY KEY (pipeline, generation, batch_index)) "
                     f"ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE={self.collation}"
                 )
+                if self.mode == "replace":  # before any row is read: also a resume, whose table may be another's now
+                    self._check_replaceable(cur)
                 if state is None:
                     # Nothing else is dropped: a staging table with another name belongs to another run (another
                     # generation, or another deployment), and only its own checkpoint can say it is abandoned.
@@ -817,7 +824,6 @@ class MySQLDestination:
                         )
                     if self.mode == "replace":
                         self.staging = staging_name(self.unit, self.database, self.table, self.generation)
-                        self._check_replaceable(cur)
                         if self.partition is not None and self._info(cur, self.table) is not None:
                             self._condition(cur, self.table)  # a column publish cannot compare: refused before any row
                         resumption = Resumption(
@@ -1033,15 +1039,34 @@ class MySQLDestination:
         return _TableInfo(kind=str(row[0]), engine=row[1], comment=row[2] or "")
 
     def _check_replaceable(self, cur: Any) -> None:
+        """Refuse a table conduit did not create for this pipeline, and a mix of partitioned and unpartitioned runs of
+        mode replace: a partition replaces only its window's rows, so an unpartitioned run's rows outside every window
+        would stay for good (unseen by the partitions' counts); an unpartitioned run would swap the partitions away."""
         info = self._info(cur, self.table)
         if info is None:
             return
-        ours = info.comment == self.comment or info.comment.startswith(f"{self.comment} generation ")
+        table = f"{self.database}.{self.table}"
+        published = info.comment.startswith(f"{self.comment} generation ")  # by an unpartitioned run of replace
+        ours = info.comment in (self.comment, self.partitions_comment) or published
         if not ours or info.kind != "BASE TABLE":
             raise DestinationError(
-                f"destination {self.spec.name!r}: table {self.database}.{self.table} exists and was not created by "
+                f"destination {self.spec.name!r}: table {table} exists and was not created by "
                 f"conduit for pipeline {self.pipeline!r}; mode replace would drop it. Choose another `table`, use mode "
                 "append or merge, or drop it yourself. Nothing was changed"
+            )
+        if self.partition is not None and published:
+            raise DestinationError(
+                f"destination {self.spec.name!r}: table {table} holds the output of an unpartitioned run of pipeline "
+                f"{self.pipeline!r}, and {self._of()} would replace only its own rows there: the rows outside every "
+                f"partition would stay for good. Drop the table (DROP TABLE {self._q(self.table)}) and load the "
+                "partitions again, or load the pipeline unpartitioned (without `partitions:`). Nothing was changed"
+            )
+        if self.partition is None and info.comment == self.partitions_comment:
+            raise DestinationError(
+                f"destination {self.spec.name!r}: table {table} holds the partitions of pipeline {self.pipeline!r}, "
+                "loaded by its partitioned runs, which this unpartitioned run of mode replace would replace. Drop the "
+                f"table (DROP TABLE {self._q(self.table)}) and load it unpartitioned, or load it by partitions (with "
+                "`partitions:`). Nothing was changed"
             )
 
     def _check_writable(self, cur: Any) -> None:
@@ -1201,7 +1226,8 @@ class MySQLDestination:
             self.conn.commit()
             with self._table_lock("create the table"):
                 if self._info(cur, self.table) is None:
-                    self._create_table(cur, self.table, table, self.comment)
+                    comment = self.partitions_comment if self.mode == "replace" else self.comment
+                    self._create_table(cur, self.table, table, comment)
         if self.mode != "replace":
             return
         self._check_replaceable(cur)

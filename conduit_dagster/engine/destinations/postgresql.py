@@ -44,8 +44,12 @@ with the same types, or nothing is published), the staging table dropped, and th
 ``<schema>._conduit_published``, where a resume after a crash past the commit finds it. No lock is taken on the whole
 table, and no other partition's row is touched: partitions publish at the same moment. An empty partition publishes
 by deleting its rows. Append and merge write the target as without partitions, their batch records per unit.
-``count()`` counts the partition's rows. A key range on a text column is refused: the source orders text by its own
-collation, which the table's need not share, and a partition could then delete another's rows.
+``count()`` counts the partition's rows. Partitioned and unpartitioned runs of replace never share a table (a
+partition replaces only its window's rows, so an unpartitioned run's others would stay for good): a table a partition
+created carries the comment ``conduit-dagster pipeline <name> partitions``, which an unpartitioned replace refuses, and
+a partition's run refuses one an unpartitioned replace published (``... generation <id>``).
+A key range on a text column is refused: the source orders text by its own collation, which the table's need not
+share, and a partition could then delete another's rows.
 """
 
 import array
@@ -377,6 +381,8 @@ class PostgresDestination:
         self.generation: str | None = None
         self.staging: str | None = None
         self.comment = f"conduit-dagster pipeline {pipeline}"
+        # the comment of a table a partition's replace created: it holds partitions, which an unpartitioned run refuses
+        self.partitions_comment = f"{self.comment} partitions"
         # once the write target existed in this run (or the checkpoint says batches went into it), a missing
         # one means someone dropped it: its committed rows are gone, and creating it again would hide that
         self._target_expected = False
@@ -429,6 +435,8 @@ class PostgresDestination:
             with self.conn, self.conn.cursor() as cur:
                 self._bookkeeping(cur)
                 self._fence(cur)
+                if self.mode == "replace":  # before any row is read: also a resume, whose table may be another's now
+                    self._check_replaceable(cur)
                 if self.partition is not None and self._exists(cur, self.table):
                     self._window(cur, self.table)  # a partition column it cannot compare is refused before any work
                 if state is None:
@@ -439,7 +447,6 @@ class PostgresDestination:
                         cur.execute(f"DELETE FROM {self._q(PUBLISHED)} WHERE pipeline = %s", (self.unit,))
                     if self.mode == "replace":
                         self.staging = staging_name(self.unit, self.schema, self.table, self.generation)
-                        self._check_replaceable(cur)
                         return Resumption({"generation": self.generation, "staging": self.staging, "schema": self.schema})
                     return Resumption({"generation": self.generation})
                 return self._resume(cur, state, committed)
@@ -639,13 +646,34 @@ class PostgresDestination:
         return row[0] if row else None
 
     def _check_replaceable(self, cur: Any) -> None:
+        """Refuse a table conduit did not create for this pipeline, and a mix of partitioned and unpartitioned runs of
+        mode replace: a partition replaces only its window's rows, so an unpartitioned run's rows outside every window
+        would stay for good (unseen by the partitions' counts); an unpartitioned run would swap the partitions away."""
+        if not self._exists(cur, self.table):
+            return
         comment = self._table_comment(cur, self.table) or ""
-        ours = comment == self.comment or comment.startswith(f"{self.comment} generation ")
-        if self._exists(cur, self.table) and not ours:
+        table = f"{self.schema}.{self.table}"
+        published = comment.startswith(f"{self.comment} generation ")  # by an unpartitioned run of replace
+        if comment not in (self.comment, self.partitions_comment) and not published:
             raise DestinationError(
-                f"destination {self.spec.name!r}: table {self.schema}.{self.table} exists and was not created by conduit "
+                f"destination {self.spec.name!r}: table {table} exists and was not created by conduit "
                 f"for pipeline {self.pipeline!r}; mode replace would drop it. Choose another `table`, use mode append "
                 "or merge, or drop it yourself. Nothing was changed"
+            )
+        if self.partition is not None and published:
+            raise DestinationError(
+                f"destination {self.spec.name!r}: table {table} holds the output of an unpartitioned run of pipeline "
+                f"{self.pipeline!r}, and {self.who} would replace only its own rows there: the rows outside every "
+                f"partition would stay for good. Drop the table (DROP TABLE {quote_ident(self.schema)}."
+                f"{quote_ident(self.table)}) and load the partitions again, or load the pipeline unpartitioned (without "
+                "`partitions:`). Nothing was changed"
+            )
+        if self.partition is None and comment == self.partitions_comment:
+            raise DestinationError(
+                f"destination {self.spec.name!r}: table {table} holds the partitions of pipeline {self.pipeline!r}, "
+                "loaded by its partitioned runs, which this unpartitioned run of mode replace would replace. Drop the "
+                f"table (DROP TABLE {quote_ident(self.schema)}.{quote_ident(self.table)}) and load it unpartitioned, or "
+                "load it by partitions (with `partitions:`). Nothing was changed"
             )
 
     def _create_table(self, cur: Any, name: str, table: pa.Table, *, with_batch: bool) -> None:
@@ -790,7 +818,7 @@ class PostgresDestination:
                 columns = [(n, t) for n, t, _, _ in self._columns(cur, self._staging) if n != BATCH_COLUMN]
                 # not IF NOT EXISTS: it was checked missing in this transaction under the lock of its creation
                 cur.execute(f"CREATE TABLE {self._q(self.table)} ({', '.join(f'{quote_ident(n)} {t}' for n, t in columns)})")
-                cur.execute(f"COMMENT ON TABLE {self._q(self.table)} IS %s", (self.comment,))
+                cur.execute(f"COMMENT ON TABLE {self._q(self.table)} IS %s", (self.partitions_comment,))
             else:  # created meanwhile: by another partition of this pipeline, which the check lets in
                 self._check_replaceable(cur)
         rows = 0
