@@ -537,8 +537,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if old is not None and old.ranges > new.ranges:
         gone = ", ".join(range_keys(old.ranges)[new.ranges :])
         print(
-            f"warning: partitions {gone} no longer exist, but what they published stays at the destination: delete it "
-            "there (their folders or prefixes, or their rows in the table), or readers of the whole output see those rows"
+            f"warning: partitions {gone} no longer exist, but the folders or S3 prefixes they published (local and S3 "
+            "destinations) stay: delete them, or readers of the whole output see those rows twice. A table needs no "
+            "deleting: once every remaining partition is loaded again, their ranges cover every key"
         )
     if old is not None and old.boundaries != new.boundaries:
         print(
