@@ -685,3 +685,62 @@ def test_partitions_of_a_postgresql_pipeline_through_run_pipeline(pg_schema, tmp
         assert Counter(got) == Counter(expected_ids(rows, p)), p.describe()
         union.update(got)
     assert sorted(union.elements()) == sorted(r["id"] for r in rows)
+
+
+# --- column types: the whole query's, never one partition's ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "sqla-sqlite", "sqla-duckdb"])
+def test_every_partition_types_its_columns_from_the_whole_query(kind: str, tmp_path, request) -> None:
+    """A column holding integers in one partition and reals in the other (SQLite keeps 5 and 5.5 each in its own
+    type), one NULL throughout the first partition, and one NULL everywhere: both partitions' batches have one schema
+    (the one an unpartitioned read of the whole query gets), and every value reads back exactly."""
+    d = Db(kind, tmp_path, request)
+    price_type = "DOUBLE" if d.engine == "duckdb" else "NUMERIC"  # DuckDB's columns have one type: the NULLs only
+    d.execute(f"CREATE TABLE src (id BIGINT, price {price_type}, note BIGINT, empty TEXT)")
+    rows = [(i, i if i <= 50 else i + 0.5, None if i <= 50 else i * 10, None) for i in range(1, 101)]
+    d.execute(*(f"INSERT INTO src VALUES ({i}, {p}, {'NULL' if n is None else n}, NULL)" for i, p, n, _ in rows))
+    query = "SELECT id, price, note, empty FROM src"
+    whole = d.open()
+    try:
+        want_schema = pa.Table.from_batches([c.data for c in whole.read(query, "id", None, resume=False, fetch_size=1000)]).schema
+    finally:
+        whole.close()
+    assert want_schema.field("price").type == pa.float64() and want_schema.field("note").type == pa.int64()
+    got: dict[int, tuple[Any, ...]] = {}
+    for p in (Partition("p", "r00", "id", None, 51, None), Partition("p", "r01", "id", 51, None, None)):
+        src = d.open()
+        try:
+            src.restrict(p)
+            batches = [c.data for c in src.read(query, "id", None, resume=False, fetch_size=1000)]
+        finally:
+            src.close()
+        assert batches and all(b.schema == want_schema for b in batches), (p.key, [b.schema for b in batches])
+        for r in pa.Table.from_batches(batches).to_pylist():
+            got[r["id"]] = (r["id"], r["price"], r["note"], r["empty"])
+    assert got == {r[0]: r for r in rows}
+    for i in (1, 51):
+        assert type(got[i][1]) is float
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "sqla-sqlite"])
+def test_a_value_that_does_not_fit_the_whole_querys_type_is_refused_in_its_partition(kind: str, tmp_path, request) -> None:
+    """The whole query's first rows type the column INTEGER; the partition holding a real past them is refused with
+    the fix (as an unpartitioned read is), never cut to an integer nor written under a type of its own."""
+    d = Db(kind, tmp_path, request)
+    d.execute("CREATE TABLE src (id INTEGER, price NUMERIC)", *(f"INSERT INTO src VALUES ({i}, {i})" for i in range(1, 21)))
+    d.execute("INSERT INTO src VALUES (21, 21.5)")
+    src = d.open()
+    try:
+        src.restrict(Partition("p", "r01", "id", 11, None, None))
+        with pytest.raises(SourceError, match="CAST it to one type in the query") as info:
+            list(src.read("SELECT id, price FROM src", "id", None, resume=False, fetch_size=5))
+        assert "'price'" in str(info.value) and "21.5" in str(info.value)
+    finally:
+        src.close()
+    whole = d.open()  # unpartitioned: the same refusal
+    try:
+        with pytest.raises(SourceError, match="CAST it to one type in the query"):
+            list(whole.read("SELECT id, price FROM src", "id", None, resume=False, fetch_size=5))
+    finally:
+        whole.close()

@@ -4,7 +4,7 @@ import datetime as dt
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from decimal import ROUND_FLOOR, Decimal
+from decimal import ROUND_FLOOR, Decimal, localcontext
 from typing import TYPE_CHECKING, Any, Protocol
 from zoneinfo import ZoneInfo
 
@@ -79,11 +79,21 @@ def rows_to_batch(rows: Sequence[tuple[Any, ...]], names: list[str], types: list
     """Build a record batch column by column (one Python pass per column, not per cell dict)."""
     columns = list(zip(*rows, strict=True)) if rows else [() for _ in names]
     arrays = []
-    for values, t in zip(columns, types, strict=True):
+    for name, values, t in zip(names, columns, types, strict=True):
         if t is not None and pa.types.is_string(t):
             values = tuple(v if v is None or isinstance(v, str) else str(v) for v in values)
+        if t is not None and pa.types.is_integer(t):
+            no_reals(name, values)
         arrays.append(pa.array(values, type=t))
     return pa.RecordBatch.from_arrays(arrays, names=names)
+
+
+def no_reals(name: str, values: Sequence[Any]) -> None:
+    """Raise ArrowInvalid for a real among the values of an integer column: Arrow would cut 5.5 to 5 without a word
+    (SQLite keeps each value in its own type, so a column typed INTEGER by its first rows can hold one later)."""
+    if float in set(map(type, values)):
+        real = next(v for v in values if type(v) is float)
+        raise pa.ArrowInvalid(f"column {name!r} holds the real {real!r}, but integers in the rows that fixed its type")
 
 
 def key_index(names: list[str], column: str, where: str) -> int:
@@ -281,7 +291,11 @@ def decimal_scan_array(values: Sequence[Any], source: str, column: str) -> pa.Ar
                     "out in the query"
                 )
             if v.as_tuple().exponent < -38:  # type: ignore[operator]
-                v = v.quantize(_QUANTUM, rounding=ROUND_FLOOR)
+                # in a context holding every digit the result keeps (the default one holds 28: a numeric of more
+                # significant digits would raise InvalidOperation); one too wide for 76 digits is refused below
+                with localcontext() as ctx:
+                    ctx.prec = max(v.adjusted(), 0) + 40
+                    v = v.quantize(_QUANTUM, rounding=ROUND_FLOOR)
         out.append(v)
     try:
         return pa.array(out, type=DECIMAL_SCAN)

@@ -52,6 +52,7 @@ from conduit_dagster.engine.sources.base import (
     iso_text_form,
     key_index,
     key_range_type_error,
+    no_reals,
     partition_bounds,
     partition_null_error,
     partition_type_error,
@@ -688,6 +689,8 @@ class SqlaSource:
         if column is not None:
             plan = self._plan(query, column)
             self._no_nulls(query, column)
+        size = max(1, min(fetch_size, CHUNK_ROWS))
+        types = self._whole_types(query, size) if self._partition is not None else None
         stmt = self._select(query, plan)
         if plan is not None:
             col = self._col(plan.column)
@@ -703,7 +706,7 @@ class SqlaSource:
             raise self._fail("query failed", exc) from None
         ended = False
         try:
-            yield from self._chunks(query, result, plan, after if resume else None, max(1, min(fetch_size, CHUNK_ROWS)))
+            yield from self._chunks(query, result, plan, after if resume else None, size, types)
             ended = True
         except (sa.exc.DBAPIError, sa.exc.StatementError) as exc:
             raise self._fail("read failed", exc) from None
@@ -729,7 +732,10 @@ class SqlaSource:
                 except Exception:  # noqa: BLE001, S110 - the connection is gone either way
                     pass
 
-    def _chunks(self, query: str, result: Any, plan: KeyPlan | None, after: Any, size: int) -> Iterator[Chunk]:
+    def _chunks(
+        self, query: str, result: Any, plan: KeyPlan | None, after: Any, size: int, types: list[pa.DataType] | None
+    ) -> Iterator[Chunk]:
+        """The read's rows as chunks; ``types``: the columns' Arrow types (None: from the first chunk, ``_types``)."""
         description = list(result.cursor.description) if result.cursor is not None else []
         names = list(result.keys())
         if self.dialect_name == "duckdb":
@@ -741,7 +747,6 @@ class SqlaSource:
                         f"({lossy}); CAST it in the query (to TIMESTAMP, VARCHAR ...)"
                     )
         idx = key_index(names, plan.column, f"source {self.spec.name!r}") if plan is not None else None
-        types: list[pa.DataType | None] = [None] * len(names)
         position = 0  # rows of this read before the chunk
         previous = after
         finite: set[str] = set()  # DuckDB date and timestamp columns found to hold no infinity
@@ -749,12 +754,8 @@ class SqlaSource:
             rows = result.fetchmany(size)
             if not rows:
                 return
-            for i, t in enumerate(types):
-                if t is None:
-                    first = next((r[i] for r in rows if r[i] is not None), None)
-                    if first is None:
-                        first = self._first_value(query, names[i])
-                    types[i] = _arrow_type(first, description[i] if i < len(description) else (names[i], None) + (None,) * 5)
+            if types is None:
+                types = self._types(query, rows, names, description)
             keys = None
             if plan is not None and idx is not None:
                 keys = [r[idx] for r in rows]
@@ -805,10 +806,45 @@ class SqlaSource:
                 )
             finite.add(column)
 
+    def _types(self, query: str, rows: list[Any], names: list[str], description: list[Any]) -> list[pa.DataType]:
+        """The columns' Arrow types, fixed once per run from the first rows: each column's first non-NULL value (and
+        the cursor's description), REAL for integers mixed with reals (SQLite keeps 5 and 5.5 each in its own type; an
+        integer a double cannot hold exactly is refused when the batch is built), and, for a column NULL throughout
+        them, its first non-NULL value in the whole query."""
+        types = []
+        for i, name in enumerate(names):
+            first = next((r[i] for r in rows if r[i] is not None), None)
+            if first is None:
+                first = self._first_value(query, name)
+            t = _arrow_type(first, description[i] if i < len(description) else (name, None) + (None,) * 5)
+            if pa.types.is_int64(t) and any(type(r[i]) is float for r in rows):
+                t = pa.float64()
+            types.append(t)
+        return types
+
+    def _whole_types(self, query: str, size: int) -> list[pa.DataType]:
+        """A partition's column types, taken as an unpartitioned run of the whole query takes them (``_types``): from
+        its first ``size`` rows (a bounded sample, in the database's own order, not restricted to the partition). Every
+        partition so writes one schema, whatever its own rows hold (5 in one and 5.5 in another, or only NULL)."""
+        sample: Any = (
+            sa.select(sa.literal_column("*")).select_from(self._inner(query).columns().subquery("conduit_src")).limit(size)
+        )
+        result = self._execute(sample)
+        try:
+            description = list(result.cursor.description) if result.cursor is not None else []
+            names = list(result.keys())
+            rows = list(result.fetchall())
+        finally:
+            result.close()
+        self._rollback()
+        return self._types(query, rows, names, description)
+
     def _first_value(self, query: str, column: str) -> Any:
-        """A column NULL throughout the first chunk: its first non-NULL value anywhere in the query fixes its type."""
+        """A column NULL throughout the first rows: its first non-NULL value anywhere in the whole query (never only the
+        partition's rows) fixes its type."""
         col = self._col(column)
-        stmt = self._select(query, None, col).where(sa.text(f"{col} IS NOT NULL")).limit(1)
+        whole = self._inner(query).columns().subquery("conduit_src")
+        stmt: Any = sa.select(sa.literal_column(col)).select_from(whole).where(sa.text(f"{col} IS NOT NULL")).limit(1)
         try:  # on a connection of its own: the read's streams on this one
             with self.engine.connect() as conn:
                 row = conn.execute(stmt).fetchone()
@@ -822,6 +858,8 @@ class SqlaSource:
         for name, values, t in zip(names, zip(*rows, strict=True), types, strict=True):
             try:
                 try:
+                    if t is not None and pa.types.is_integer(t):
+                        no_reals(name, values)
                     arrays.append(pa.array(values, type=t))
                 except (pa.ArrowInvalid, pa.ArrowTypeError):
                     if t is None or not (pa.types.is_string(t) or pa.types.is_binary(t)):

@@ -1,9 +1,11 @@
 """SQLite source: a read-only connection streaming with fetchmany.
 
-SQLite is dynamically typed, so each column's Arrow type is fixed once per run: from its first
-non-NULL value, or, for a column that is all NULL in the rows read so far, from a probe of the
-whole query (``typeof`` of its first non-NULL value). Every part file then has one schema, and a
-resumed run derives the same one.
+SQLite is dynamically typed, so each column's Arrow type is fixed once per run: from the first
+chunk's values (5 and 5.5 in one chunk: REAL), or, for a column that is all NULL in them, from a
+probe of the whole query (``typeof`` of its first non-NULL value; text if it has none). Every part
+file then has one schema, and a resumed run derives the same one. A run restricted to a partition
+fixes them the same way from the whole query (its first rows, a bounded sample, and the same probe),
+never from the partition's own rows: every partition writes the schema of the unpartitioned load.
 
 Partitions (``restrict``): the query is wrapped as ``SELECT * FROM (<query>) AS conduit_part WHERE col >= :lo AND col
 < :hi``. SQLite has no date type, so the partition column's first non-NULL value tells how it is compared:
@@ -220,13 +222,28 @@ class SqliteSource:
         except OverflowError:
             raise key_range_type_error(self.spec.name, column, "integer past 64 bits") from None
 
-    def _probe_type(self, query: str, column: str) -> pa.DataType:
+    def _probe_type(self, query: str, column: str, *, whole: bool = False) -> pa.DataType:
+        """The storage class of the column's first non-NULL value (text if it has none), in the partition's rows, or in
+        the whole query's (``whole``: how a column's Arrow type is fixed, the same in every partition)."""
+        text, params = (clean_query(query), self.params) if whole else (self._text(query), self._params())
         sql = (
-            f"SELECT typeof(conduit_src.{quote_ident(column)}) FROM (\n{self._text(query)}\n) AS conduit_src "
+            f"SELECT typeof(conduit_src.{quote_ident(column)}) FROM (\n{text}\n) AS conduit_src "
             f"WHERE conduit_src.{quote_ident(column)} IS NOT NULL LIMIT 1"
         )
-        row = self.conn.execute(sql, self._params()).fetchone()
+        row = self.conn.execute(sql, params).fetchone()
         return _TYPEOF.get(row[0], pa.string()) if row else pa.string()
+
+    def _whole_types(self, query: str, names: list[str], size: int) -> list[pa.DataType | None]:
+        """A partition's column types, taken as an unpartitioned run of the whole query takes them: from its first
+        ``size`` rows (a bounded sample, in the database's own order, not restricted to the partition), and, for a
+        column NULL throughout them, from its first non-NULL value in the whole query (text if none). Every partition
+        so writes one schema, whatever its own rows hold (5 in one and 5.5 in another: REAL in both)."""
+        rows = self.conn.execute(f"SELECT * FROM (\n{clean_query(query)}\n) AS conduit_src LIMIT {int(size)}", self.params)
+        batch = rows_to_batch(rows.fetchall(), names, [None] * len(names))
+        return [
+            self._probe_type(query, name, whole=True) if pa.types.is_null(field.type) else field.type
+            for name, field in zip(names, batch.schema, strict=True)
+        ]
 
     def probe(self, query: str, column: str | None) -> list[str]:
         try:
@@ -271,7 +288,8 @@ class SqliteSource:
             cur = self.conn.execute(sql, self._params(v=after) if resume else self._params())
             names = [d[0] for d in cur.description]
             idx = key_index(names, column, f"source {self.spec.name!r}") if column else None
-            types: list[pa.DataType | None] = [None] * len(names)
+            # fixed by the first rows (of the whole query, when restricted to a partition: see _whole_types)
+            types = [None] * len(names) if self._partition is None else self._whole_types(query, names, max(1, fetch_size))
             while True:
                 rows = cur.fetchmany(fetch_size)
                 if not rows:
@@ -279,7 +297,8 @@ class SqliteSource:
                 batch = rows_to_batch(rows, names, types)
                 for i, field in enumerate(batch.schema):
                     if types[i] is None:
-                        types[i] = field.type if not pa.types.is_null(field.type) else self._probe_type(query, names[i])
+                        null = pa.types.is_null(field.type)
+                        types[i] = self._probe_type(query, names[i], whole=True) if null else field.type
                 if batch.schema != pa.schema(list(zip(names, types, strict=True))):
                     batch = rows_to_batch(rows, names, types)
                 yield Chunk(batch, [r[idx] for r in rows] if idx is not None else None)
