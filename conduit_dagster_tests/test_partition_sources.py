@@ -744,3 +744,16 @@ def test_a_value_that_does_not_fit_the_whole_querys_type_is_refused_in_its_parti
             list(whole.read("SELECT id, price FROM src", "id", None, resume=False, fetch_size=5))
     finally:
         whole.close()
+
+
+def test_a_long_unconstrained_decimal_is_cut_to_38_places_for_planning() -> None:
+    """A numeric of no declared scale with more than 38 decimal places and more than 28 significant digits (past the
+    default decimal context) is cut (floor) to 38 places, not a raw InvalidOperation; one with more than 38 integer
+    digits is refused with the fix."""
+    from conduit_dagster.engine.sources.base import decimal_scan_array
+
+    long = Decimal("123456789012345678901234567890." + "9" * 45)
+    got = decimal_scan_array([long, Decimal("-0." + "0" * 45 + "1"), Decimal(7)], "db", "amt").to_pylist()
+    assert got == [Decimal("123456789012345678901234567890." + "9" * 38), Decimal("-1E-38"), Decimal(7)]
+    with pytest.raises(SourceError, match="more than 38 digits before the point"):
+        decimal_scan_array([Decimal("1" * 60 + "." + "1" * 45)], "db", "amt")
