@@ -29,8 +29,10 @@ from conduit_dagster.engine.partitions import (
     KeyRanges,
     Partition,
     PartitionsSpec,
+    RangePlan,
     TimeWindows,
     compute_plan,
+    plan_fingerprint,
     range_keys,
     time_partition_keys,
     time_window,
@@ -531,8 +533,10 @@ resources:
         "events"
     )
     res = dataclasses.replace(res, partitions=PartitionsSpec(KeyRanges("id", 2)))
+    store = MemoryCheckpointStore()  # with the plan the partition comes from (a run checks it under its lock)
+    store.save_plan("events", RangePlan("events", "id", 2, (5,), plan_fingerprint(res), "", "", 1).to_json())
     with pytest.raises(SourceError, match="cannot be split into partitions"):
-        list(run_pipeline(res, MemoryCheckpointStore(), partition=Partition("events", "r00", "id", None, 5)))
+        list(run_pipeline(res, store, partition=Partition("events", "r00", "id", None, 5)))
 
 
 # --- scan_column: one pass, no sort ---------------------------------------------------------------------------------
