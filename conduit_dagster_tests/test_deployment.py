@@ -1,16 +1,22 @@
 """The production deployment of deploy/, run for real: instance storage on a fresh PostgreSQL database,
 dagster-webserver and dagster-daemon as separate processes on 127.0.0.1, the QueuedRunCoordinator with a limit,
-run monitoring on. A backfill of a partitioned pipeline is launched over GraphQL (the mutation the UI's
-"Materialize all" sends); partition runs execute at the same time; the run workers of two partitions are SIGKILLed
-mid-load (with their children: a lost machine or pod); those runs end FAILURE; the backfill's failures are
-re-executed (the UI's "Re-execute from failure" on the backfill page) and the killed partitions resume from their
-checkpoints. Then the output is exactly the source rows, partition by partition, and no checkpoint remains.
+run monitoring and run retries on. A backfill of 8 daily partitions of a PostgreSQL table is launched over GraphQL
+(the mutation the UI's "Materialize all" sends) and its partition runs execute at the same time. Then, mid-load
+(SIGKILL of the run worker and anything below it: a lost machine or pod):
+
+- partition A's run is killed once: the daemon retries it (run retries) and the retry resumes from A's checkpoint;
+- partition B's run is killed, and so is its retry, which had resumed: out of retries, B ends FAILURE, and so does
+  the backfill; the backfill's failures are re-executed (the backfill page's "Re-execute", from failure) and B
+  resumes a second time.
+
+Then every partition's output is exactly its source rows (none lost, none twice, none outside the 8 days) and no
+checkpoint remains.
 
 The dagster.yaml is deploy/dagster.yaml itself, with the connection settings in the environment as in production and
-only these changes for a test: shorter monitoring intervals, 4 runs at once, no automatic run retries (the test
-re-executes the failures itself), no first-visit modal. The daemon's backfill loop wakes every 3 s instead of 30 s
-(a module constant of dagster's daemon, set before it starts): each backfill needs several of its iterations (submit
-the runs, see them finish), and at 30 s they would be most of the test's time.
+only these changes for a test: shorter monitoring intervals, 4 runs at once, 1 automatic retry instead of 2 (so that
+B's second death is final), no first-visit modal. The daemon's backfill loop wakes every 3 s instead of 30 s (a module
+constant of dagster's daemon, set before it starts): each backfill needs several of its iterations (submit the runs,
+see them finish), and at 30 s they would be most of the test's time.
 """
 
 import json
@@ -45,6 +51,7 @@ BATCH = 25  # 120 batches per partition: a few seconds of load, the window in wh
 # deploy/README.md recommends for partition runs: the default multiprocess executor starts two more Python processes
 # per partition (the asset's step and its row-count check), which on this 2-core machine costs more than the loads.
 RUN_CONFIG = {"execution": {"config": {"in_process": {}}}}
+FINISHED = ("SUCCESS", "FAILURE", "CANCELED")
 # the daemon, with its backfill loop waking every 3 s (dagster reads this constant on every loop)
 DAEMON = (
     "import sys, dagster._daemon.controller as c; c.DEFAULT_DAEMON_INTERVAL_SECONDS = 3; "
@@ -64,7 +71,7 @@ def instance_yaml(max_concurrent_runs: int) -> dict[str, Any]:
     config["run_coordinator"]["config"].update(dequeue_interval_seconds=1, user_code_failure_retry_delay=2)
     config["concurrency"]["runs"]["max_concurrent_runs"] = max_concurrent_runs
     config["run_monitoring"].update(poll_interval_seconds=2, start_timeout_seconds=90, cancel_timeout_seconds=30)
-    config["run_retries"] = {"enabled": False}
+    config["run_retries"]["max_retries"] = 1
     config["nux"] = {"enabled": False}
     return config
 
@@ -295,13 +302,26 @@ def overlapping(runs: list[dict[str, Any]]) -> int:
 
 
 def kill_tree(pid: int) -> None:
-    """SIGKILL a run worker and every process below it, as when its machine or pod is lost."""
+    """SIGKILL a run worker and every process below it, as when its machine or pod is lost; return once they are gone."""
     victims = [pid, *children(pid)]
     for victim in victims:
         try:
             os.kill(victim, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 10
+    while any(alive(victim) for victim in victims):
+        assert time.monotonic() < deadline, f"processes {victims} survived SIGKILL"
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (dead, waiting for its parent to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 # Each day holds ROWS_PER_DAY rows at scattered instants, plus a row exactly at each midnight from 03-01 to 03-09 and
@@ -375,70 +395,96 @@ def test_backfill_on_the_production_deployment(tmp_path, pg, pg_schema, postgres
         deployment.mark("code location loaded")
         backfill = deployment.launch_backfill(ASSET)
 
-        # the partition runs start together; the run workers of two of them are killed mid-load (a checkpoint saved)
-        killed: dict[str, dict[str, Any]] = {}  # partition -> its run id and its checkpoint when killed
+        # the first partition caught mid-load is B (killed twice), the second A (killed once)
+        kills_left: dict[str, int] = {}
+        killed: dict[str, list[dict[str, Any]]] = {}  # partition -> [{run_id, checkpoint when killed}]
         pids: dict[str, int] = {}
         most_started = 0
-        deadline = time.monotonic() + 240
-        while len(killed) < 2 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 300
+        idle_since: float | None = None
+        while (len(kills_left) < 2 or any(kills_left.values())) and time.monotonic() < deadline:
             runs = deployment.backfill_runs(backfill)
-            if len(runs) == len(DAYS) and all(r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in runs):
-                break  # every partition run ended before two were caught mid-load
+            if len(runs) >= len(DAYS) and all(r["status"] in FINISHED for r in runs):
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > 20:
+                    break  # every run ended, and no retry came: not enough of them were caught mid-load
+            else:
+                idle_since = None
             started = [r for r in runs if r["status"] == "STARTED"]
             most_started = max(most_started, len(started))
             for run in started:
-                key = run["partition"]
-                if len(killed) == 2 or key in killed:
+                key, run_id = run["partition"], run["runId"]
+                if kills_left.get(key) == 0 or run_id in [k["run_id"] for k in killed.get(key, [])]:
                     continue
-                if run["runId"] not in pids:
-                    pid = deployment.worker_pid(run["runId"])
+                if key not in kills_left and len(kills_left) == 2:
+                    continue
+                if run_id not in pids:
+                    pid = deployment.worker_pid(run_id)
                     if pid is None:
                         continue
-                    pids[run["runId"]] = pid
+                    pids[run_id] = pid
                 checkpoint = checkpoints / f"{ASSET}.{key}.json"
                 try:
                     saved = json.loads(checkpoint.read_text())
                 except (OSError, ValueError):
                     continue  # no checkpoint yet (or being replaced right now)
-                if not 1 <= saved["batches_committed"] <= ROWS_PER_DAY // BATCH // 2:
-                    continue  # kill mid-load: after a committed batch, well before the partition's last one
-                kill_tree(pids[run["runId"]])
-                if checkpoint.exists():
-                    killed[key] = {"run_id": run["runId"], "checkpoint": saved}
+                # mid-load: this run committed a batch itself, and is well before the partition's last one
+                before = killed[key][-1]["checkpoint"]["batches_committed"] if key in killed else 0
+                if saved["run_id"] != run_id or not before < saved["batches_committed"] <= (ROWS_PER_DAY // BATCH + before) // 2:
+                    continue
+                kill_tree(pids[run_id])
+                # what the dead run left: the checkpoint its successor resumes from
+                left = json.loads(checkpoint.read_text())
+                kills_left.setdefault(key, 2 if not kills_left else 1)
+                kills_left[key] -= 1
+                killed.setdefault(key, []).append({"run_id": run_id, "checkpoint": left})
+                deployment.mark(f"killed the run worker of {key} ({run_id}) after batch {saved['batches_committed']}")
             time.sleep(0.2)
-        deployment.mark(f"killed the run workers of {sorted(killed)}")
-        assert len(killed) == 2, f"no two partition runs were seen mid-load: {deployment.backfill_runs(backfill)}"
+        assert len(kills_left) == 2 and not any(kills_left.values()), (
+            f"the partition runs were not caught mid-load: {killed}; {deployment.backfill_runs(backfill)}"
+        )
         assert most_started >= 2, "no two partition runs were STARTED at the same time"
+        b_key, a_key = list(killed)
 
-        # the code server that spawned each dead worker marks its run failed; the backfill ends with 6 of 8 loaded
+        # the dead runs are marked failed; A's retry resumes and loads the rest, B's retry is killed too
         status = deployment.wait_backfill(backfill)
         deployment.mark(f"backfill {status}")
         runs = deployment.backfill_runs(backfill)
-        assert sorted(r["partition"] for r in runs) == DAYS, runs
-        by_partition = {r["partition"]: r for r in runs}
-        for key, victim in killed.items():
-            assert by_partition[key]["runId"] == victim["run_id"]
-            assert by_partition[key]["status"] == "FAILURE", runs
-            assert any("terminated by signal 9" in m for m in deployment.messages(victim["run_id"]))
-            assert (checkpoints / f"{ASSET}.{key}.json").exists(), f"the killed partition {key} lost its checkpoint"
-        assert {r["status"] for key, r in by_partition.items() if key not in killed} == {"SUCCESS"}, runs
+        assert sorted({r["partition"] for r in runs}) == DAYS, runs
+        by_partition: dict[str, list[dict[str, Any]]] = {}
+        for run in sorted(runs, key=lambda r: r["startTime"] or 0):
+            by_partition.setdefault(run["partition"], []).append(run)
+        for key, victims in killed.items():
+            for victim in victims:
+                run = next(r for r in by_partition[key] if r["runId"] == victim["run_id"])
+                assert run["status"] == "FAILURE", runs
+                assert any("terminated by signal 9" in m for m in deployment.messages(victim["run_id"]))
+        first_a, retry_a = by_partition[a_key]
+        assert retry_a["status"] == "SUCCESS" and retry_a["tags"].get("dagster/parent_run_id") == first_a["runId"], runs
+        first_b, retry_b = by_partition[b_key]
+        assert [first_b["runId"], retry_b["runId"]] == [k["run_id"] for k in killed[b_key]], runs
+        assert retry_b["tags"].get("dagster/retry_number") == "1", runs
+        assert any(f"partition {b_key}: resuming after id = " in m for m in deployment.messages(retry_b["runId"]))
+        assert (checkpoints / f"{ASSET}.{b_key}.json").exists(), f"the killed partition {b_key} lost its checkpoint"
+        for key in set(DAYS) - set(killed):
+            assert [r["status"] for r in by_partition[key]] == ["SUCCESS"], runs
         assert status == "COMPLETED_FAILED", status
         assert overlapping(runs) >= 2, runs
 
-        # "Re-execute from failure" on the backfill: a new backfill of the two failed partitions, which resume
+        # "Re-execute from failure" on the backfill: a new backfill of B alone, which resumes again
         again = deployment.reexecute_backfill(backfill)
         assert deployment.wait_backfill(again) == "COMPLETED_SUCCESS"
         deployment.mark("re-executed backfill COMPLETED_SUCCESS")
         rerun = deployment.backfill_runs(again)
-        assert sorted(r["partition"] for r in rerun) == sorted(killed), rerun
-        assert {r["status"] for r in rerun} == {"SUCCESS"}, rerun
-        rerun_ids = {r["runId"] for r in rerun}
-        resumed = {m["partition"]: m["metadata"] for m in deployment.materializations(ASSET) if m["runId"] in rerun_ids}
-        assert sorted(resumed) == sorted(killed)
-        for key, metadata in resumed.items():
+        assert [(r["partition"], r["status"]) for r in rerun] == [(b_key, "SUCCESS")], rerun
+
+        # the runs that finished A and B resumed from the checkpoints the killed runs left
+        finishers = {a_key: retry_a["runId"], b_key: rerun[0]["runId"]}
+        for key, run_id in finishers.items():
+            (metadata,) = [m["metadata"] for m in deployment.materializations(ASSET) if m["runId"] == run_id]
             assert metadata["conduit/resumed"] is True, (key, metadata)
             assert metadata["conduit/resumed_from"] not in ("", None), (key, metadata)
-            rows_before = killed[key]["checkpoint"]["records_processed"]
+            rows_before = killed[key][-1]["checkpoint"]["records_processed"]
             assert metadata["conduit/rows_this_run"] <= len(source_rows(postgres_dsn, pg_schema, key)) - rows_before
 
         # exactly the source rows, partition by partition; nothing outside the 8 days; no checkpoint left
