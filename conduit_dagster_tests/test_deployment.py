@@ -45,8 +45,8 @@ LOCATION = "conduit_dagster.definitions"  # the product's own module, over $COND
 ASSET = "events"
 MAX_CONCURRENT_RUNS = 4
 DAYS = [f"2025-03-{day:02d}" for day in range(1, 9)]  # the 8 daily partitions
-ROWS_PER_DAY = 3_000
-BATCH = 25  # 120 batches per partition: a few seconds of load, the window in which two run workers are killed
+ROWS_PER_DAY = 2_000
+BATCH = 25  # 80 batches per partition: a few seconds of load, in which run workers are killed
 # The backfill's runs execute their steps in the run worker itself (the launchpad's `execution: in_process`), as
 # deploy/README.md recommends for partition runs: the default multiprocess executor starts two more Python processes
 # per partition (the asset's step and its row-count check), which on this 2-core machine costs more than the loads.
