@@ -50,7 +50,7 @@ BATCH = 25  # 80 batches per partition: a few seconds of load, in which run work
 # The backfill's runs execute their steps in the run worker itself (the launchpad's `execution: in_process`), as
 # deploy/README.md recommends for partition runs: the default multiprocess executor starts two more Python processes
 # per partition (the asset's step and its row-count check), which on this 2-core machine costs more than the loads.
-RUN_CONFIG = {"execution": {"config": {"in_process": {}}}}
+RUN_CONFIG: dict[str, Any] = {"execution": {"config": {"in_process": {}}}}
 FINISHED = ("SUCCESS", "FAILURE", "CANCELED")
 # the daemon, with its backfill loop waking every 3 s (dagster reads this constant on every loop)
 DAEMON = (
