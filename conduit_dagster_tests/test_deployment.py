@@ -158,6 +158,13 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        # The code servers they started, and those servers' run workers, are in the same process groups. A code server
+        # given SIGTERM waits for its runs to end, for ever if one is stuck: whatever is left of the groups is killed.
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def gql(self, query: str, variables: dict | None = None) -> dict:
         body = json.dumps({"query": query, "variables": variables or {}}).encode()
