@@ -63,7 +63,13 @@ from conduit_dagster.engine.runner import (
 )
 from conduit_dagster.engine.sources import open_source
 from conduit_dagster.engine.spec import IngestSpec, ResourceSpec
-from conduit_dagster.resources import CheckpointStoreResource, data_lake_clients, uses_s3
+from conduit_dagster.resources import (
+    CheckpointStoreResource,
+    check_store_reach,
+    data_lake_clients,
+    run_launcher_name,
+    uses_s3,
+)
 
 # where the previous run kept its checkpoints (an observation at the start of every run, and each materialization)
 STORE_KEY = "conduit/checkpoint_store"
@@ -201,6 +207,13 @@ def previous_store(context: AssetExecutionContext, key: AssetKey, partition: str
     return latest[1] if latest else None
 
 
+def check_reach(context: AssetExecutionContext, store: CheckpointStore) -> None:
+    """Local checkpoints only for runs whose next run starts on the same machine (see resources.check_store_reach)."""
+    launched = context.run.remote_job_origin is not None
+    launcher = run_launcher_name(context.instance) if launched else None
+    check_store_reach(store, launcher, context.job_def.executor_def.name)
+
+
 def check_store_switch(
     context: AssetExecutionContext,
     spec: IngestSpec,
@@ -316,6 +329,7 @@ def _materialize_pipeline(
     try:
         store = checkpoints.open_store(spec)
         if resource.resume:
+            check_reach(context, store)
             check_store_switch(context, spec, resource, checkpoints, store)
     except ConduitError as exc:
         raise Failure(description=f"{name}: {exc}") from None
@@ -391,6 +405,7 @@ def _materialize_partitions(
     keys = run_partition_keys(context, resource)
     try:
         store = checkpoints.open_store(spec)
+        check_reach(context, store)  # partitions keep their plan, checkpoints and locks in the store
     except ConduitError as exc:
         raise Failure(description=f"{name}: {exc}") from None
     if len(keys) > 1:

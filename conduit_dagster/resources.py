@@ -194,3 +194,39 @@ def checkpoint_resource(spec: IngestSpec) -> CheckpointStoreResource:
     if checkpoint_settings(spec.checkpoints).type == "s3":
         return S3CheckpointStoreResource()
     return LocalCheckpointStoreResource()
+
+
+# Run launchers and executors that run every step of a run on the machine of the code server that launched it: with
+# them, a local checkpoint directory is where the next run of the pipeline finds it.
+LOCAL_RUN_LAUNCHERS = frozenset({"DefaultRunLauncher", "SyncInMemoryRunLauncher"})
+LOCAL_EXECUTORS = frozenset({"multi_or_in_process_executor", "in_process", "multiprocess", "execute_in_process_executor"})
+SHARED_CHECKPOINT_DIR_ENV = "CONDUIT_CHECKPOINT_DIR_SHARED"
+
+
+def run_launcher_name(instance: Any) -> str:
+    """The instance's run launcher class, read from its dagster.yaml without building it (building the K8s launcher
+    needs dagster-k8s installed)."""
+    if instance.is_ephemeral:
+        return type(instance.run_launcher).__name__
+    data = instance.get_ref().run_launcher_data
+    return str(data.class_name) if data is not None else "DefaultRunLauncher"
+
+
+def check_store_reach(store: CheckpointStore, launcher: str | None, executor: str) -> None:
+    """Refuse local checkpoints for a run whose launcher or executor may start the pipeline's next run on another
+    machine: there the directory (its checkpoints, plans and locks) is not, so a retry would start over and could load
+    rows twice. ``launcher`` is None for a run started outside a code location (`dagster job execute`, `conduit run`),
+    which runs where it was started."""
+    if not isinstance(store, LocalCheckpointStore) or os.environ.get(SHARED_CHECKPOINT_DIR_ENV, "") == "1":
+        return
+    remote_launcher = launcher is not None and launcher not in LOCAL_RUN_LAUNCHERS
+    if not remote_launcher and executor in LOCAL_EXECUTORS:
+        return
+    where = f"run launcher {launcher}" if remote_launcher else f"executor {executor}"
+    raise SpecError(
+        f"checkpoints are in the local directory {store.location}, but this run's {where} may start the next run of "
+        "the pipeline on another machine, where that directory and its lock are not: a retry would start over and "
+        f"could load rows twice. Keep checkpoints in S3 (${CHECKPOINTS_ENV}=s3://bucket/prefix, or `checkpoints: "
+        f"{{type: s3, ...}}` in ingest.yml); if every run worker mounts this directory from one file system whose "
+        f"flock holds across machines, set {SHARED_CHECKPOINT_DIR_ENV}=1. Nothing was read or written"
+    )
