@@ -473,13 +473,18 @@ def ensure_plan(resource: ResourceSpec, store: CheckpointStore, open_src: Callab
         plan = load_plan(resource, store)
         if plan is not None:
             return plan
-        src = open_src()
-        try:
-            plan = compute_plan(resource, src)
-        finally:
-            src.close()
-        store.save_plan(resource.name, plan.to_json())
-        return plan
+        return _plan_and_save(resource, store, open_src)
+
+
+def _plan_and_save(resource: ResourceSpec, store: CheckpointStore, open_src: Callable[[], Source]) -> RangePlan:
+    """Plan from a source opened for it, and store the plan (the caller holds the pipeline's lock)."""
+    src = open_src()
+    try:
+        plan = compute_plan(resource, src)
+    finally:
+        src.close()
+    store.save_plan(resource.name, plan.to_json())
+    return plan
 
 
 def replan(resource: ResourceSpec, store: CheckpointStore, open_src: Callable[[], Source]) -> tuple[RangePlan | None, RangePlan]:
@@ -508,13 +513,7 @@ def replan(resource: ResourceSpec, store: CheckpointStore, open_src: Callable[[]
             old = RangePlan.from_json(text, where=resource.name) if text is not None else None
         except CheckpointError:
             old = None
-        src = open_src()
-        try:
-            plan = compute_plan(resource, src)
-        finally:
-            src.close()
-        store.save_plan(resource.name, plan.to_json())
-        return old, plan
+        return old, _plan_and_save(resource, store, open_src)
 
 
 def check_plan(resource: ResourceSpec, store: CheckpointStore, partition: Partition) -> None:
