@@ -72,8 +72,9 @@ from conduit_dagster.engine.checkpoint import (
 )
 from conduit_dagster.engine.destinations.base import Resumption
 from conduit_dagster.engine.destinations.formats import EXTENSIONS, count_rows, write_part
+from conduit_dagster.engine.destinations.layout import PARTITION_KEY, check_partition, cleared_partition
 from conduit_dagster.engine.errors import CheckpointError, DestinationError
-from conduit_dagster.engine.partitions import Partition, split_unit
+from conduit_dagster.engine.partitions import Partition
 from conduit_dagster.engine.spec import FORMAT_KINDS, FORMATS, _Entry, entry_path
 
 
@@ -92,8 +93,6 @@ STAGING = "_conduit_staging"
 _EXT = EXTENSIONS
 _RENAME_EXCHANGE = 2
 _PART = re.compile(r"part-(\d{6,})\.")
-# a partition key as a folder name: no '/', no '.', not hidden ('_', '.') from readers
-_PARTITION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:+\-]*$")
 
 
 def _exchange(a_dir: int, a: str, b_dir: int, b: str) -> bool:
@@ -148,16 +147,7 @@ class LocalDestination:
             self.stage_dir = self.staging_root  # the folder that holds this output's generation folders ...
             self.stage_prefix = f"{pipeline}."  # ... each named so, then the generation
         else:
-            if not _PARTITION_KEY.match(partition.key):
-                raise DestinationError(
-                    f"destination {spec.name!r}: partition key {partition.key!r} of pipeline {pipeline!r} cannot name a "
-                    "folder (letters, digits, '_', ':' and '-' only, starting with a letter or digit)"
-                )
-            if accumulate:
-                raise DestinationError(
-                    f"destination {spec.name!r}: pipeline {pipeline!r} is partitioned, so each run replaces its partition; "
-                    "it cannot also add to it (an incremental load)"
-                )
+            check_partition(spec.name, pipeline, partition, accumulate=accumulate, names="folder")
             self.unit = partition.unit
             self.what = f"pipeline {pipeline!r} partition {partition.key!r}"
             self.out_dir = self.root / pipeline
@@ -256,7 +246,7 @@ class LocalDestination:
         try:
             names = os.listdir(fd)
             if names and self.partition is None and self._marker(root, self.name, self.visible) is None:
-                partitions = sorted(n for n in names if _PARTITION_KEY.match(n) and self._marker(fd, n, self.visible / n))
+                partitions = sorted(n for n in names if PARTITION_KEY.match(n) and self._marker(fd, n, self.visible / n))
                 if partitions:
                     raise DestinationError(
                         f"destination {self.spec.name!r}: {self.visible} holds the partitions of a partitioned run of "
@@ -496,10 +486,10 @@ def _leftover(destination_id: str, state: dict[str, Any], pipeline: str) -> list
     re-planned into fewer, its window past a new ``end``), and then nothing else would."""
     if not destination_id.startswith("local:"):
         return None
-    base, key = split_unit(pipeline)
-    generation = state.get("generation")
-    if key is None or not _PARTITION_KEY.match(key) or not isinstance(generation, str) or not generation.isalnum():
+    cleared = cleared_partition(state, pipeline)
+    if cleared is None:
         return None
+    base, key, generation = cleared
     path = Path(destination_id.removeprefix("local:").rpartition("?format=")[0])
     staged = path / STAGING / base / f"{key}.{generation}"
     return [

@@ -66,8 +66,9 @@ import pyarrow as pa
 from conduit_dagster.engine.backends import DestinationBackend, register_destination_backend
 from conduit_dagster.engine.destinations.base import Resumption
 from conduit_dagster.engine.destinations.formats import EXTENSIONS, count_rows, write_part
+from conduit_dagster.engine.destinations.layout import check_partition, cleared_partition
 from conduit_dagster.engine.errors import CheckpointError, DestinationError
-from conduit_dagster.engine.partitions import Partition, split_unit
+from conduit_dagster.engine.partitions import Partition
 from conduit_dagster.engine.s3 import (
     CONDUIT_MANIFEST,
     RangeReader,
@@ -112,8 +113,6 @@ MANIFEST = CONDUIT_MANIFEST
 STAGING = "_conduit_staging"
 MULTIPART_BYTES = 16 * 1024 * 1024  # parts larger than this go up in 16 MiB pieces, 4 at a time
 _OUTPUT_PART_RE = re.compile(r"^part-[0-9a-f]{12}-\d{6}\.(parquet|csv|jsonl)$")
-# a partition key as a key segment: no '/', no '.', not hidden ('_', '.') from readers
-_PARTITION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:+\-]*$")
 
 
 class S3Destination:
@@ -137,16 +136,7 @@ class S3Destination:
             self.what = f"pipeline {pipeline!r}"
             self.output = self.parent
         else:
-            if not _PARTITION_KEY.match(partition.key):
-                raise DestinationError(
-                    f"destination {spec.name!r}: partition key {partition.key!r} of pipeline {pipeline!r} cannot name a "
-                    "prefix (letters, digits, '_', ':' and '-' only, starting with a letter or digit)"
-                )
-            if accumulate:
-                raise DestinationError(
-                    f"destination {spec.name!r}: pipeline {pipeline!r} is partitioned, so each run replaces its partition; "
-                    "it cannot also add to it (an incremental load)"
-                )
+            check_partition(spec.name, pipeline, partition, accumulate=accumulate, names="prefix")
             self.unit = partition.unit
             self.what = f"pipeline {pipeline!r} partition {partition.key!r}"
             self.output = join_key(spec.prefix, pipeline, partition.key) + "/"
@@ -541,10 +531,10 @@ def _leftover(destination_id: str, state: dict[str, Any], pipeline: str) -> list
     re-planned into fewer, its window past a new ``end``), and then nothing else would."""
     if not destination_id.startswith("s3://"):
         return None
-    base, key = split_unit(pipeline)
-    generation = state.get("generation")
-    if key is None or not _PARTITION_KEY.match(key) or not isinstance(generation, str) or not generation.isalnum():
+    cleared = cleared_partition(state, pipeline)
+    if cleared is None:
         return None
+    base, key, generation = cleared
     output = destination_id.partition("?format=")[0]  # s3://bucket/prefix/<pipeline>/
     if not output.endswith(f"/{base}/"):
         return None
