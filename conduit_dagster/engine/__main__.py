@@ -29,25 +29,19 @@ from conduit_dagster.engine.stores import CHECKPOINTS_ENV, checkpoint_settings, 
 
 def run_one(resource: ResourceSpec, store: CheckpointStore, run_id: str, partition: Partition | None = None) -> None:
     """Run a pipeline (or one partition of it) to the end, printing its events."""
-    label = resource.name if partition is None else partition.unit  # <pipeline>.<key>, the name of its checkpoint
+    say = _say(resource.name if partition is None else partition.unit)  # <pipeline>.<key>, the name of its checkpoint
     for event in run_pipeline(resource, store, run_id=run_id, partition=partition):
         if isinstance(event, RunStarted):
             how = f"resuming after {event.resumed_from!r}" if event.resumed else "full load"
-            print(f"{label}: {how} into {event.destination}", flush=True)
+            say(f"{how} into {event.destination}")
         elif isinstance(event, BatchCommitted):
-            print(
-                f"{label}: batch {event.index} committed, {event.rows} rows, {event.records_processed} in total, "
-                f"last {event.last_value!r}",
-                flush=True,
+            say(
+                f"batch {event.index} committed, {event.rows} rows, {event.records_processed} in total, last {event.last_value!r}"
             )
         elif isinstance(event, RunWarning):
-            print(f"{label}: warning: {event.message}", flush=True)
+            say(f"warning: {event.message}")
         elif isinstance(event, RunFinished):
-            print(
-                f"{label}: done, {event.rows_this_run} rows this run, {event.records_processed} in total, "
-                f"{event.duration_s:.2f} s",
-                flush=True,
-            )
+            say(f"done, {event.rows_this_run} rows this run, {event.records_processed} in total, {event.duration_s:.2f} s")
 
 
 def _say(name: str) -> Callable[[str], None]:
