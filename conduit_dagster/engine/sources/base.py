@@ -2,7 +2,7 @@
 
 import datetime as dt
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal, localcontext
 from typing import TYPE_CHECKING, Any, Protocol
@@ -118,6 +118,41 @@ KEY_RANGE_TYPES = "key ranges need an integer, decimal, date or timestamp column
 
 def partition_where(source: str, partition: "Partition") -> str:
     return f"pipeline {partition.pipeline!r} ({partition.describe()}, source {source!r})"
+
+
+def partition_column_error(source: str, column: str, names: list[str]) -> SourceError:
+    return SourceError(
+        f"source {source!r}: partition column {column!r} is not a column of the query's result "
+        f"(columns: {', '.join(names)}); fix `partitions: column` or select the column"
+    )
+
+
+Restriction = tuple[str, dict[str, Any]]  # a partition's condition on one query text, and that condition's parameters
+
+
+def restricted_text(text: str, restrictions: dict[str, Restriction], restriction: Callable[[str], Restriction]) -> str:
+    """The query ``text`` wrapped so that it returns only the partition's rows: ``SELECT * FROM (<text>) AS
+    conduit_part WHERE <condition>``. The condition is made once a query text by ``restriction`` (which looks at the
+    column's type and refuses NULLs) and kept in ``restrictions``, whose parameters every statement then binds."""
+    found = restrictions.get(text)
+    if found is None:
+        found = restriction(text)
+        restrictions[text] = found
+    return f"SELECT * FROM (\n{text}\n) AS conduit_part\nWHERE {found[0]}"
+
+
+def bound_condition(ref: str, n: int, lo: Any, hi: Any, bound: Callable[[str], str], param: Callable[[Any], Any]) -> Restriction:
+    """``lo <= ref AND ref < hi`` in SQL, a side left out where its bound is None (``ref IS NOT NULL`` when both are),
+    the bounds bound as parameters ``conduit_lo_<n>`` and ``conduit_hi_<n>`` (``n`` keeps the conditions of one
+    source's queries apart); ``bound`` makes a placeholder compare as the column does (a CAST), ``param`` a bound
+    as the driver takes it."""
+    params: dict[str, Any] = {}
+    conditions = []
+    for op, name, value in ((">=", f"conduit_lo_{n}", lo), ("<", f"conduit_hi_{n}", hi)):
+        if value is not None:
+            conditions.append(f"{ref} {op} {bound(f'%({name})s')}")
+            params[name] = param(value)
+    return " AND ".join(conditions) or f"{ref} IS NOT NULL", params
 
 
 def partition_null_error(source: str, partition: "Partition") -> SourceError:

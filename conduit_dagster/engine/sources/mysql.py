@@ -68,11 +68,14 @@ from conduit_dagster.engine.backends import SourceBackend, register_source_backe
 from conduit_dagster.engine.errors import ConduitError, OrderingError, SourceError, SpecError
 from conduit_dagster.engine.sources.base import (
     Chunk,
+    bound_condition,
     key_index,
     key_range_type_error,
     partition_bounds,
+    partition_column_error,
     partition_null_error,
     partition_type_error,
+    restricted_text,
     scan_null_error,
 )
 from conduit_dagster.engine.spec import _Entry
@@ -463,20 +466,13 @@ class MySQLSource:
         self._restrictions = {}
 
     def _restricted(self, text: str) -> str:
-        found = self._restrictions.get(text)
-        if found is None:
-            found = self._restriction(text)
-            self._restrictions[text] = found
-        return f"SELECT * FROM (\n{text}\n) AS conduit_part\nWHERE {found[0]}"
+        return restricted_text(text, self._restrictions, self._restriction)
 
     def _partition_column(self, text: str, column: str) -> _Col:
         cols = self._columns(text)
         names = [c.name for c in cols]
         if column not in names:
-            raise SourceError(
-                f"source {self.spec.name!r}: partition column {column!r} is not a column of the query's result "
-                f"(columns: {', '.join(names)}); fix `partitions: column` or select the column"
-            )
+            raise partition_column_error(self.spec.name, column, names)
         return cols[names.index(column)]
 
     def _restriction(self, text: str) -> tuple[str, dict[str, Any]]:
@@ -495,15 +491,8 @@ class MySQLSource:
             has_null = bool(cur.fetchone()[0])
         if has_null:
             raise partition_null_error(self.spec.name, p)
-        n = len(self._restrictions)
-        params: dict[str, Any] = {}
-        conditions = []
-        for op, name, value in ((">=", f"conduit_lo_{n}", lo), ("<", f"conduit_hi_{n}", hi)):
-            if value is not None:
-                bound = _PARTITION_BOUNDS.get(kind, "{p}").format(p=f"%({name})s")
-                conditions.append(f"{ref} {op} {bound}")
-                params[name] = _param(value)
-        return " AND ".join(conditions) or f"{ref} IS NOT NULL", params
+        cast = _PARTITION_BOUNDS.get(kind, "{p}")
+        return bound_condition(ref, len(self._restrictions), lo, hi, lambda p: cast.format(p=p), _param)
 
     def scan_column(self, query: str, column: str) -> Iterator[pa.Array]:
         """The column's values for key-range planning: one statement without ORDER BY through PyMySQL's unbuffered

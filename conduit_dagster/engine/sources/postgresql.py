@@ -34,12 +34,15 @@ from conduit_dagster.engine.errors import ConduitError, OrderingError, SourceErr
 from conduit_dagster.engine.pg import CONNECTION_KEYS, PostgresConnectionSpec, connect, describe, parse_connection, redact
 from conduit_dagster.engine.sources.base import (
     Chunk,
+    bound_condition,
     decimal_scan_array,
     key_index,
     key_range_type_error,
     partition_bounds,
+    partition_column_error,
     partition_null_error,
     partition_type_error,
+    restricted_text,
     rows_to_batch,
     scan_null_error,
 )
@@ -397,11 +400,7 @@ class PostgresSource:
         self._restrictions = {}
 
     def _restricted(self, text: str) -> str:
-        found = self._restrictions.get(text)
-        if found is None:
-            found = self._restriction(text)
-            self._restrictions[text] = found
-        return f"SELECT * FROM (\n{text}\n) AS conduit_part\nWHERE {found[0]}"
+        return restricted_text(text, self._restrictions, self._restriction)
 
     def _column_kind(self, cur: Any, text: str, column: str) -> tuple[Any, str | None, str, str]:
         """(description, partition kind or None, the base type to cast a bound to, the type's name) of ``column`` in
@@ -409,10 +408,7 @@ class PostgresSource:
         cur.execute(f"SELECT * FROM (\n{text}\n) AS conduit_src LIMIT 0", self._params())
         names = [d.name for d in cur.description]
         if column not in names:
-            raise SourceError(
-                f"source {self.spec.name!r}: partition column {column!r} is not a column of the query's result "
-                f"(columns: {', '.join(names)}); fix `partitions: column` or select the column"
-            )
+            raise partition_column_error(self.spec.name, column, names)
         desc = cur.description[names.index(column)]
         sql = "SELECT t.typtype, t.typbasetype, format_type(t.oid, NULL) FROM pg_type t WHERE t.oid = %s"
         oid = desc.type_code
@@ -443,14 +439,7 @@ class PostgresSource:
             self.conn.rollback()
         if has_null:
             raise partition_null_error(self.spec.name, p)
-        n = len(self._restrictions)
-        params: dict[str, Any] = {}
-        conditions = []
-        for op, name, value in ((">=", f"conduit_lo_{n}", lo), ("<", f"conduit_hi_{n}", hi)):
-            if value is not None:
-                conditions.append(f"{col} {op} CAST(%({name})s AS {cast})")
-                params[name] = _bind_value(value)
-        return " AND ".join(conditions) or f"{col} IS NOT NULL", params
+        return bound_condition(col, len(self._restrictions), lo, hi, lambda p: f"CAST({p} AS {cast})", _bind_value)
 
     def scan_column(self, query: str, column: str) -> Iterator[pa.Array]:
         """The column's values for key-range planning: ``COPY (SELECT col FROM (<query>)) TO STDOUT`` (no ORDER BY),
