@@ -27,12 +27,25 @@ def check_partition(destination: str, pipeline: str, partition: Partition, *, ac
         )
 
 
-def cleared_partition(state: dict[str, Any], unit: str) -> tuple[str, str, str] | None:
-    """(pipeline, partition key, generation) of a cleared checkpoint ``state`` named ``unit`` when it is a partition's
-    with a generation in progress that names a staging place safely; None otherwise (an unpartitioned pipeline's, or
-    a value not written by conduit, which must not be put into a path or a command)."""
+def cleared_partition(destination_id: str, scheme: str, state: dict[str, Any], unit: str) -> tuple[str, str, str] | None:
+    """(pipeline, partition key, generation) of a cleared checkpoint ``state`` named ``unit`` when it is a partition's,
+    of a destination whose identity begins with ``scheme``, with a generation in progress that names a staging place
+    safely; None otherwise (another backend's, an unpartitioned pipeline's, or a value not written by conduit, which
+    must not be put into a path or a command).
+
+    Only a partition's staging is reported: the partition's next run removes it (as an unpartitioned pipeline's next
+    run removes its own, so that one is not reported), but a partition may never run again (its key ranges re-planned
+    into fewer, its window past a new ``end``), and then nothing else would."""
+    if not destination_id.startswith(scheme):
+        return None
     base, key = split_unit(unit)
     generation = state.get("generation")
     if key is None or not PARTITION_KEY.match(key) or not isinstance(generation, str) or not generation.isalnum():
         return None
     return base, key, generation
+
+
+def leftover_lines(staged: str, key: str, delete: str) -> list[str]:
+    """What `conduit checkpoints clear` says of a cleared partition's staged output: where it stays, and the command
+    ``delete`` that removes it."""
+    return [f"its unfinished output stays in {staged} until partition {key} runs again; if it will not, delete it with:", delete]

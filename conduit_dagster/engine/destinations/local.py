@@ -72,7 +72,7 @@ from conduit_dagster.engine.checkpoint import (
 )
 from conduit_dagster.engine.destinations.base import Resumption
 from conduit_dagster.engine.destinations.formats import EXTENSIONS, count_rows, write_part
-from conduit_dagster.engine.destinations.layout import PARTITION_KEY, check_partition, cleared_partition
+from conduit_dagster.engine.destinations.layout import PARTITION_KEY, check_partition, cleared_partition, leftover_lines
 from conduit_dagster.engine.errors import CheckpointError, DestinationError
 from conduit_dagster.engine.partitions import Partition
 from conduit_dagster.engine.spec import FORMAT_KINDS, FORMATS, _Entry, entry_path
@@ -480,22 +480,15 @@ def _check(dest: LocalDestinationSpec) -> str:
 
 
 def _leftover(destination_id: str, state: dict[str, Any], pipeline: str) -> list[str] | None:
-    """A partition's generation folder, when its checkpoint is cleared. ``pipeline`` is the checkpoint's name,
-    ``<pipeline>.<key>`` for a partition. The partition's next run removes the folder (as an unpartitioned pipeline's
-    next run removes its own, so that one is not reported); a partition may never run again (its key ranges
-    re-planned into fewer, its window past a new ``end``), and then nothing else would."""
-    if not destination_id.startswith("local:"):
-        return None
-    cleared = cleared_partition(state, pipeline)
+    """A partition's generation folder, when its checkpoint (``pipeline``: ``<pipeline>.<key>``) is cleared (see
+    ``layout.cleared_partition``)."""
+    cleared = cleared_partition(destination_id, "local:", state, pipeline)
     if cleared is None:
         return None
     base, key, generation = cleared
     path = Path(destination_id.removeprefix("local:").rpartition("?format=")[0])
     staged = path / STAGING / base / f"{key}.{generation}"
-    return [
-        f"its unfinished output stays in {staged} until partition {key} runs again; if it will not, delete it with:",
-        f"rm -rf {shlex.quote(str(staged))}",
-    ]
+    return leftover_lines(str(staged), key, f"rm -rf {shlex.quote(str(staged))}")
 
 
 _KEYS = frozenset({"name", "type", "path", "format"})

@@ -66,7 +66,7 @@ import pyarrow as pa
 from conduit_dagster.engine.backends import DestinationBackend, register_destination_backend
 from conduit_dagster.engine.destinations.base import Resumption
 from conduit_dagster.engine.destinations.formats import EXTENSIONS, count_rows, write_part
-from conduit_dagster.engine.destinations.layout import check_partition, cleared_partition
+from conduit_dagster.engine.destinations.layout import check_partition, cleared_partition, leftover_lines
 from conduit_dagster.engine.errors import CheckpointError, DestinationError
 from conduit_dagster.engine.partitions import Partition
 from conduit_dagster.engine.s3 import (
@@ -525,13 +525,9 @@ def _check(dest: S3DestinationSpec) -> str:
 
 
 def _leftover(destination_id: str, state: dict[str, Any], pipeline: str) -> list[str] | None:
-    """A partition's staged generation, when its checkpoint is cleared. ``pipeline`` is the checkpoint's name,
-    ``<pipeline>.<key>`` for a partition. The partition's next publish removes it (as an unpartitioned pipeline's
-    next publish removes its own, so that one is not reported); a partition may never run again (its key ranges
-    re-planned into fewer, its window past a new ``end``), and then nothing else would."""
-    if not destination_id.startswith("s3://"):
-        return None
-    cleared = cleared_partition(state, pipeline)
+    """A partition's staged generation (its prefix below ``_conduit_staging/<pipeline>.<key>/``), when its checkpoint
+    is cleared (see ``layout.cleared_partition``)."""
+    cleared = cleared_partition(destination_id, "s3://", state, pipeline)
     if cleared is None:
         return None
     base, key, generation = cleared
@@ -539,10 +535,7 @@ def _leftover(destination_id: str, state: dict[str, Any], pipeline: str) -> list
     if not output.endswith(f"/{base}/"):
         return None
     staged = f"{output[: -len(base) - 1]}{STAGING}/{pipeline}/{generation}/"
-    return [
-        f"its unfinished output stays in {staged} until partition {key} runs again; if it will not, delete it with:",
-        f"aws s3 rm --recursive {staged}",
-    ]
+    return leftover_lines(staged, key, f"aws s3 rm --recursive {staged}")
 
 
 _KEYS = frozenset({"name", "type", "bucket", "prefix", "format"} | S3_KEYS)
