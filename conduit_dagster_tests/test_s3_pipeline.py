@@ -121,7 +121,8 @@ def test_fail_then_reexecute_from_failure_lands_exactly_the_source_rows(
 
 def test_sigkill_then_run_again_with_s3_checkpoints(tmp_path, pg, pg_schema, postgres_dsn, s3, s3_endpoint, bucket):
     make_table(pg, pg_schema, rows=30_000)
-    ingest = write_ingest(tmp_path, ingest_text(pg_schema, s3_endpoint, bucket, batch=300))
+    # a lease far longer than the run takes even on a loaded machine: waiting for it to expire would show at once
+    ingest = write_ingest(tmp_path, ingest_text(pg_schema, s3_endpoint, bucket, batch=300, lease=1800))
     env = _dagster_env(tmp_path, ingest, tmp_path / "unused-local-checkpoints")
     env.pop("CONDUIT_CHECKPOINT_DIR")  # ingest.yml's checkpoints: section puts them in S3
     log = tmp_path / "runs.log"
@@ -145,8 +146,8 @@ def test_sigkill_then_run_again_with_s3_checkpoints(tmp_path, pg, pg_schema, pos
     # The dead run was on this machine: its lease names a gone process, so the new run takes it over at once.
     started = time.monotonic()
     again = _job_execute(env, log)
-    assert again.wait(timeout=300) == 0, log.read_text()[-5000:]
-    assert time.monotonic() - started < 55, "the new run must not wait for the dead run's lease to expire"
+    assert again.wait(timeout=900) == 0, log.read_text()[-5000:]
+    assert time.monotonic() - started < 900, "the new run must not wait for the dead run's lease (1800 s) to expire"
     assert "resuming after" in log.read_text()
     assert_same_rows(source_rows(postgres_dsn, pg_schema), s3_output_rows(s3, bucket, OUTPUT))
     assert s3_keys(s3, bucket, "conduit/checkpoints/") == []
