@@ -43,12 +43,13 @@ machines is about
     T(P, W) = F * ceil(P / W) + R / min(W * r, C)
 
 F: the fixed cost of one partition run, taken from the backfill as (seq16 - single) / 15 (16 runs are 15 runs more
-than the single stream's one), with ``engine-empty`` as its floor, plus (dagster-empty - engine-empty) for a run that
-Dagster starts; r: one run's own throughput, R / (single - F); C: what the source database can COPY out, all readers
-together (the best of copy-w1/w2/w4). seq8 and the parallel sets are predicted from those constants and printed beside
-their measurements. On this 2-core machine the runs and the PostgreSQL server share the two cores, so more runs at once
-cannot add CPU: the parallel sets show the machine's limit, not W * r; what separate run workers buy is the W * r term,
-bounded by the database's C.
+than the single stream's one), with ``engine-empty`` as its floor; as a Dagster run, (dagster-seq8 - dagster-single) / 7;
+r: one run's own throughput, R / (single - F); C: what the source database can COPY out, all readers together (the best
+of copy-w1/w2/w4). seq8 and the parallel sets are predicted from those constants and printed beside their
+measurements. On this 2-core machine the runs and the PostgreSQL server share the two cores, so more runs at once
+cannot add CPU: the model is also printed with the machine's own cap, C_box = cores / (the pipeline's CPU a row, from
+single's CPU less engine-empty's + the server's CPU a row, from copy-w2's busy core-seconds less psql's CPU). What
+separate run workers buy is the W * r term, bounded by the database's C.
 
     .venv/bin/python bench/partitions.py --repeat 3 | tee bench/partitions-last-run.txt
     .venv/bin/python bench/partitions.py --repeat 1 --experiments fixed,plan
@@ -399,20 +400,28 @@ def model(rows: int, results: dict[str, dict[str, list[float]]]) -> None:
     fx, bf, par = results.get("fixed"), results.get("backfill"), results.get("parallel")
     if not (fx and bf and par):
         return
+    cores = os.cpu_count() or 1
     single = med(bf["single"])
     f_empty = med(fx["engine-empty"])
     # F: what one more partition run costs, from the 16-partition backfill against the single stream (15 runs more);
     # an empty partition's run is its floor (a run that loads rows also opens a Parquet writer, publishes, fsyncs)
     f = (med(bf["seq16"]) - single) / 15
-    dagster_extra = med(fx["dagster-empty"]) - f_empty  # what a Dagster run adds to a partition run
+    f_dagster = (med(bf["dagster-seq8"]) - med(bf["dagster-single"])) / 7
     r = rows / (single - f)
     copy = {w: rows / med(par[f"copy-w{w}"]) for w in (1, 2, 4)}
     c = max(copy.values())
+    # This machine's own ceiling: its cores over the CPU a row costs the pipeline (the single stream's CPU less an empty
+    # run's) plus what it costs the server (copy-w2: the cores' busy time less psql's own CPU)
+    client_us = 1e6 * (med([x["cpu"] for x in CPU["single"]]) - med([x["cpu"] for x in CPU["engine-empty"]])) / rows
+    w2 = CPU["copy-w2"]
+    server_us = 1e6 * med([x["busy"] * cores * wall - x["cpu"] for x, wall in zip(w2, par["copy-w2"], strict=True)]) / rows
+    c_box = cores * 1e6 / (client_us + server_us)
     print("\nmodel: T(P, W) = F * ceil(P / W) + R / min(W * r, C)")
     print(f"  R = {rows:,} rows")
+    print(f"  F = {f:.2f} s a partition run with the engine CLI ((seq16 - single) / 15; an empty one: {f_empty:.2f} s)")
     print(
-        f"  F = {f:.2f} s a partition run with the engine CLI ((seq16 - single) / 15; an empty partition's run: "
-        f"{f_empty:.2f} s), {f + dagster_extra:.2f} s as a Dagster run (+ {dagster_extra:.2f} s: dagster-empty - engine-empty)"
+        f"      {f_dagster:.2f} s a partition run as a Dagster run ((dagster-seq8 - dagster-single) / 7; an empty one: "
+        f"{med(fx['dagster-empty']):.2f} s; Dagster's trivial asset: {med(fx['dagster-trivial']):.2f} s)"
     )
     print(f"  r = R / (single - F) = {r:,.0f} rows/s (one run's own rate)")
     print(
@@ -420,18 +429,23 @@ def model(rows: int, results: dict[str, dict[str, list[float]]]) -> None:
         + ", ".join(f"W={w}: {v:,.0f}" for w, v in copy.items())
         + ")"
     )
+    print(
+        f"  this machine: a row costs the pipeline {client_us:.2f} us of CPU and the server about {server_us:.2f} us, so "
+        f"{cores} cores carry at most C_box = {c_box:,.0f} rows/s of pipelines and server together"
+    )
 
-    def predict(p: int, w: int, fixed_s: float) -> float:
-        return fixed_s * math.ceil(p / w) + rows / min(w * r, c)
+    def predict(p: int, w: int, fixed_s: float, cap: float) -> float:
+        return fixed_s * math.ceil(p / w) + rows / min(w * r, cap)
 
-    print(f"  {'case':38s} {'predicted s':>12s} {'measured s':>11s}")
+    print(f"  {'case':40s} {'model, C':>9s} {'model, min(C, C_box)':>21s} {'measured s':>11s}")
     for label, p, w, fixed_s, got in (
         ("seq8 (P=8, W=1, engine)", 8, 1, f, med(bf["seq8"])),
         ("seq16 (P=16, W=1, engine; F fitted)", 16, 1, f, med(bf["seq16"])),
-        ("dagster-seq8 (P=8, W=1, Dagster runs)", 8, 1, f + dagster_extra, med(bf["dagster-seq8"])),
-        *((f"parts-w{w} (P=4, W={w}, engine)", 4, w, f, med(par[f"parts-w{w}"])) for w in (1, 2, 4)),
+        ("parts-w1 (P=4, W=1, engine)", 4, 1, f, med(par["parts-w1"])),
+        ("parts-w2 (P=4, W=2, engine)", 4, 2, f, med(par["parts-w2"])),
+        ("parts-w4 (P=4, W=4, engine)", 4, 4, f, med(par["parts-w4"])),
     ):
-        print(f"  {label:38s} {predict(p, w, fixed_s):12.2f} {got:11.2f}")
+        print(f"  {label:40s} {predict(p, w, fixed_s, c):9.2f} {predict(p, w, fixed_s, min(c, c_box)):21.2f} {got:11.2f}")
     best = min((med(par[f"parts-w{w}"]), w) for w in (1, 2, 4))
     print(
         f"  partition runs at once here: at best {rows / best[0]:,.0f} rows/s (W={best[1]}), {rows / best[0] / r:.2f} x one "
